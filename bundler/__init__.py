@@ -1,0 +1,1 @@
+"""Everything about a bundle: keys, manifest, signing, sources, create, verify, install and rollback onto a host."""

@@ -1,0 +1,25 @@
+"""Where a bundle's contents come from: local files, `hf://` models, wheels for the target, the SBOM.
+
+Every source resolves its input to `Artifact`s: a local file to pack plus what the manifest records about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Role = Literal["model", "wheel", "policy", "sbom", "file"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    role: Role
+    path: str
+    """Logical path inside the bundle, POSIX, relative (e.g. `models/tiny.gguf`, `wheels/x-1.0-py3-none-any.whl`)."""
+    file: Path
+    """Local file whose bytes are packed."""
+    provenance: str
+    """`hf://owner/repo/file@<commit>`, `pypi:<name>==<version>`, or the local path it was read from."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Role-specific facts recorded in the manifest: GGUF facts for models, name/version/license for wheels."""

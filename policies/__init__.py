@@ -1,0 +1,1 @@
+"""Data, not code: the default policy and the service templates that `bundle install` renders."""

@@ -1,0 +1,4 @@
+"""Everything that runs on the appliance: policy, API server, engine, admission, auth, egress guard, audit log.
+
+Never imports `bundler`.
+"""

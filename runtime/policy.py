@@ -1,0 +1,124 @@
+"""The operator-facing configuration: one TOML file, validated before anything uses it."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import tomllib
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class PolicyError(Exception):
+    """The policy file is missing, not TOML, or breaks a rule; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerPolicy(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ServerPolicy":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
+
+
+class LimitsPolicy(_Section):
+    context: int = Field(4096, ge=0)
+    max_tokens: int = Field(2048, ge=1)
+    max_sequences: int = Field(16, ge=1, le=1024)
+    queue_size: int = Field(64, ge=0)
+    memory_fraction: float = Field(0.9, gt=0, le=1)
+
+
+class AuditPolicy(_Section):
+    log_content: bool = False
+    retention_days: int = Field(365, ge=1)
+    checkpoint_every_records: int = Field(1000, ge=1)
+    checkpoint_every_seconds: float = Field(60, gt=0)
+    group_commit_records: int = Field(64, ge=1)
+    group_commit_ms: float = Field(5, ge=0)
+
+
+class EgressPolicy(_Section):
+    allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item, strict=False) for item in self.allow]
+
+
+class ServicePolicy(_Section):
+    user: str = "sealbox"
+    client_networks: tuple[str, ...] = ()
+    gpu_devices: tuple[str, ...] = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm")
+
+    @field_validator("client_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+
+class ReleasesPolicy(_Section):
+    keep: int = Field(3, ge=1)
+
+
+class Policy(_Section):
+    server: ServerPolicy = ServerPolicy()
+    limits: LimitsPolicy = LimitsPolicy()
+    audit: AuditPolicy = AuditPolicy()
+    egress: EgressPolicy = EgressPolicy()
+    service: ServicePolicy = ServicePolicy()
+    releases: ReleasesPolicy = ReleasesPolicy()
+
+    @classmethod
+    def from_toml(cls, text: str, *, source: str = "<policy>") -> "Policy":
+        """Parse and validate; raises PolicyError naming the source and the field at fault."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{source}: not valid TOML: {exc}") from exc
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise PolicyError(f"{source}: {where}: {first['msg']}") from exc
+
+    @classmethod
+    def load(cls, path: Path) -> "Policy":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from exc
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def default(cls) -> "Policy":
+        return cls.from_toml(default_policy_text(), source="policies/default.toml")
+
+    def digest(self) -> str:
+        """sha256 of the validated settings: recorded at server start so the audit log names the config in force."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def default_policy_text() -> str:
+    return resources.files("policies").joinpath("default.toml").read_text(encoding="utf-8")
