@@ -57,5 +57,10 @@ class HostRoot:
         return self.path / "api-keys.json"
 
     @property
+    def run(self) -> Path:
+        """State of the running server (egress-guard status) that `doctor` reads."""
+        return self.path / "run"
+
+    @property
     def staging(self) -> Path:
         return self.path / "staging"

@@ -52,6 +52,18 @@ class AuditPolicy(_Section):
 
 class EgressPolicy(_Section):
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    allow_ports: tuple[int, ...] = ()
+    """Narrows `allow` to these ports (empty = any): loopback also hosts other services (databases, agents)."""
+
+    @field_validator("allow_ports")
+    @classmethod
+    def _ports(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is outside 1..65535")
+        if len(set(value)) != len(value):
+            raise ValueError("a port is listed twice")
+        return value
 
     @field_validator("allow")
     @classmethod

@@ -1,0 +1,570 @@
+"""The appliance's self-check: one report a compliance officer can read, and `serve --strict`'s gate.
+
+Each check is a small function from the installed `Appliance` to a `Finding`; `run_doctor` runs them all and never
+lets one crash the report (a crashing check is a failure). Nothing here sends a packet: the network is read from
+the kernel's tables, the guard is probed with `sys.audit`, the firewall with `nft list`.
+
+The manifest signature is checked by a verifier the `bundler` side registers (`set_manifest_verifier`), because
+the signature format and the trust store belong to the bundle code and `runtime` never imports `bundler`; a
+process without one reports the signature as unknown rather than guessing at the format.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from functools import cached_property
+from pathlib import Path
+
+from runtime.audit.errors import AuditFormatError
+from runtime.audit.verify import verify_directory
+from runtime.egress.allowlist import Allowlist, IPNetwork
+from runtime.egress.guard import GuardStatus, active_guard, guard_status_path
+from runtime.egress.offline_env import offline_environment_gaps
+from runtime.egress.routes import NetworkTablesError, Route, read_network
+from runtime.hostroot import HostRoot
+from runtime.memory_plan import MemoryPlanError, ModelShape, format_bytes, gpu_free_bytes, host_memory_bytes, plan
+from runtime.policy import Policy, PolicyError
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+UNIT_NAME = "sealbox.service"
+EXPOSURE_LIMIT = 2.0
+_TRUE = {"yes", "true", "on", "1"}
+# The sandbox the install issue asks the unit for, as a test of each directive's last value; a rendered unit
+# without one of these (or with it switched off) has a hole.
+REQUIRED_UNIT_DIRECTIVES: dict[str, Callable[[str], bool]] = {
+    "IPAddressDeny": lambda v: "any" in v.split(),
+    "RestrictAddressFamilies": lambda v: bool(v) and not v.startswith("~") and "AF_PACKET" not in v.split(),
+    "NoNewPrivileges": lambda v: v.lower() in _TRUE,
+    "ProtectSystem": lambda v: v == "strict",
+    "PrivateTmp": lambda v: v.lower() in _TRUE,
+    "ProtectHome": lambda v: v.lower() in _TRUE | {"read-only", "tmpfs"},
+    "CapabilityBoundingSet": lambda v: v == "",
+    "SystemCallFilter": lambda v: bool(v),
+    "SystemCallArchitectures": lambda v: v == "native",
+    "DevicePolicy": lambda v: v in ("closed", "strict"),
+}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_EXPOSURE = re.compile(r"Overall exposure level for \S+: ([0-9.]+) (\S+)")
+_NFT_TABLE = re.compile(r"^\s*table\s+(\w+)\s+([\w-]+)", re.MULTILINE)
+_COMMAND_TIMEOUT_S = 20
+
+
+class CheckStatus(str, Enum):
+    PASS = "pass"
+    WARN = "warn"  # works, but the lockdown is weaker than it could be; --strict lets it through
+    FAIL = "fail"  # --strict (and `serve --strict`) refuse
+    UNKNOWN = "unknown"  # could not be determined here; the finding says why
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: CheckStatus
+    summary: str
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    title: str
+    status: CheckStatus
+    summary: str
+    details: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    root: str
+    created_at: str
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        return tuple(check for check in self.checks if check.status is CheckStatus.FAIL)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def check(self, name: str) -> CheckResult:
+        """The result of one check by name. Raises KeyError for a name the doctor does not run."""
+        for result in self.checks:
+            if result.name == name:
+                return result
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "root": self.root,
+            "created_at": self.created_at,
+            "failures": [check.name for check in self.failures],
+            "checks": [{**asdict(check), "status": check.status.value} for check in self.checks],
+        }
+
+
+class DoctorFailedError(Exception):
+    """`run_doctor(strict=True)` found failures; the message names each."""
+
+    def __init__(self, report: DoctorReport) -> None:
+        lines = "; ".join(f"{check.title}: {check.summary}" for check in report.failures)
+        super().__init__(f"sealbox doctor found {len(report.failures)} failure(s): {lines}")
+        self.report = report
+
+
+ManifestVerifier = Callable[[Path, Path], Finding]
+"""verifier(release_dir, trust_dir) -> Finding: the signed manifest of the release against the host's trust store."""
+
+_manifest_verifier: ManifestVerifier | None = None
+
+
+def set_manifest_verifier(verifier: ManifestVerifier | None) -> None:
+    """Register the signature check (the `sealbox` command does this from `bundler`); None removes it."""
+    global _manifest_verifier
+    _manifest_verifier = verifier
+
+
+@dataclass
+class Appliance:
+    """The installed appliance as the checks see it. Reads lazily, and keeps what went wrong instead of raising."""
+
+    root: HostRoot
+    systemd_dir: Path = SYSTEMD_DIR
+    problems: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def release_dir(self) -> Path | None:
+        current = self.root.current
+        if not current.is_symlink() and not current.exists():
+            self.problems["release"] = f"no active release: {current} does not exist"
+            return None
+        target = current.resolve()
+        if not target.is_dir():
+            self.problems["release"] = f"{current} points at {target}, which is not a directory"
+            return None
+        if target.parent != self.root.releases.resolve():
+            self.problems["release"] = f"{current} points at {target}, outside {self.root.releases}"
+            return None
+        return target
+
+    @cached_property
+    def release_record(self) -> dict[str, object]:
+        """release.json, or {} (with the reason in `problems`)."""
+        if self.release_dir is None:
+            return {}
+        path = self.release_dir / "release.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.problems["release.json"] = f"{path}: unreadable: {exc}"
+            return {}
+        if not isinstance(data, dict):
+            self.problems["release.json"] = f"{path}: not a JSON object"
+            return {}
+        return data
+
+    @cached_property
+    def manifest_digests(self) -> frozenset[str] | None:
+        """Every sha256 the release's signed manifest names (a DSSE envelope's payload is opened first)."""
+        if self.release_dir is None:
+            return None
+        path = self.release_dir / "manifest.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and "payload" in data and "payloadType" in data:
+                data = json.loads(base64.b64decode(data["payload"]))
+        except (OSError, ValueError) as exc:
+            self.problems["manifest.json"] = f"{path}: unreadable: {exc}"
+            return None
+        return frozenset(_sha256_values(data))
+
+    @cached_property
+    def policy(self) -> Policy:
+        """The release's policy.toml, else the shipped default (a broken release policy is a problem, not a crash)."""
+        if self.release_dir is not None and (path := self.release_dir / "policy.toml").exists():
+            try:
+                return Policy.load(path)
+            except PolicyError as exc:
+                self.problems["policy"] = str(exc)
+        return Policy.default()
+
+    @cached_property
+    def server_status(self) -> GuardStatus | None:
+        """The running server's guard report, when one is running (its pid is alive)."""
+        path = guard_status_path(self.root)
+        try:
+            status = GuardStatus.read(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self.problems["server"] = f"{path}: {exc}"
+            return None
+        if not status.is_live():
+            self.problems["server"] = f"{path} names pid {status.pid}, which is not running (stale)"
+            return None
+        return status
+
+
+Check = Callable[[Appliance], Finding]
+
+
+def check_release(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.FAIL, appliance.problems["release"])
+    record = appliance.release_record
+    if "release.json" in appliance.problems:
+        return Finding(CheckStatus.FAIL, appliance.problems["release.json"])
+    label = f"{record.get('name', '?')} version {record.get('version', '?')}"
+    details = [f"directory: {appliance.release_dir}"]
+    appliance.policy  # noqa: B018 - loading it records a broken policy
+    if "policy" in appliance.problems:
+        return Finding(CheckStatus.FAIL, f"{label}: its policy does not load", (appliance.problems["policy"], *details))
+    return Finding(CheckStatus.PASS, label, tuple(details))
+
+
+def check_manifest_signature(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.FAIL, "no active release to verify")
+    if _manifest_verifier is None:
+        return Finding(
+            CheckStatus.UNKNOWN,
+            "no manifest verifier in this process",
+            ("the `sealbox` command registers it; `sealbox bundle verify` checks a bundle directly",),
+        )
+    return _manifest_verifier(appliance.release_dir, appliance.root.trust)
+
+
+def check_models(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.FAIL, "no active release")
+    models = appliance.release_record.get("models")
+    if not isinstance(models, list) or not models:
+        reason = appliance.problems.get("release.json", "release.json lists no models")
+        return Finding(CheckStatus.FAIL, reason)
+    signed = appliance.manifest_digests
+    details: list[str] = []
+    bad = 0
+    for entry in models:
+        line, ok = _check_model(appliance.release_dir, entry, signed)
+        details.append(line)
+        bad += not ok
+    if signed is None:
+        details.append(appliance.problems["manifest.json"])
+        bad += 1
+    if bad:
+        return Finding(CheckStatus.FAIL, f"{bad} problem(s) in {len(models)} model(s)", tuple(details))
+    return Finding(CheckStatus.PASS, f"{len(models)} model(s) match the signed manifest", tuple(details))
+
+
+def check_trust_store(appliance: Appliance) -> Finding:
+    trust = appliance.root.trust
+    if not trust.is_dir():
+        return Finding(CheckStatus.FAIL, f"no trust store: {trust} does not exist")
+    keys = sorted(p.name for p in trust.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not keys:
+        return Finding(CheckStatus.FAIL, f"trust store {trust} is empty: no publisher key is trusted")
+    return Finding(CheckStatus.PASS, f"{len(keys)} file(s) in {trust}", tuple(keys))
+
+
+def check_audit_chain(appliance: Appliance) -> Finding:
+    audit_dir = appliance.root.audit
+    if not audit_dir.is_dir():
+        return Finding(CheckStatus.WARN, f"no audit log yet: {audit_dir} does not exist")
+    try:
+        verification = verify_directory(audit_dir)
+    except AuditFormatError as exc:
+        return Finding(CheckStatus.FAIL, str(exc))
+    details = (*verification.warnings, *(str(problem) for problem in verification.problems[:10]))
+    status = CheckStatus.PASS if verification.ok else CheckStatus.FAIL
+    return Finding(status, verification.summary(), details)
+
+
+def check_egress_guard(appliance: Appliance) -> Finding:
+    guard = active_guard()
+    if guard is None:
+        return Finding(CheckStatus.FAIL, "not installed in this process")
+    expected = Allowlist.from_policy(appliance.policy.egress)
+    details = (
+        f"installed {guard.installed_at.isoformat(timespec='seconds')}",
+        f"allowlist: {guard.allowlist.describe()}",
+        f"refusals so far: {guard.refused}",
+    )
+    if not guard.self_test():
+        return Finding(CheckStatus.FAIL, "installed, but a probe DNS name was not refused", details)
+    if guard.allowlist != expected:
+        return Finding(CheckStatus.FAIL, f"allowlist differs from the policy's ({expected.describe()})", details)
+    return Finding(CheckStatus.PASS, "active: refuses a probe DNS name (nothing looked up)", details)
+
+
+def check_server_guard(appliance: Appliance) -> Finding:
+    status = appliance.server_status
+    if status is None:
+        reason = appliance.problems.get("server", f"no running server has written {guard_status_path(appliance.root)}")
+        return Finding(CheckStatus.UNKNOWN, reason)
+    details = (f"pid {status.pid}", f"installed {status.installed_at}", f"allowlist: {status.allowlist}")
+    if status.pid == os.getpid():
+        return Finding(CheckStatus.PASS, "this process (see the check above)", details)
+    if not status.self_test:
+        return Finding(CheckStatus.FAIL, f"server pid {status.pid} reports its guard failed its self-test", details)
+    return Finding(CheckStatus.PASS, f"server pid {status.pid} reports its guard active", details)
+
+
+def check_network(appliance: Appliance) -> Finding:
+    status = appliance.server_status
+    proc_net, whose = (Path(f"/proc/{status.pid}/net"), f"server pid {status.pid}") if status else (Path("/proc/net"), "this process")
+    try:
+        view = read_network(proc_net)
+    except NetworkTablesError as exc:
+        return Finding(CheckStatus.UNKNOWN, str(exc))
+    clients = [ipaddress.ip_network(c, strict=False) for c in appliance.policy.service.client_networks]
+    details = [f"namespace of {whose}; interfaces: {', '.join(view.interfaces)}"]
+    unexpected = [r for r in view.egress_routes if not _inside_any(r, clients)]
+    details += [f"route: {r.describe()}" + ("" if r in unexpected else " (client network)") for r in view.egress_routes]
+    details += [f"address: {a.address} dev {a.device}" for a in view.outside_addresses]
+    if view.loopback_only:
+        return Finding(CheckStatus.PASS, "no egress route: loopback only", tuple(details))
+    if not unexpected:
+        return Finding(CheckStatus.PASS, "routes only to the policy's client networks", tuple(details))
+    return Finding(
+        CheckStatus.WARN,
+        f"{len(unexpected)} egress route(s) beyond loopback and client networks: the guard and the outer wall must hold",
+        tuple(details),
+    )
+
+
+def check_systemd_unit(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.UNKNOWN, "no active release to compare with")
+    rendered = appliance.release_dir / "service" / UNIT_NAME
+    if not rendered.is_file():
+        return Finding(CheckStatus.WARN, f"the release has no rendered unit ({rendered})")
+    text = rendered.read_text(encoding="utf-8")
+    values = _unit_values(text)
+    missing = [
+        name if name not in values else f"{name}={values[name]}"
+        for name, holds in REQUIRED_UNIT_DIRECTIVES.items()
+        if name not in values or not holds(values[name])
+    ]
+    details = [f"rendered: {rendered}"]
+    details += _exposure(rendered)
+    installed = appliance.systemd_dir / UNIT_NAME
+    if missing:
+        return Finding(CheckStatus.FAIL, f"the rendered unit lacks or weakens {', '.join(missing)}", tuple(details))
+    if not installed.exists():
+        return Finding(CheckStatus.WARN, f"not installed in {appliance.systemd_dir} (see docs/lockdown.md)", tuple(details))
+    if installed.read_bytes() != text.encode("utf-8"):
+        return Finding(CheckStatus.FAIL, f"{installed} differs from the release's unit", tuple(details))
+    enabled = (appliance.systemd_dir / "multi-user.target.wants" / UNIT_NAME).exists()
+    details.append("enabled at boot" if enabled else "installed but not enabled at boot")
+    return Finding(CheckStatus.PASS, f"{installed} is the release's unit", tuple(details))
+
+
+def check_nftables(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.UNKNOWN, "no active release to compare with")
+    rule_files = sorted((appliance.release_dir / "service").glob("*.nft"))
+    tables = [match.groups() for path in rule_files for match in _NFT_TABLE.finditer(path.read_text(encoding="utf-8"))]
+    if not tables:
+        return Finding(CheckStatus.WARN, "the release has no rendered nftables rules (service/*.nft)")
+    nft = shutil.which("nft")
+    if nft is None:
+        return Finding(CheckStatus.UNKNOWN, "nft is not installed here, so the loaded ruleset cannot be read")
+    loaded: list[str] = []
+    for family, name in tables:
+        result = _run([nft, "list", "table", family, name])
+        if result is None or (result.returncode != 0 and "Operation not permitted" in result.stderr):
+            why = "timed out" if result is None else result.stderr.strip()
+            return Finding(CheckStatus.UNKNOWN, f"nft list is not permitted here: {why}")
+        if result.returncode != 0:
+            return Finding(CheckStatus.WARN, f"table {family} {name} is not loaded (see docs/lockdown.md)")
+        loaded.append(f"table {family} {name} loaded")
+    return Finding(CheckStatus.PASS, "the release's egress rules are loaded", tuple(loaded))
+
+
+def check_offline_environment(appliance: Appliance) -> Finding:
+    gaps = offline_environment_gaps()
+    if gaps:
+        return Finding(CheckStatus.FAIL, "offline variables not in force", tuple(f"{k}={v!r}" for k, v in gaps.items()))
+    return Finding(CheckStatus.PASS, "offline and no-telemetry variables in force")
+
+
+def check_gpu(appliance: Appliance) -> Finding:
+    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    try:
+        pynvml = importlib.import_module("pynvml")
+    except ImportError:
+        if nodes:
+            return Finding(CheckStatus.UNKNOWN, "NVIDIA device nodes present; nvidia-ml-py is not installed to read them", tuple(nodes))
+        return Finding(CheckStatus.WARN, "no GPU visible: serving on CPU")
+    try:
+        pynvml.nvmlInit()
+        try:
+            details = tuple(_gpu_line(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as exc:
+        return Finding(CheckStatus.WARN, f"no GPU visible: {exc}", tuple(nodes))
+    if not details:
+        return Finding(CheckStatus.WARN, "no GPU visible: serving on CPU", tuple(nodes))
+    return Finding(CheckStatus.PASS, f"{len(details)} GPU(s) visible", details)
+
+
+def check_memory_plan(appliance: Appliance) -> Finding:
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.UNKNOWN, "no active release to plan for")
+    models = [m for m in appliance.release_record.get("models") or [] if isinstance(m, dict) and isinstance(m.get("path"), str)]
+    if not models:
+        return Finding(CheckStatus.UNKNOWN, "the release lists no model to plan for")
+    limits = appliance.policy.limits
+    host, gpu = host_memory_bytes(), gpu_free_bytes()
+    lines: list[str] = []
+    worst = CheckStatus.PASS
+    for model in models:
+        name = model.get("name", model["path"])
+        try:
+            shape = ModelShape.from_gguf(appliance.release_dir / model["path"])
+            memory = plan(shape, memory_bytes=host, context=limits.context or shape.context_length,
+                          users=limits.max_sequences, fraction=limits.memory_fraction, gpu_memory_bytes=gpu)
+            memory.engine_sizing()
+        except ImportError as exc:
+            return Finding(CheckStatus.UNKNOWN, f"memory planner incomplete here: {exc}")
+        except MemoryPlanError as exc:
+            lines.append(f"{name}: {exc}")
+            worst = CheckStatus.FAIL
+            continue
+        where = f"{memory.gpu_layers} of {shape.layers + 1} layers (blocks + output) on the GPU" if gpu is not None else "no GPU: all layers on the CPU"
+        lines.append(
+            f"{name}: {where}; {memory.sequences_that_fit} of {memory.users} sequences of {memory.context} tokens "
+            f"fit at once in {format_bytes(memory.kv_budget_bytes)} of KV budget"
+        )
+        if not memory.fits and worst is CheckStatus.PASS:
+            worst = CheckStatus.WARN  # admission makes the rest wait; never an OOM
+    summary = {
+        CheckStatus.PASS: "every model fits with the policy's sequences and context",
+        CheckStatus.WARN: "fewer sequences fit at full context than the policy allows: requests will queue",
+        CheckStatus.FAIL: "a model cannot be served in this memory",
+    }[worst]
+    return Finding(worst, summary, tuple(lines))
+
+
+CHECKS: tuple[tuple[str, str, Check], ...] = (
+    ("release", "Active release", check_release),
+    ("manifest-signature", "Manifest signature", check_manifest_signature),
+    ("models", "Model files", check_models),
+    ("trust-store", "Trust store", check_trust_store),
+    ("audit-chain", "Audit chain", check_audit_chain),
+    ("egress-guard", "Egress guard (this process)", check_egress_guard),
+    ("egress-guard-server", "Egress guard (server)", check_server_guard),
+    ("network", "Network namespace", check_network),
+    ("systemd-unit", "systemd sandbox", check_systemd_unit),
+    ("nftables", "nftables egress rules", check_nftables),
+    ("offline-environment", "Offline environment", check_offline_environment),
+    ("gpu", "GPU", check_gpu),
+    ("memory-plan", "Layers on GPU", check_memory_plan),
+)
+
+
+def run_doctor(root: HostRoot, *, strict: bool = False, systemd_dir: Path = SYSTEMD_DIR) -> DoctorReport:
+    """Run every check against `root` and report. Sends no packet and changes nothing on disk.
+
+    Raises:
+        DoctorFailedError: `strict` and at least one check failed (`serve --strict` refuses to start on it).
+    """
+    appliance = Appliance(root, systemd_dir=systemd_dir)
+    results = []
+    for name, title, check in CHECKS:
+        try:
+            finding = check(appliance)
+        except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
+            finding = Finding(CheckStatus.FAIL, f"the check itself failed: {exc!r}")
+        results.append(CheckResult(name, title, finding.status, finding.summary, finding.details))
+    report = DoctorReport(str(root.path), datetime.now(timezone.utc).isoformat(timespec="seconds"), tuple(results))
+    if strict and not report.ok:
+        raise DoctorFailedError(report)
+    return report
+
+
+def _check_model(release_dir: Path, entry: object, signed: frozenset[str] | None) -> tuple[str, bool]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        return f"release.json entry {entry!r}: needs \"path\" and \"sha256\"", False
+    name, expected = entry.get("name", entry["path"]), entry["sha256"].lower()
+    path = release_dir / entry["path"]
+    try:
+        with path.open("rb") as stream:
+            actual = hashlib.file_digest(stream, "sha256").hexdigest()
+    except OSError as exc:
+        return f"{name}: {path}: cannot read: {exc.strerror}", False
+    if actual != expected:
+        return f"{name}: {path}: sha256 {actual}, expected {expected} (modified since install)", False
+    if signed is not None and expected not in signed:
+        return f"{name}: sha256 {expected} is not in the signed manifest (release.json altered)", False
+    return f"{name}: {path} sha256 {expected[:16]}… ok", True
+
+
+def _sha256_values(data: object) -> Iterator[str]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in ("sha256", "digest") and isinstance(value, str) and _SHA256.match(value.lower().removeprefix("sha256:")):
+                yield value.lower().removeprefix("sha256:")
+            else:
+                yield from _sha256_values(value)
+    elif isinstance(data, list):
+        for item in data:
+            yield from _sha256_values(item)
+
+
+def _unit_values(text: str) -> dict[str, str]:
+    """The last value of each directive (systemd's rule for these), comments and section headers skipped."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if "=" in stripped and not stripped.startswith(("#", ";", "[")):
+            name, value = stripped.split("=", 1)
+            values[name.strip()] = value.strip()
+    return values
+
+
+def _exposure(unit: Path) -> list[str]:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return ["systemd-analyze not installed: exposure score not computed"]
+    result = _run([analyze, "security", "--offline=yes", str(unit)])
+    match = _EXPOSURE.search(result.stdout) if result is not None else None
+    if match is None:
+        return ["systemd-analyze gave no exposure score"]
+    score = float(match.group(1))
+    verdict = "within" if score <= EXPOSURE_LIMIT else "ABOVE"
+    return [f"systemd-analyze exposure {score} {match.group(2)} ({verdict} the {EXPOSURE_LIMIT} limit)"]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str] | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _inside_any(route: Route, networks: list[IPNetwork]) -> bool:
+    destination = ipaddress.ip_network(route.destination, strict=False)
+    return any(destination.version == net.version and destination.subnet_of(net) for net in networks)  # type: ignore[arg-type]
+
+
+def _gpu_line(pynvml: object, index: int) -> str:
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
+    name = pynvml.nvmlDeviceGetName(handle)  # type: ignore[attr-defined]
+    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
+    return f"GPU {index}: {name}, {memory.free / 2**30:.1f} of {memory.total / 2**30:.1f} GiB free"
+
+

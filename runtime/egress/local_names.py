@@ -1,0 +1,69 @@
+"""Host names the C library answers from /etc/hosts, without a packet.
+
+The guard's rule for name resolution: a name may be resolved only when no lookup can leave the host, that is
+when nsswitch consults `files` first and /etc/hosts lists the name. `localhost` passes on any sane host; a DNS
+name never does (a lookup is itself a packet to a resolver, and a label can carry data out). Reverse lookups
+follow the same rule from the other side: only for addresses /etc/hosts lists.
+Both files are read once, when the guard is installed: ProtectSystem=strict keeps them fixed for the service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.egress.allowlist import IPAddress, literal_address, unmapped
+
+HOSTS = Path("/etc/hosts")
+NSSWITCH = Path("/etc/nsswitch.conf")
+
+
+@dataclass(frozen=True)
+class LocalNames:
+    names: dict[str, tuple[IPAddress, ...]] = field(default_factory=dict)
+    files_first: bool = False
+
+    @classmethod
+    def load(cls, hosts: Path = HOSTS, nsswitch: Path = NSSWITCH) -> LocalNames:
+        """Unreadable files mean no local names: the rule then refuses every name, which is the safe side."""
+        try:
+            switch = nsswitch.read_text(encoding="utf-8", errors="replace")
+            table = hosts.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return cls()
+        return cls.parse(table, switch)
+
+    @classmethod
+    def parse(cls, hosts_text: str, nsswitch_text: str) -> LocalNames:
+        if not _files_first(nsswitch_text):
+            return cls()
+        names: dict[str, list[IPAddress]] = {}
+        for line in hosts_text.splitlines():
+            fields = line.split("#", 1)[0].split()
+            if len(fields) < 2 or (address := literal_address(fields[0])) is None:
+                continue
+            for name in fields[1:]:
+                names.setdefault(_normal(name), []).append(unmapped(address))
+        return cls({name: tuple(addresses) for name, addresses in names.items()}, files_first=True)
+
+    def lookup(self, name: str) -> tuple[IPAddress, ...]:
+        """The addresses /etc/hosts gives `name`; empty when resolving it would ask the network."""
+        return self.names.get(_normal(name), ())
+
+    def has_address(self, address: IPAddress) -> bool:
+        address = unmapped(address)
+        return any(address in addresses for addresses in self.names.values())
+
+
+def _normal(name: str) -> str:
+    # Case folds as glibc's files module compares; a trailing dot does not ("localhost." misses and goes to DNS).
+    return name.lower()
+
+
+def _files_first(nsswitch_text: str) -> bool:
+    """True when the `hosts:` line starts with `files`. With no such line glibc asks DNS first."""
+    for line in nsswitch_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if fields and fields[0] == "hosts:":
+            return len(fields) > 1 and fields[1] == "files"
+    return False
