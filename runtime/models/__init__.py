@@ -1,0 +1,1 @@
+"""What the appliance knows about a model file before it trusts it: GGUF facts, and a crash-proof probe."""
