@@ -1,0 +1,30 @@
+"""The tamper-evident audit log: hash-chained JSON-lines segments, signed checkpoints, export, verify, report.
+
+Writers use `AuditLog` (see `runtime.audit.log` for the interface, the events and the durability bound);
+auditors use `verify_directory` / `verify_export` and `export_log`; `build_report` summarises a window.
+Layout of `<root>/audit/`: `segment-<first seq>-<date>.jsonl` (the chain), `checkpoints.jsonl` (signed heads),
+`audit-key` (Ed25519, 0600) and `audit-key.pub`, `*.torn` (torn tails set aside), `.lock` (writers' flock).
+"""
+
+from __future__ import annotations
+
+from runtime.audit.errors import AuditError, AuditFieldError, AuditFormatError, AuditKeyError, AuditUnavailableError
+from runtime.audit.export import export_log
+from runtime.audit.log import AuditLog
+from runtime.audit.report import build_report
+from runtime.audit.verify import VerificationReport, verify_directory, verify_export, verify_path
+
+__all__ = [
+    "AuditError",
+    "AuditFieldError",
+    "AuditFormatError",
+    "AuditKeyError",
+    "AuditLog",
+    "AuditUnavailableError",
+    "VerificationReport",
+    "build_report",
+    "export_log",
+    "verify_directory",
+    "verify_export",
+    "verify_path",
+]

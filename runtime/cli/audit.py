@@ -1,0 +1,227 @@
+"""`sealbox audit export | verify | report`: the compliance officer's commands over `<root>/audit/`."""
+
+from __future__ import annotations
+
+import getpass
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from runtime.audit.checkpoint import PUBLIC_KEY_NAME
+from runtime.audit.errors import AuditFormatError, AuditUnavailableError
+from runtime.audit.export import export_log
+from runtime.audit.log import AuditLog
+from runtime.audit.report import ProcessingReport, Usage, build_report
+from runtime.audit.verify import VerificationReport, verify_path
+from runtime.hostroot import HostRoot
+from runtime.policy import AuditPolicy
+
+audit_app = typer.Typer(
+    help="Export, verify and summarise the tamper-evident audit log.", no_args_is_help=True
+)
+
+_ROOT_HELP = "Appliance root (default: $SEALBOX_ROOT, /var/lib/sealbox as root); the log is <root>/audit."
+_TIME_HELP = "UTC unless an offset is given: 2025-01-31, 2025-01-31T12:00, 2025-01-31T12:00:00+05:30."
+
+
+def parse_moment(value: str | None) -> datetime | None:
+    """An ISO 8601 date or time; naive values are UTC."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 date or time ({_TIME_HELP})") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+RootOption = Annotated[Path | None, typer.Option("--root", help=_ROOT_HELP)]
+SinceOption = Annotated[str | None, typer.Option("--since", help=f"First moment included. {_TIME_HELP}")]
+UntilOption = Annotated[str | None, typer.Option("--until", help=f"First moment excluded. {_TIME_HELP}")]
+PubkeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pubkey",
+        help="The host's audit public key, obtained independently (default: the one shipped with the log).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@audit_app.command("export")
+def export(
+    out: Annotated[Path, typer.Option("--out", help="File to write (for csv, also <FILE>.verify.json).")],
+    root: RootOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl (self-contained) or csv (+ companion).")] = "jsonl",
+) -> None:
+    """Export the records of a window with the anchor hash, covering checkpoints and public key to verify offline."""
+    console = Console(stderr=True, soft_wrap=True)
+    if fmt not in ("jsonl", "csv"):
+        raise typer.BadParameter(f"{fmt!r}: use jsonl or csv", param_hint="--format")
+    start, stop = parse_moment(since), parse_moment(until)
+    directory = HostRoot.resolve(root).audit
+    if not (directory / PUBLIC_KEY_NAME).exists():
+        console.print(f"[red]no audit log at {escape(str(directory))}[/] ({PUBLIC_KEY_NAME} is missing)")
+        raise typer.Exit(2)
+    through = _record_export(directory, start, stop, fmt, out, console)
+    try:
+        result = export_log(directory, out, since=start, until=stop, fmt=fmt, through_seq=through)  # type: ignore[arg-type]
+    except (AuditFormatError, OSError) as exc:
+        console.print(f"[red]export failed:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    span = f"seq {result.first_seq}..{result.last_seq}" if result.records else "no records in the window"
+    console.print(f"exported {result.records} record(s), {span}, to {escape(str(result.out))}")
+    if result.last_seq is not None and result.window_last_seq is not None and result.last_seq > result.window_last_seq:
+        console.print(
+            f"the window ends at seq {result.window_last_seq}; records up to seq {result.last_seq} are included so "
+            "that a signed checkpoint covers every exported record"
+        )
+    if result.companion is not None:
+        console.print(f"anchor, checkpoints and public key: {escape(str(result.companion))} (keep it with the CSV)")
+
+
+def _record_export(
+    directory: Path, since: datetime | None, until: datetime | None, fmt: str, out: Path, console: Console
+) -> int | None:
+    """Log the export itself and sign the head, so every exported record is covered; None where the log is read-only."""
+    try:
+        log = AuditLog.open(directory, AuditPolicy(), retention=False)
+    except AuditUnavailableError as exc:
+        console.print(
+            "[yellow]exporting read-only[/] (the export is not recorded and the newest records may be unsigned): "
+            + escape(str(exc))
+        )
+        return None
+    try:
+        log.append(
+            "audit.export",
+            since=since.isoformat() if since else None,
+            until=until.isoformat() if until else None,
+            format=fmt,
+            out=str(out.absolute()),
+            user=getpass.getuser(),
+        )
+        log.checkpoint()
+        return log.head[0]
+    finally:
+        log.close()
+
+
+@audit_app.command("verify")
+def verify(
+    target: Annotated[
+        Path | None,
+        typer.Argument(help="An export (.jsonl, or .csv with its .verify.json), or an audit directory."),
+    ] = None,
+    root: RootOption = None,
+    pubkey: PubkeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check every record's hash and link and every checkpoint's signature; exit 0 only if all hold."""
+    if target is not None and root is not None:
+        raise typer.BadParameter("give an export FILE or --root, not both")
+    path = target if target is not None else HostRoot.resolve(root).audit
+    try:
+        report = verify_path(path, pubkey=pubkey)
+    except AuditFormatError as exc:
+        if as_json:
+            typer.echo(json.dumps({"source": str(path), "ok": False, "error": str(exc)}, indent=2))
+        else:
+            Console(stderr=True, soft_wrap=True).print(f"[red]cannot verify:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_verification(report, Console(soft_wrap=True))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def render_verification(report: VerificationReport, console: Console) -> None:
+    console.print(f"[bold]audit log[/] {escape(report.source)}")
+    console.print(f"  key          {report.key_id} ({escape(report.key_source)})")
+    console.print(f"  anchor       {escape(report.anchor)}")
+    span = f" (seq {report.first_seq}..{report.last_seq})" if report.first_seq is not None else ""
+    console.print(f"  records      {report.valid}/{report.records} valid{span}")
+    console.print(
+        f"  checkpoints  {report.checkpoints_valid}/{report.checkpoints} valid, signed through seq {report.signed_through}"
+    )
+    for problem in report.problems[:20]:
+        where = escape(problem.where)
+        console.print(f"  [red]broken[/]       seq {problem.seq}: {escape(problem.reason)} [dim]({where})[/]")
+    if len(report.problems) > 20:
+        console.print(f"  … {len(report.problems) - 20} more (use --json)")
+    for warning in report.warnings:
+        console.print(f"  [yellow]note[/]         {escape(warning)}")
+    verdict = "[bold green]VALID[/]" if report.ok else "[bold red]BROKEN[/]"
+    console.print(f"{verdict}: {escape(report.summary())}")
+
+
+@audit_app.command("report")
+def report(
+    root: RootOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    pubkey: PubkeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record of processing for a window: requests by purpose, principal, model and day; other events; integrity."""
+    directory = HostRoot.resolve(root).audit
+    try:
+        summary = build_report(directory, since=parse_moment(since), until=parse_moment(until), pubkey=pubkey)
+    except AuditFormatError as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]cannot report:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        render_report(summary, Console())
+    if summary.integrity is not None and not summary.integrity.ok:
+        raise typer.Exit(1)
+
+
+def _usage_table(title: str, rows: dict[str, Usage]) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column(title.split(" ")[-1].capitalize())
+    for name in ("Requests", "Prompt tokens", "Completion tokens"):
+        table.add_column(name, justify="right")
+    for key, usage in sorted(rows.items()):
+        table.add_row(escape(key), str(usage.requests), str(usage.prompt_tokens), str(usage.completion_tokens))
+    return table
+
+
+def render_report(summary: ProcessingReport, console: Console) -> None:
+    window = f"{summary.since or 'beginning'} — {summary.until or 'now'}"
+    console.print(f"[bold]Record of processing[/] {escape(summary.source)}, {window}")
+    console.print(
+        f"{summary.records} record(s) from {summary.first_time or '-'} to {summary.last_time or '-'}; "
+        f"{summary.total.requests} API request(s); {summary.content_logged} record(s) with prompt/completion text"
+    )
+    for title, rows in (
+        ("Requests by purpose", summary.by_purpose),
+        ("Requests by principal", summary.by_principal),
+        ("Requests by model", summary.by_model),
+        ("Requests by day", summary.by_day),
+    ):
+        console.print(_usage_table(title, rows))
+    events = Table(title="Events", title_justify="left")
+    events.add_column("Event")
+    events.add_column("Count", justify="right")
+    for name, count in sorted(summary.events.items()):
+        events.add_row(escape(name), str(count))
+    console.print(events)
+    if summary.by_status:
+        statuses = ", ".join(f"{status}: {count}" for status, count in sorted(summary.by_status.items()))
+        console.print(f"API statuses: {statuses}")
+    integrity = summary.integrity
+    if integrity is not None:
+        verdict = "[bold green]chain VALID[/]" if integrity.ok else "[bold red]chain BROKEN[/]"
+        console.print(f"{verdict}: {escape(integrity.summary())}")
