@@ -446,7 +446,7 @@ def check_memory_plan(appliance: Appliance) -> Finding:
             continue
         where = f"{memory.gpu_layers} of {shape.layers + 1} layers (blocks + output) on the GPU" if gpu is not None else "no GPU: all layers on the CPU"
         lines.append(
-            f"{name}: {where}; {memory.sequences_that_fit} of {memory.users} sequences of {memory.context} tokens "
+            f"{name}: {where}; {min(memory.sequences_that_fit, memory.users)} of {memory.users} sequences of {memory.context} tokens "
             f"fit at once in {format_bytes(memory.kv_budget_bytes)} of KV budget"
         )
         if not memory.fits and worst is CheckStatus.PASS:

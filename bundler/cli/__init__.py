@@ -19,6 +19,27 @@ def _register() -> None:
     app.add_typer(keys.keys_app, name="keys")
     app.add_typer(bundle.bundle_app, name="bundle")
 
+    from bundler.cli import install, trust  # noqa: F401  (install adds its commands to bundle_app)
+
+    app.add_typer(trust.trust_app, name="trust")
+
+    from runtime.cli import doctor
+
+    app.command("doctor")(doctor.doctor)
+
+    from runtime.cli import plan
+
+    app.command("plan")(plan.plan)
+
+    from runtime.cli import audit
+
+    app.add_typer(audit.audit_app, name="audit")
+
+    from runtime.cli import api_keys, serve
+
+    keys.keys_app.add_typer(api_keys.api_app, name="api")
+    app.command("serve")(serve.serve)
+
 
 def main() -> None:
     _register()

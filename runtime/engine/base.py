@@ -18,6 +18,8 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     grammar: str | None = None
     """GBNF grammar text (from `response_format` json_object / json_schema); None for free text."""

@@ -1,0 +1,185 @@
+"""`sealbox bundle install | list | rollback | gc`: the isolated host's side of `bundle`, joined to `bundle_app`.
+
+Refusals print one line and exit with their class's code (20-29 for install, see `bundler.errors`); `--json` puts the
+result or the refusal on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from bundler.audit_trail import AuditTrailError
+from bundler.blobs import format_size
+from bundler.cli.bundle import bundle_app
+from bundler.cli.keys import fail
+from bundler.cli.progress import RichProgress
+from bundler.delta import DeltaBaseError
+from bundler.errors import BundleError
+from bundler.install import InstallRequest, install_bundle
+from bundler.offline_venv import VenvError
+from bundler.releases import ReleaseError, Releases, policy_in_force
+from bundler.service_files import ServiceFileError, enable
+from bundler.trust import TrustStoreError
+from runtime.hostroot import HostRoot
+from runtime.policy import PolicyError
+
+_out = Console()
+_HANDLED = (BundleError, TrustStoreError, VenvError, ServiceFileError, ReleaseError, AuditTrailError, PolicyError, OSError)
+
+RootOption = Annotated[
+    Path | None, typer.Option("--root", help="Appliance root (default: $SEALBOX_ROOT, /var/lib/sealbox as root).")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result (or the refusal) as JSON on stdout.")]
+
+
+@contextmanager
+def _refusals(as_json: bool) -> Iterator[None]:
+    try:
+        yield
+    except _HANDLED as exc:
+        code = getattr(exc, "exit_code", 1)
+        if as_json:
+            data: dict[str, Any] = {"ok": False, "error": type(exc).__name__, "exit_code": code, "message": str(exc)}
+            if isinstance(exc, DeltaBaseError):
+                data["missing"] = [item.to_dict() for item in exc.missing]
+            typer.echo(json.dumps(data))
+        raise fail(exc, code) from exc
+
+
+def _ask(question: str) -> bool:
+    try:
+        return typer.confirm(question, default=False)
+    except click.Abort:  # no terminal to answer on: a script must say --yes
+        return False
+
+
+@bundle_app.command("install")
+def install(
+    directory: Annotated[Path, typer.Argument(help="The bundle directory (as copied from the medium).")],
+    root: RootOption = None,
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade", help="Install a version not above the installed one (asks; recorded).")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade question (for scripts).")] = False,
+    enable_service: Annotated[
+        bool, typer.Option("--enable", help="Also load the egress rules and enable and start the service (root).")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Verify a bundle against <root>/trust and make it the live release (atomic; a crash leaves the old one live)."""
+    host = HostRoot.resolve(root)
+    with _refusals(as_json):
+        request = InstallRequest(
+            bundle=directory, root=host, allow_downgrade=allow_downgrade, confirm=(lambda _q: True) if yes else _ask
+        )
+        with RichProgress() as progress:
+            result = install_bundle(request, progress)
+        commands = enable(host.path) if enable_service else []
+    if as_json:
+        typer.echo(json.dumps(result.to_dict() | {"enabled": commands}))
+        return
+    release = result.release
+    verb = "activated" if result.activated else "already current:"
+    typer.echo(f"{verb} {release.label} (manifest {result.manifest_sha256[:16]}) in {result.seconds:.1f} s")
+    typer.echo(
+        f"  {result.blobs_copied} blob(s) copied ({format_size(result.bytes_copied)}), "
+        f"{result.blobs_present} already in the store; previous: {result.previous or 'none'}"
+    )
+    if result.downgrade:
+        typer.echo("  DOWNGRADE (confirmed and recorded in the audit log)")
+    if result.resumed:
+        typer.echo("  the release was already on disk (an interrupted install, or an older release): activated it")
+    for note in result.notes:
+        typer.echo(f"  note: {note}")
+    if result.gc and (result.gc.releases_removed or result.gc.blobs_removed):
+        typer.echo(
+            f"  gc: removed {', '.join(result.gc.releases_removed) or 'no releases'}, "
+            f"{len(result.gc.blobs_removed)} blob(s), {format_size(result.gc.bytes_freed)}"
+        )
+    if commands:
+        typer.echo("  enabled: " + "; ".join(commands))
+    else:
+        typer.echo(f"  service files (not enabled): {release.directory / 'service'}")
+
+
+@bundle_app.command("list")
+def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
+    """Show the installed releases, oldest first; `*` marks the live one."""
+    host = HostRoot.resolve(root)
+    with _refusals(as_json):
+        releases = Releases(host)
+        items, current = releases.all(), releases.current()
+    live = current.label if current else None
+    if as_json:
+        rows = [
+            {
+                "release": r.label,
+                "current": r.label == live,
+                **r.release.to_dict(),
+                "installed_at": r.install.installed_at,
+                "manifest_sha256": r.install.manifest_sha256,
+                "downgrade": r.install.downgrade,
+            }
+            for r in items
+        ]
+        typer.echo(json.dumps({"current": live, "releases": rows}))
+        return
+    if not items:
+        typer.echo(f"no releases in {host.releases}")
+        return
+    table = Table("", "release", "version", "installed", "models", "manifest")
+    for r in items:
+        models = ", ".join(m.name for m in r.release.models) or "-"
+        table.add_row("*" if r.label == live else "", escape(r.label), str(r.release.version),
+                      r.install.installed_at[:19], escape(models), r.install.manifest_sha256[:16])
+    _out.print(table)
+
+
+@bundle_app.command("rollback")
+def rollback(
+    release: Annotated[str | None, typer.Argument(help="Release to go back to (default: the one before current).")] = None,
+    root: RootOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Switch `current` back to an earlier release (atomic; recorded in the audit log)."""
+    host = HostRoot.resolve(root)
+    with _refusals(as_json):
+        releases = Releases(host)
+        with releases.lock():
+            before, after = releases.rollback(release)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "from": before.label if before else None, "to": after.label}))
+        return
+    typer.echo(f"rolled back: current is now {after.label} (was {before.label if before else 'none'})")
+
+
+@bundle_app.command("gc")
+def gc(
+    root: RootOption = None,
+    keep: Annotated[int | None, typer.Option("--keep", min=1, help="Releases to keep (default: policy releases.keep).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove releases beyond the last N (never the current one) and store blobs no kept release uses."""
+    host = HostRoot.resolve(root)
+    with _refusals(as_json):
+        releases = Releases(host)
+        with releases.lock():
+            count = keep if keep is not None else policy_in_force(host).releases.keep
+            result = releases.gc(count)
+    if as_json:
+        typer.echo(json.dumps({"ok": True, "keep": count, **result.to_dict()}))
+        return
+    typer.echo(
+        f"kept the last {count} release(s); removed {', '.join(result.releases_removed) or 'no releases'}, "
+        f"{len(result.blobs_removed)} blob(s) ({format_size(result.bytes_freed)})"
+    )

@@ -1,0 +1,114 @@
+"""What can be wrong with a bundle, with its inputs, or with a key: two roots, one exit code per class.
+
+`BundleError` is about what a bundle *is* (bad signature, bad bytes, bad layout): the refusal of a copied directory.
+`InputError` and `KeyFileError` are about what the operator handed `create`/`sign`. What the disk did stays an `OSError`.
+Every class carries the exit code `sealbox` returns for it, so scripts can tell one refusal from another.
+
+Exit codes: 0 ok · 1 unexpected / I/O · 2 usage · 3 input refused · 4 key file ·
+10-19 verification failures in the order verify checks them · 20-29 left for install (rollback, store).
+"""
+
+from __future__ import annotations
+
+
+class BundleError(Exception):
+    """The bundle is refused; the message is one line naming the file, part or field at fault."""
+
+    exit_code = 19
+
+
+class FormatError(BundleError):
+    """manifest.json is not a DSSE envelope of a sealbox manifest this version understands, or breaks its schema."""
+
+    exit_code = 10
+
+
+class SignatureError(BundleError):
+    """A signature that names a trusted key does not verify: the manifest (or the signature) changed after signing."""
+
+    exit_code = 11
+
+
+class ThresholdError(SignatureError):
+    """Fewer distinct trusted keys signed than the threshold requires."""
+
+    exit_code = 12
+
+    def __init__(self, message: str, *, valid: int, threshold: int) -> None:
+        super().__init__(message)
+        self.valid = valid
+        self.threshold = threshold
+
+
+class UntrustedSignerError(ThresholdError):
+    """No signature at all comes from a trusted key (signed, but by someone this host does not trust)."""
+
+    exit_code = 13
+
+
+class ExpiredError(BundleError):
+    """The manifest's expiry time has passed."""
+
+    exit_code = 14
+
+
+class PathError(BundleError):
+    """A path escapes the bundle (`..`, absolute), is not a plain file (symlink, device), or is claimed twice."""
+
+    exit_code = 15
+
+
+class MissingFileError(BundleError):
+    """A file the manifest lists is not in the bundle directory."""
+
+    exit_code = 16
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class ExtraFileError(BundleError):
+    """The bundle directory holds a file the manifest does not list."""
+
+    exit_code = 17
+
+    def __init__(self, message: str, *, file: str) -> None:
+        super().__init__(message)
+        self.file = file
+
+
+class IntegrityError(BundleError):
+    """A part's bytes are not the bytes the manifest signed; names the file and the part."""
+
+    exit_code = 19
+
+    def __init__(self, message: str, *, file: str, blob: str, part: int) -> None:
+        super().__init__(message)
+        self.file = file
+        self.blob = blob
+        self.part = part
+
+
+class SizeMismatchError(IntegrityError):
+    """A part is shorter or longer than the manifest says (truncated copy, appended bytes)."""
+
+    exit_code = 18
+
+
+class DigestMismatchError(IntegrityError):
+    """A part's (or a whole blob's) sha256 differs from the manifest (flipped bits, swapped parts)."""
+
+    exit_code = 19
+
+
+class InputError(Exception):
+    """`bundle create` refuses an input (not a GGUF, not a file, invalid policy, clashing paths) before writing anything."""
+
+    exit_code = 3
+
+
+class KeyFileError(Exception):
+    """A key file is missing, malformed, not Ed25519, encrypted without a passphrase, or would be overwritten."""
+
+    exit_code = 4

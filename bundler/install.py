@@ -1,0 +1,572 @@
+"""`bundle install`: a verified bundle becomes the live release, and nothing half-done is ever live.
+
+The order is the safety argument (each step's name is also a crash point, `bundler.crashpoints`):
+
+1. Check, writing nothing: the trust store is usable; `manifest.json` is signed by `threshold` trusted keys, not
+   expired, of a known format, with safe paths; the bundle holds exactly the listed files at their signed sizes;
+   the version is above every version of that name this host has had (or `--allow-downgrade`, confirmed); a delta's
+   base blobs are in the store; the content can form a release (one policy at most, distinct model names, wheels
+   for this Python).
+2. Stage, writing only under `<root>/staging/`: each new blob is joined from its parts while every part's and the
+   whole blob's sha256 are checked, in one pass, into a temporary file that is fsync'd and renamed; blobs the store
+   already holds are hashed in the bundle but not copied. Then the release is built beside them: manifest, policy,
+   model links, the offline venv from the bundled wheels, the service files, `release.json`. A refusal here
+   (tampered part, pip refusing a wheel) removes the staging directory: `<root>` is as it was.
+3. Commit: blobs are renamed into the store (content-addressed, so extra ones are harmless), the release directory is
+   renamed into `releases/` (one rename: it is there whole or not at all), the version floor is raised, the install
+   is recorded, and `current` is switched atomically. Only then are old releases and unused blobs collected.
+
+A crash anywhere leaves `current` on the previous release, untouched; running the same install again finishes the
+job: leftovers in staging are discarded, blobs already in the store are not copied again, a release already placed
+is only activated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bundler.audit_trail import record
+from bundler.blobs import assemble, fsync_dir
+from bundler.crashpoints import crash_point
+from bundler.delta import require_base_blobs
+from bundler.errors import BundleError, SizeMismatchError
+from bundler.manifest import BlobEntry, Manifest
+from bundler.offline_venv import VenvError, WheelFile, build_offline_venv, wheel_identity
+from bundler.progress import Progress, SilentProgress
+from bundler.releases import (
+    INSTALL_FILE,
+    MANIFEST_FILE,
+    POLICY_FILE,
+    RELEASE_FILE,
+    GcResult,
+    InstallRecord,
+    ModelLink,
+    Release,
+    ReleaseRecord,
+    Releases,
+    policy_in_force,
+    release_dir_name,
+)
+from bundler.service_files import ServiceContext, ServiceFileError, write_service_files
+from bundler.trust import TrustStore, TrustStoreError
+from bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
+from runtime.hostroot import HostRoot
+from runtime.policy import Policy, PolicyError, default_policy_text
+
+STAGE_PREFIX = "install-"
+RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service"})
+
+
+class RollbackError(BundleError):
+    """The bundle's version is not above the highest version of its name this host has installed."""
+
+    exit_code = 20
+
+
+class DowngradeDeclinedError(RollbackError):
+    """`--allow-downgrade` was given but the operator did not confirm it."""
+
+    exit_code = 28
+
+
+class ReleaseContentError(BundleError):
+    """The bundle verifies but cannot form a release here (two policies, clashing model names, wheels for
+    another Python, a policy this host's sealbox rejects)."""
+
+    exit_code = 27
+
+
+Confirm = Callable[[str], bool]
+
+
+@dataclass(frozen=True, kw_only=True)
+class InstallRequest:
+    bundle: Path
+    root: HostRoot
+    allow_downgrade: bool = False
+    confirm: Confirm | None = None
+    """Asked (with a one-line question) before a downgrade; None refuses every downgrade that needs confirming."""
+    now: datetime | None = None
+    keep: int | None = None
+    """Releases kept after the install (default: the installed policy's `releases.keep`)."""
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    release: Release
+    previous: str | None
+    manifest_sha256: str
+    resumed: bool
+    """The release was already on disk (placed by an interrupted run, or an older release activated again): this
+    run checked the bundle and activated it, copying nothing."""
+    activated: bool
+    downgrade: bool
+    blobs_copied: int
+    bytes_copied: int
+    blobs_present: int
+    venv: bool
+    gc: GcResult | None
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "release": self.release.label,
+            "directory": str(self.release.directory),
+            "name": self.release.release.name,
+            "version": self.release.release.version,
+            "manifest_sha256": self.manifest_sha256,
+            "previous": self.previous,
+            "resumed": self.resumed,
+            "activated": self.activated,
+            "downgrade": self.downgrade,
+            "blobs_copied": self.blobs_copied,
+            "bytes_copied": self.bytes_copied,
+            "blobs_present": self.blobs_present,
+            "venv": self.venv,
+            "gc": self.gc.to_dict() if self.gc else None,
+            "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """Where each blob of the manifest goes in the release, decided before anything is written."""
+
+    models: tuple[tuple[BlobEntry, str], ...]
+    """(entry, `models/<file>`)."""
+    policy: BlobEntry | None
+    wheels: tuple[tuple[BlobEntry, str], ...]
+    """(entry, wheel file name)."""
+    files: tuple[tuple[BlobEntry, str], ...]
+    """(entry, release-relative path) for plain files and the SBOM."""
+
+
+def plan_release(manifest: Manifest) -> ReleasePlan:
+    """Raises ReleaseContentError when the manifest's content cannot be laid out as one release."""
+    models: dict[str, BlobEntry] = {}
+    for entry in manifest.entries("model"):
+        name = PurePosixPath(entry.path).name
+        if name in models:
+            raise ReleaseContentError(f"models {models[name].path} and {entry.path} would both be models/{name}")
+        models[name] = entry
+    policies = manifest.entries("policy")
+    if len(policies) > 1:
+        raise ReleaseContentError(f"the bundle carries {len(policies)} policies ({', '.join(p.path for p in policies)}); "
+                                  "which is in force would be ambiguous")
+    wheels: dict[str, BlobEntry] = {}
+    for entry in manifest.entries("wheel"):
+        filename = PurePosixPath(entry.path).name
+        try:
+            wheel_identity(filename)
+        except ValueError as exc:
+            raise ReleaseContentError(f"{entry.path}: {exc}") from exc
+        if filename in wheels:
+            raise ReleaseContentError(f"wheels {wheels[filename].path} and {entry.path} have the same file name")
+        wheels[filename] = entry
+    files = []
+    for entry in manifest.blobs:
+        if entry.role in ("file", "sbom"):
+            if PurePosixPath(entry.path).parts[0] in RESERVED:
+                raise ReleaseContentError(f"{entry.path}: the release keeps that name for itself")
+            files.append((entry, entry.path))
+    if wheels:
+        host = f"{sys.version_info.major}.{sys.version_info.minor}"
+        if manifest.target.python != host:
+            raise ReleaseContentError(
+                f"the bundle's wheels are for Python {manifest.target.python}; this host's sealbox runs Python {host}"
+            )
+    return ReleasePlan(
+        models=tuple((entry, f"models/{name}") for name, entry in models.items()),
+        policy=policies[0] if policies else None,
+        wheels=tuple((entry, filename) for filename, entry in wheels.items()),
+        files=tuple(files),
+    )
+
+
+def check_sizes(directory: Path, manifest: Manifest) -> None:
+    """Every carried part has its signed size (by `stat`): a truncated copy is refused before anything is written."""
+    for entry in manifest.carried():
+        for index, (name, part) in enumerate(zip(entry.part_files(), entry.parts, strict=True)):
+            size = os.lstat(directory / name).st_size
+            if size != part.size:
+                raise SizeMismatchError(
+                    f"{name}: part {index} of {len(entry.parts)} of {entry.path} is {size} bytes, the manifest says "
+                    f"{part.size}" + (" (truncated)" if size < part.size else ""),
+                    file=name,
+                    blob=entry.path,
+                    part=index,
+                )
+
+
+def _unique(entries: list[BlobEntry]) -> list[BlobEntry]:
+    return list({entry.sha256: entry for entry in entries}.values())
+
+
+def _in_store(store: Path, entry: BlobEntry) -> bool:
+    try:
+        return os.lstat(store / entry.sha256).st_size == entry.size
+    except FileNotFoundError:
+        return False
+
+
+def _now_text(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class _Stage:
+    """`<root>/staging/install-<label>/`: new blobs under `blobs/`, the release under `release/`, pip's work in `work/`."""
+
+    root: HostRoot
+    label: str
+    copied: list[BlobEntry] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.root.staging / f"{STAGE_PREFIX}{self.label}"
+
+    @property
+    def blobs(self) -> Path:
+        return self.path / "blobs"
+
+    @property
+    def release(self) -> Path:
+        return self.path / "release"
+
+    def open(self) -> None:
+        if self.path.exists():  # an interrupted run's leftovers: never trusted, always rebuilt
+            shutil.rmtree(self.path)
+        self.blobs.mkdir(parents=True)
+        self.release.mkdir()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.root.staging.rmdir()  # only when empty: a refusal must leave no trace, a finished install neither
+        except OSError:
+            pass
+
+    def blob(self, entry: BlobEntry) -> Path:
+        """Where the verified bytes of `entry` are now: staged by this run, or already in the store."""
+        staged = self.blobs / entry.sha256
+        return staged if staged.exists() else self.root.store / entry.sha256
+
+
+class Installer:
+    """One install of one bundle into one root. Use `install_bundle`."""
+
+    def __init__(self, request: InstallRequest, progress: Progress) -> None:
+        self.request = request
+        self.root = request.root
+        self.directory = request.bundle.absolute()
+        self.progress = progress
+        self.releases = Releases(self.root)
+        self.notes: list[str] = []
+        self.verified: VerifiedManifest | None = None
+        self.manifest_bytes = b""
+
+    # -- 1. check ------------------------------------------------------------------------------------------------
+
+    def check(self) -> tuple[VerifiedManifest, ReleasePlan]:
+        trust = TrustStore(self.root).policy()
+        self.progress.step("checking signatures, expiry and layout")
+        self.manifest_bytes = read_manifest_file(self.directory)
+        verified = open_manifest(
+            self.manifest_bytes,
+            trusted=trust.keys,
+            threshold=trust.threshold,
+            now=self.request.now or datetime.now(timezone.utc),
+        )
+        self.verified = verified
+        manifest = verified.manifest
+        check_layout(manifest, list_bundle(self.directory))
+        check_sizes(self.directory, manifest)
+        return verified, plan_release(manifest)
+
+    def check_version(self, verified: VerifiedManifest) -> tuple[Release | None, bool]:
+        """(the release of this very bundle if one is already placed, whether this is a confirmed downgrade).
+
+        Raises:
+            RollbackError: the version is not above the highest installed, or the same version holds another bundle.
+            DowngradeDeclinedError: `--allow-downgrade` was given, the operator did not confirm.
+        """
+        manifest = verified.manifest
+        label = release_dir_name(manifest.name, manifest.version)
+        placed = self.releases.load(self.root.releases / label)
+        if placed is not None:
+            if placed.install.manifest_sha256 != verified.sha256:
+                raise RollbackError(
+                    f"releases/{label} already holds a different bundle of {manifest.name} version {manifest.version} "
+                    f"(manifest {placed.install.manifest_sha256[:16]}, this one {verified.sha256[:16]}); "
+                    "a version is installed once"
+                )
+        highest = self.releases.highest(manifest.name)
+        # Re-running the install of the newest version (after a crash) is not a downgrade; activating an older
+        # release that is still on disk is, and needs the same confirmation as installing one.
+        if highest is None or manifest.version > highest or (placed is not None and manifest.version == highest):
+            return placed, False
+        question = (
+            f"{manifest.name} version {manifest.version} is not above version {highest}, already installed here; "
+            "install it anyway (downgrade)?"
+        )
+        if not self.request.allow_downgrade:
+            raise RollbackError(
+                f"rollback protection: {manifest.name} version {manifest.version} is not above version {highest}, "
+                "the highest installed here (use --allow-downgrade to install it on purpose)"
+            )
+        if self.request.confirm is None or not self.request.confirm(question):
+            raise DowngradeDeclinedError(
+                f"downgrade of {manifest.name} to version {manifest.version} (from {highest}) was not confirmed"
+            )
+        return placed, True
+
+    # -- 2. stage ------------------------------------------------------------------------------------------------
+
+    def stage_blobs(self, stage: _Stage, manifest: Manifest) -> tuple[int, int]:
+        """Copy new blobs into staging, checking every byte; hash the bundle's copy of blobs the store holds.
+
+        Returns (blobs present in the store, bytes hashed for them)."""
+        carried = _unique(manifest.carried())
+        new = [entry for entry in carried if not _in_store(self.root.store, entry)]
+        present = [entry for entry in carried if _in_store(self.root.store, entry)]
+        total = sum(entry.size for entry in new)
+        with self.progress.bytes(f"copying {len(new)} blob(s) into the store", total) as advance:
+            for entry in new:
+                started = [False]
+
+                def on_bytes(count: int, started: list[bool] = started) -> None:
+                    advance(count)
+                    if not started[0]:
+                        started[0] = True
+                        crash_point("blob-copy")
+
+                assemble(self.directory, entry, stage.blobs / entry.sha256, on_bytes)
+                stage.copied.append(entry)
+        if present:
+            # Already in the store: not copied again, but the bundle is still verified completely.
+            with self.progress.bytes(f"checking {len(present)} blob(s) already in the store", 0) as advance:
+                check_parts(self.directory, replace(manifest, blobs=tuple(present)), on_bytes=advance)
+        fsync_dir(stage.blobs)
+        return len(present), sum(entry.size for entry in present)
+
+    def build_release(
+        self, stage: _Stage, verified: VerifiedManifest, plan: ReleasePlan, *, downgrade: bool, final: Path
+    ) -> Policy:
+        manifest = verified.manifest
+        release = stage.release
+        (release / MANIFEST_FILE).write_bytes(self.manifest_bytes)  # the signed envelope exactly as it arrived
+        policy_text = stage.blob(plan.policy).read_text(encoding="utf-8") if plan.policy else default_policy_text()
+        try:
+            policy = Policy.from_toml(policy_text, source=plan.policy.path if plan.policy else "policies/default.toml")
+        except PolicyError as exc:
+            raise ReleaseContentError(f"the bundle's policy is not valid for this sealbox: {exc}") from exc
+        (release / POLICY_FILE).write_text(policy_text, encoding="utf-8")
+        models = []
+        for entry, path in plan.models:
+            self._link(release, path, entry)
+            models.append(ModelLink(PurePosixPath(path).stem, path, entry.sha256))
+        for entry, path in plan.files:
+            self._link(release, path, entry)
+        venv = bool(plan.wheels)
+        if venv:
+            self.progress.step(f"installing {len(plan.wheels)} wheels into an offline virtualenv")
+            wheels = [WheelFile(filename, entry.sha256, stage.blob(entry)) for entry, filename in plan.wheels]
+            build_offline_venv(release / "venv", final=final / "venv", wheels=wheels, work=stage.path / "work")
+            executable = final / "venv" / "bin" / "sealbox"
+            crash_point("venv-built")
+        else:
+            executable = Path(os.path.abspath(sys.executable)).parent / "sealbox"
+            self.notes.append(
+                f"the bundle carries no wheels: no virtualenv was built; the service runs this host's sealbox ({executable})"
+            )
+        context = ServiceContext.build(
+            label=final.name, root=self.root.path, release_dir=final, executable=executable, policy=policy
+        )
+        write_service_files(release, context)
+        install = InstallRecord(
+            name=manifest.name,
+            version=manifest.version,
+            manifest_sha256=verified.sha256,
+            installed_at=_now_text(datetime.now(timezone.utc)),
+            signed_by=verified.signatures.valid,
+            downgrade=downgrade,
+            base_manifest_sha256=manifest.base.manifest_sha256 if manifest.base else None,
+            venv=venv,
+        )
+        _write_json(release / INSTALL_FILE, install.to_dict())
+        _write_json(release / RELEASE_FILE, ReleaseRecord(manifest.name, manifest.version, tuple(models)).to_dict())
+        return policy
+
+    def _link(self, release: Path, path: str, entry: BlobEntry) -> None:
+        # Relative, so `<root>` can be moved or mounted elsewhere: releases/<label>/<path> → store/sha256/<digest>.
+        link = release / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        up = "../" * (len(PurePosixPath(path).parts) + 1)
+        os.symlink(f"{up}{self.root.store.relative_to(self.root.path)}/{entry.sha256}", link)
+
+    # -- 3. commit -----------------------------------------------------------------------------------------------
+
+    def fill_store(self, stage: _Stage) -> None:
+        if not stage.copied:
+            return
+        self.root.store.mkdir(parents=True, exist_ok=True)
+        for index, entry in enumerate(stage.copied):
+            staged = stage.blobs / entry.sha256
+            os.chmod(staged, 0o444)  # shared by every release that uses it: nobody edits a blob in place
+            os.replace(staged, self.root.store / entry.sha256)
+            if index == 0:
+                crash_point("store-partial")
+        fsync_dir(self.root.store)
+
+    def run(self) -> InstallResult:
+        started = time.perf_counter()
+        verified, plan = self.check()
+        manifest = verified.manifest
+        label = release_dir_name(manifest.name, manifest.version)
+        with self.releases.lock():
+            placed, downgrade = self.check_version(verified)
+            require_base_blobs(manifest, self.root.store)
+            crash_point("verified")
+            copied = bytes_copied = present = 0
+            resumed = placed is not None
+            if placed is None:
+                stage = _Stage(self.root, label)
+                stage.open()
+                try:
+                    present, _ = self.stage_blobs(stage, manifest)
+                    copied, bytes_copied = len(stage.copied), sum(entry.size for entry in stage.copied)
+                    crash_point("blobs-staged")
+                    final = self.root.releases / label
+                    self.build_release(stage, verified, plan, downgrade=downgrade, final=final)
+                    crash_point("release-staged")
+                except BaseException:
+                    stage.discard()
+                    raise
+                self.fill_store(stage)
+                crash_point("store-filled")
+                self.releases.place(stage.release, label)
+                crash_point("release-placed")
+                stage.discard()
+                placed = self.releases.load(final)
+                assert placed is not None, f"{final} was placed whole"
+            else:
+                self.progress.step(f"{label} is already on disk; checking the bundle and activating it")
+                present = len(_unique(manifest.carried()))
+                check_parts(self.directory, manifest)
+            return self.activate(placed, verified, downgrade, resumed, started, copied, bytes_copied, present)
+
+    def activate(
+        self,
+        release: Release,
+        verified: VerifiedManifest,
+        downgrade: bool,
+        resumed: bool,
+        started: float,
+        copied: int,
+        bytes_copied: int,
+        present: int,
+    ) -> InstallResult:
+        manifest = verified.manifest
+        self.releases.raise_floor(manifest.name, manifest.version)
+        policy = release.policy()
+        fields = dict(
+            name=manifest.name,
+            version=manifest.version,
+            manifest_sha256=verified.sha256,
+            release=release.label,
+            signed_by=list(verified.signatures.valid),
+            downgrade=downgrade,
+            base_manifest_sha256=manifest.base.manifest_sha256 if manifest.base else None,
+        )
+        record(self.root, "bundle.install", policy, **fields, resumed=resumed)
+        previous = self.releases.current()
+        activated = previous is None or previous.label != release.label
+        if activated:
+            self.releases.switch(release)
+            try:
+                record(
+                    self.root,
+                    "bundle.activate",
+                    policy,
+                    name=manifest.name,
+                    version=manifest.version,
+                    manifest_sha256=verified.sha256,
+                    release=release.label,
+                    previous=previous.label if previous else None,
+                )
+            except BaseException:
+                if previous is not None:  # fail closed: an activation nobody recorded is undone
+                    self.releases.switch(previous)
+                raise
+        crash_point("activated")
+        keep = self.request.keep if self.request.keep is not None else policy.releases.keep
+        collected = self.releases.gc(keep)
+        return InstallResult(
+            release=release,
+            previous=previous.label if previous else None,
+            manifest_sha256=verified.sha256,
+            resumed=resumed,
+            activated=activated,
+            downgrade=downgrade,
+            blobs_copied=copied,
+            bytes_copied=bytes_copied,
+            blobs_present=present,
+            venv=release.install.venv,
+            gc=collected,
+            seconds=time.perf_counter() - started,
+            notes=tuple(self.notes),
+        )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def install_bundle(request: InstallRequest, progress: Progress | None = None) -> InstallResult:
+    """Verify `request.bundle` against the host's trust store and make it the live release.
+
+    Every refusal is recorded in the audit log as `bundle.refused` and leaves `<root>` as it was (apart from the log).
+
+    Raises:
+        BundleError: the bundle is refused (a verification failure, RollbackError, DowngradeDeclinedError,
+            DeltaBaseError, ReleaseContentError).
+        TrustStoreError: the trust store is empty or unusable.
+        VenvError, ServiceFileError: the release could not be built (nothing went live; also recorded as refused).
+        ReleaseError: another install holds the root.
+        AuditTrailError: an event could not be recorded (the install is not activated).
+        OSError: the disk failed; re-run the install once fixed.
+    """
+    installer = Installer(request, progress or SilentProgress())
+    try:
+        return installer.run()
+    except (BundleError, TrustStoreError, VenvError, ServiceFileError) as exc:
+        _record_refusal(installer, exc)
+        raise
+
+
+def _record_refusal(installer: Installer, error: Exception) -> None:
+    fields: dict[str, Any] = {
+        "bundle": str(installer.directory),
+        "error": type(error).__name__,
+        "reason": str(error),
+    }
+    if installer.verified is not None:
+        manifest = installer.verified.manifest
+        fields |= {"name": manifest.name, "version": manifest.version, "manifest_sha256": installer.verified.sha256}
+    try:
+        policy = policy_in_force(installer.root)
+    except Exception:  # a refusal is recorded even when the live policy cannot be read
+        policy = Policy.default()
+    record(installer.root, "bundle.refused", policy, **fields)

@@ -1,0 +1,191 @@
+"""The locked-down service files of a release: a hardened systemd unit and an nftables egress fence.
+
+Both are rendered from templates in `policies/` (data the operator can read and diff) by a sandboxed Jinja
+environment with strict undefined variables. Every value that reaches a template is checked first, because a unit
+file is a line-oriented language: a newline, a quote or a `%` specifier smuggled in through a path or a user name
+would add directives. Rendering writes files only; enabling them (`systemctl`, `nft`) is a separate, explicit step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from jinja2 import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from runtime.policy import Policy
+
+UNIT_TEMPLATE = "sealbox.service.j2"
+NFT_TEMPLATE = "sealbox-egress.nft.j2"
+UNIT_NAME = "sealbox.service"
+NFT_NAME = "sealbox-egress.nft"
+SERVICE_DIR = "service"
+
+# Characters a path may hold to be written into a unit or nft file unquoted and unescaped.
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,:=-]*")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
+
+
+class ServiceFileError(Exception):
+    """A value cannot be written safely into the unit or rule file, or enabling them failed."""
+
+    exit_code = 24
+
+
+def _path(value: Path | str, what: str) -> str:
+    text = os.path.normpath(value)
+    if not _SAFE_PATH.fullmatch(text) or "/../" in f"{text}/":
+        raise ServiceFileError(
+            f"{what} {text!r} cannot go into a systemd unit: use an absolute path of letters, digits and ._/@+,:=-"
+        )
+    return text
+
+
+def _networks(values: tuple[str, ...] | list[str], what: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    try:
+        return [ipaddress.ip_network(value, strict=False) for value in values]
+    except ValueError as exc:
+        raise ServiceFileError(f"{what}: {exc}") from exc
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceContext:
+    """Everything the templates may use, each value checked on construction."""
+
+    label: str
+    root: str
+    release_dir: str
+    exec_start: str
+    user: str
+    ip_allow: tuple[str, ...]
+    """Non-loopback networks the unit may talk to: client networks and the egress allowlist (loopback always)."""
+    client_networks: tuple[str, ...]
+    allow_v4: tuple[str, ...]
+    allow_v6: tuple[str, ...]
+    allow_ports: tuple[int, ...]
+    gpu_devices: tuple[str, ...]
+
+    @classmethod
+    def build(cls, *, label: str, root: Path, release_dir: Path, executable: Path, policy: Policy) -> ServiceContext:
+        """Raises ServiceFileError naming the value that cannot be written safely."""
+        if not _LABEL.fullmatch(label):
+            raise ServiceFileError(f"release label {label!r} cannot go into a unit file")
+        if not _USER.fullmatch(policy.service.user):
+            raise ServiceFileError(f"service.user {policy.service.user!r} is not a plain system user name")
+        root_text = _path(root, "root")
+        exec_start = f"{_path(executable, 'executable')} serve --root {root_text}"
+        clients = _networks(policy.service.client_networks, "service.client_networks")
+        egress = [net for net in _networks(policy.egress.allow, "egress.allow") if not net.is_loopback]
+        devices = tuple(_path(device, "service.gpu_devices entry") for device in policy.service.gpu_devices)
+        if any(not device.startswith("/dev/") for device in devices):
+            raise ServiceFileError(f"service.gpu_devices must be device nodes under /dev/: {list(devices)}")
+        ip_allow = tuple(dict.fromkeys(str(net) for net in [*clients, *egress]))
+        return cls(
+            label=label,
+            root=root_text,
+            release_dir=_path(release_dir, "release directory"),
+            exec_start=exec_start,
+            user=policy.service.user,
+            ip_allow=ip_allow,
+            client_networks=tuple(str(net) for net in clients),
+            allow_v4=tuple(str(net) for net in egress if net.version == 4),
+            allow_v6=tuple(str(net) for net in egress if net.version == 6),
+            allow_ports=tuple(policy.egress.allow_ports),
+            gpu_devices=devices,
+        )
+
+
+@dataclass(frozen=True)
+class ServiceFiles:
+    unit: Path
+    nft: Path
+
+
+def _environment() -> SandboxedEnvironment:
+    templates = resources.files("policies")
+
+    def load(name: str) -> str:
+        return templates.joinpath(name).read_text(encoding="utf-8")
+
+    from jinja2 import FunctionLoader
+
+    return SandboxedEnvironment(
+        loader=FunctionLoader(load),
+        undefined=StrictUndefined,
+        autoescape=False,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def render_unit(context: ServiceContext) -> str:
+    return _environment().get_template(UNIT_TEMPLATE).render(
+        label=context.label,
+        root=context.root,
+        release_dir=context.release_dir,
+        exec_start=context.exec_start,
+        user=context.user,
+        ip_allow=context.ip_allow,
+        gpu_devices=context.gpu_devices,
+    )
+
+
+def render_nft(context: ServiceContext, *, nft_path: str) -> str:
+    return _environment().get_template(NFT_TEMPLATE).render(
+        label=context.label,
+        user=context.user,
+        client_networks=context.client_networks,
+        allow_v4=context.allow_v4,
+        allow_v6=context.allow_v6,
+        allow_ports=context.allow_ports,
+        nft_path=nft_path,
+    )
+
+
+def write_service_files(release_dir: Path, context: ServiceContext) -> ServiceFiles:
+    """Render both files into `<release_dir>/service/` (the release is still in staging: plain writes suffice)."""
+    directory = release_dir / SERVICE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    unit = directory / UNIT_NAME
+    nft = directory / NFT_NAME
+    unit.write_text(render_unit(context), encoding="utf-8")
+    nft.write_text(render_nft(context, nft_path=f"{context.release_dir}/{SERVICE_DIR}/{NFT_NAME}"), encoding="utf-8")
+    return ServiceFiles(unit, nft)
+
+
+def enable(root: Path) -> list[str]:
+    """Load the current release's egress rules and enable and start its unit. Only on `--enable`.
+
+    The unit is linked through `<root>/current`, so a rollback plus `systemctl daemon-reload` and restart moves the
+    service with it. Returns the commands run.
+
+    Raises:
+        ServiceFileError: `systemctl` or `nft` is missing, or a command failed (its output is in the message).
+    """
+    service = root / "current" / SERVICE_DIR
+    commands = [
+        ["nft", "-f", str(service / NFT_NAME)],
+        ["systemctl", "link", str(service / UNIT_NAME)],
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", "--now", UNIT_NAME],
+    ]
+    for tool in ("nft", "systemctl"):
+        if shutil.which(tool) is None:
+            raise ServiceFileError(f"--enable needs `{tool}`, which is not installed on this host; nothing was enabled")
+    done = []
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            output = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ServiceFileError(f"`{' '.join(command)}` failed ({result.returncode}): {output[0]}")
+        done.append(" ".join(command))
+    return done

@@ -1,0 +1,117 @@
+"""`sealbox plan`: the concurrency math for one model on this host, before anything is served."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from runtime.memory_plan import (
+    DEFAULT_MEMORY_FRACTION,
+    MemoryPlan,
+    MemoryPlanError,
+    ModelShape,
+    format_bytes,
+    gpu_free_bytes,
+    host_memory_bytes,
+    parse_size,
+    plan as make_plan,
+)
+
+
+def plan(
+    model: Annotated[Path, typer.Option("--model", help="The GGUF file.", exists=True, dir_okay=False)],
+    ctx: Annotated[int, typer.Option("--ctx", min=1, help="Tokens one sequence holds (prompt + completion).")] = 4096,
+    users: Annotated[int, typer.Option("--users", min=1, help="Sequences served at once.")] = 16,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="Host memory for the model, e.g. 24GiB (default: available now).")
+    ] = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="GPU memory for the model, e.g. 80GiB (default: free memory via NVML, if any)."),
+    ] = None,
+    fraction: Annotated[
+        float, typer.Option("--fraction", min=0.05, max=1.0, help="Share of that memory to plan with (headroom).")
+    ] = DEFAULT_MEMORY_FRACTION,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Print weight bytes, KV bytes per token and per sequence, how many sequences fit, the largest context at that
+    many users, and the GPU layers that fit: the numbers `sealbox serve` sizes itself with."""
+    try:
+        memory_bytes = parse_size(memory) if memory is not None else host_memory_bytes()
+        gpu_bytes = parse_size(gpu_memory) if gpu_memory is not None else gpu_free_bytes()
+        shape = ModelShape.from_gguf(model)
+        result = make_plan(
+            shape, memory_bytes=memory_bytes, context=ctx, users=users, fraction=fraction, gpu_memory_bytes=gpu_bytes
+        )
+    except MemoryPlanError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {model}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(to_dict(result), indent=2))
+    else:
+        render(model, result, Console())
+    if result.sequences_that_fit < 1:
+        raise typer.Exit(1)
+
+
+def to_dict(result: MemoryPlan) -> dict[str, object]:
+    shape = result.shape
+    return {
+        "weight_bytes": shape.weight_bytes,
+        "layers": shape.layers,
+        "kv_bytes_per_token": shape.kv_bytes_per_token,
+        "kv_bytes_per_sequence": result.kv_bytes_per_sequence,
+        "compute_bytes": result.compute_bytes,
+        "memory_bytes": result.memory_bytes,
+        "gpu_memory_bytes": result.gpu_memory_bytes,
+        "fraction": result.fraction,
+        "kv_budget_bytes": result.kv_budget_bytes,
+        "kv_cells_budget": result.kv_cells_budget,
+        "context": result.context,
+        "users": result.users,
+        "sequences_that_fit": result.sequences_that_fit,
+        "context_for_users": result.context_for_users,
+        "gpu_layers": result.gpu_layers,
+        "fits": result.fits,
+    }
+
+
+def render(model: Path, result: MemoryPlan, console: Console) -> None:
+    shape = result.shape
+    table = Table(title=f"sealbox plan — {model.name}", show_header=False)
+    table.add_column("", no_wrap=True)
+    table.add_column("", justify="right")
+    table.add_row("weights", f"{format_bytes(shape.weight_bytes)} ({shape.layers} layers)")
+    table.add_row("KV cache per token", format_bytes(shape.kv_bytes_per_token))
+    table.add_row(f"KV cache per sequence ({result.context} tokens)", format_bytes(result.kv_bytes_per_sequence))
+    table.add_row("compute buffers (estimate)", format_bytes(result.compute_bytes))
+    where = "GPU" if result.gpu_layers > shape.layers else "host"
+    budget_of = result.gpu_memory_bytes if where == "GPU" else result.memory_bytes
+    table.add_row(
+        f"memory planned ({where}, {result.fraction:.0%} of {format_bytes(budget_of or 0)})",
+        format_bytes(int((budget_of or 0) * result.fraction)),
+    )
+    table.add_row("KV budget", f"{format_bytes(max(0, result.kv_budget_bytes))} ({result.kv_cells_budget} tokens)")
+    table.add_row(f"sequences that fit at {result.context} tokens", str(result.sequences_that_fit))
+    table.add_row(f"largest context for {result.users} users", str(result.context_for_users))
+    gpu = "no GPU" if result.gpu_memory_bytes is None else f"{result.gpu_layers} of {shape.layers + 1}"
+    table.add_row("GPU layers that fit", gpu)
+    console.print(table)
+    if result.fits:
+        console.print(f"[green]{result.users} users × {result.context} tokens fit.[/]")
+    elif result.sequences_that_fit >= 1:
+        console.print(
+            f"[yellow]{result.users} users × {result.context} tokens do not all fit at once: serve shares "
+            f"{result.kv_cells_budget} KV cells among them and queues requests until theirs fits "
+            f"(or serve {result.sequences_that_fit} users, or a context of {result.context_for_users}).[/]"
+        )
+    else:
+        console.print(f"[red]not even one sequence of {result.context} tokens fits in this memory.[/]")

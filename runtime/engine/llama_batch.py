@@ -1,0 +1,302 @@
+"""`LlamaBatchEngine`: llama.cpp in-process with continuous batching, behind the `Engine` seam.
+
+Many requests share one context: each gets a KV sequence of its own and is decoded together with the others in one
+batch per step (see `scheduler`). Requests are admitted by free sequences and KV cells (see `admission`); a request
+that can never fit is refused at once, one that cannot fit now waits in a bounded queue, and a full queue answers
+`Overloaded` with a Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from pathlib import Path
+
+from runtime import metrics
+from runtime.engine.admission import Admission
+from runtime.engine.base import (
+    ContextLengthExceeded,
+    EngineStats,
+    EngineUnavailable,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    ModelCard,
+    Overloaded,
+)
+from runtime.engine.errors import InvalidRequest
+from runtime.engine.event_stream import EventStream
+from runtime.engine.llama_backend import Context, ContextSettings, Model, ModelLoadError
+from runtime.engine.sampling import SamplerChain
+from runtime.engine.scheduler import EmbeddingJob, Scheduler
+from runtime.engine.task import GenerationTask
+
+DEFAULT_BATCH = 512
+"""Tokens decoded per step at most (prompt chunks and one token per running stream)."""
+DEFAULT_PREFILL_CHUNK = 128
+"""Prompt tokens added to a step while streams are running: bounds the pause a new prompt causes them."""
+
+
+class LlamaBatchEngine:
+    def __init__(
+        self,
+        model_path: Path,
+        card: ModelCard,
+        *,
+        n_seq_max: int,
+        n_ctx_per_seq: int,
+        queue_size: int,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        embeddings: bool = False,
+        kv_cells: int | None = None,
+        n_batch: int = DEFAULT_BATCH,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        flash_attention: bool = False,
+    ) -> None:
+        """`kv_cells`: the KV budget in cells (default n_seq_max × n_ctx_per_seq: every sequence can reach its full
+        context at once). A smaller budget from `runtime.memory_plan` puts all sequences in one shared pool and makes
+        admission hold requests back until their prompt + max_tokens fits, rather than the host run out of memory.
+        `flash_attention`: off by default on CPU so that a greedy request answers the same alone or under load
+        (see `ContextSettings`); turn it on for GPU offload."""
+        if n_seq_max < 1 or n_ctx_per_seq < 2 or queue_size < 0:
+            raise ValueError("n_seq_max ≥ 1, n_ctx_per_seq ≥ 2 and queue_size ≥ 0 are required")
+        self.model_path = model_path
+        self.card = card
+        self.n_seq_max = n_seq_max
+        self.n_ctx_per_seq = n_ctx_per_seq
+        self.queue_size = queue_size
+        self.n_gpu_layers = n_gpu_layers
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.embeddings = embeddings
+        full = n_seq_max * n_ctx_per_seq
+        self.kv_cells = min(kv_cells, full) if kv_cells is not None else full
+        if self.kv_cells < n_ctx_per_seq:
+            raise ValueError(f"kv_cells ({self.kv_cells}) must hold at least one full sequence ({n_ctx_per_seq})")
+        # Memory for every sequence at full context: one stream per sequence, each attending over its own cells only.
+        # Less: one pool shared by all (admission makes requests wait for cells), at the price of every token
+        # attending over the whole pool.
+        self.unified = self.kv_cells < full
+        self.n_batch = max(n_batch, n_seq_max)
+        self.prefill_chunk = prefill_chunk
+        self.flash_attention = flash_attention
+        self._metrics = metrics.EngineMetrics(card.name)
+        self._model: Model | None = None
+        self._context: Context | None = None
+        self._embedding_context: Context | None = None
+        self._admission: Admission | None = None
+        self._scheduler: Scheduler | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._load)
+        assert self._scheduler is not None
+        self._thread = threading.Thread(target=self._scheduler.run, name=f"sealbox-engine-{self.card.name}", daemon=True)
+        self._thread.start()
+        metrics.track_engine(self.card.name, self)
+
+    def _load(self) -> None:
+        model = Model(self.model_path, n_gpu_layers=self.n_gpu_layers)
+        context: Context | None = None
+        embedding_context: Context | None = None
+        try:
+            context = Context(
+                model,
+                ContextSettings(
+                    n_ctx=self.kv_cells,
+                    n_seq_max=self.n_seq_max,
+                    n_batch=self.n_batch,
+                    n_threads=self.n_threads,
+                    flash_attention=self.flash_attention,
+                    unified=self.unified,
+                ),
+            )
+            if context.n_ctx_seq < self.n_ctx_per_seq:
+                raise ModelLoadError(
+                    f"{self.model_path}: llama.cpp gave a sequence {context.n_ctx_seq} cells, "
+                    f"{self.n_ctx_per_seq} were asked for"
+                )
+            if self.embeddings:
+                embedding_context = Context(
+                    model,
+                    ContextSettings(
+                        n_ctx=self.n_ctx_per_seq,
+                        n_seq_max=1,
+                        n_batch=self.n_ctx_per_seq,
+                        n_threads=self.n_threads,
+                        embeddings=True,
+                    ),
+                )
+        except BaseException:
+            for built in (embedding_context, context):
+                if built is not None:
+                    built.close()
+            model.close()
+            raise
+        admission = Admission(slots=context.n_seq_max, cells=context.n_ctx, queue_size=self.queue_size)
+        self._model, self._context, self._embedding_context, self._admission = (
+            model,
+            context,
+            embedding_context,
+            admission,
+        )
+        self._scheduler = Scheduler(
+            model=model,
+            context=context,
+            admission=admission,
+            n_ctx_per_seq=self.n_ctx_per_seq,
+            prefill_chunk=self.prefill_chunk,
+            metrics=self._metrics,
+            embedding_context=embedding_context,
+        )
+
+    async def stop(self) -> None:
+        if self._thread is None or self._scheduler is None:
+            return
+        self._scheduler.stop()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        for context in (self._embedding_context, self._context):
+            if context is not None:
+                context.close()
+        if self._model is not None:
+            self._model.close()
+        self._model = self._context = self._embedding_context = None
+
+    # -- the seam -----------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self._running_model().tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        model = self._running_model()
+        return b"".join(model.piece(token) for token in tokens).decode("utf-8", "replace")
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Admit `request` now or queue it, and return its event stream.
+
+        Raises (at once, before any event):
+            ContextLengthExceeded: prompt + max_tokens exceeds one sequence's context (or the whole KV cache).
+            Overloaded: the admission queue is full; `retry_after_s` says when to come back.
+            InvalidRequest: an empty prompt or a grammar that does not parse.
+            EngineUnavailable: the engine is not running.
+        """
+        model = self._running_model()
+        admission, scheduler = self._admission, self._scheduler
+        assert admission is not None and scheduler is not None
+        n_prompt = len(request.prompt_tokens)
+        if n_prompt == 0:
+            self._metrics.rejected("invalid")
+            raise InvalidRequest("the prompt is empty")
+        if request.max_tokens < 0:
+            self._metrics.rejected("invalid")
+            raise InvalidRequest(f"max_tokens must not be negative (got {request.max_tokens})")
+        needed = n_prompt + request.max_tokens
+        if needed > self.n_ctx_per_seq:
+            self._metrics.rejected("context_length")
+            raise ContextLengthExceeded(
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({request.max_tokens}) needs {needed} tokens; "
+                f"this model's context holds {self.n_ctx_per_seq}",
+                needed=needed,
+                limit=self.n_ctx_per_seq,
+            )
+        if any(token < 0 or token >= model.n_vocab for token in request.prompt_tokens):
+            self._metrics.rejected("invalid")
+            raise InvalidRequest(f"the prompt holds a token id outside the vocabulary (0..{model.n_vocab - 1})")
+        loop = asyncio.get_running_loop()
+        if request.max_tokens == 0:
+            return _finished_at_once(n_prompt)
+        try:
+            sampler = SamplerChain(model, request.sampling, request.prompt_tokens)
+        except InvalidRequest:
+            self._metrics.rejected("invalid")
+            raise
+        task = GenerationTask(request=request, sampler=sampler, loop=loop, events=asyncio.Queue(), cells=needed)
+        try:
+            admitted = admission.submit(task)
+        except Overloaded:
+            sampler.free()
+            self._metrics.rejected("overloaded")
+            raise
+        except ContextLengthExceeded:
+            sampler.free()
+            self._metrics.rejected("context_length")
+            raise
+        if admitted:
+            scheduler.wake()
+        return EventStream(task, self._cancel)
+
+    def _cancel(self, task: GenerationTask) -> None:
+        if task.done:
+            return
+        task.cancelled = True
+        admission, scheduler = self._admission, self._scheduler
+        if admission is not None and admission.withdraw(task):
+            task.done = True
+            task.sampler.free()
+            self._metrics.finished("cancelled")
+        elif scheduler is not None:
+            scheduler.wake()
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        model = self._running_model()
+        scheduler = self._scheduler
+        assert scheduler is not None
+        if not self.embeddings:
+            raise InvalidRequest(f"model {self.card.name} is not served for embeddings")
+        prompts = []
+        for i, text in enumerate(texts):
+            tokens = model.tokenize(text, add_bos=True, special=False)
+            if not tokens:
+                raise InvalidRequest(f"input {i} is empty")
+            if len(tokens) > self.n_ctx_per_seq:
+                raise ContextLengthExceeded(
+                    f"input {i} has {len(tokens)} tokens; this model's context holds {self.n_ctx_per_seq}",
+                    needed=len(tokens),
+                    limit=self.n_ctx_per_seq,
+                )
+            prompts.append(tokens)
+        result: Future[list[list[float]]] = Future()
+        scheduler.submit_embeddings(EmbeddingJob(prompts, result))
+        return await asyncio.wrap_future(result)
+
+    def stats(self) -> EngineStats:
+        admission, scheduler = self._admission, self._scheduler
+        if admission is None or scheduler is None:
+            return EngineStats(running=0, queued=0, kv_cells_used=0, kv_cells_total=0, sequences_total=self.n_seq_max)
+        return EngineStats(
+            running=admission.admitted,
+            queued=admission.waiting,
+            kv_cells_used=scheduler.cells_in_use(),
+            kv_cells_total=admission.cells,
+            sequences_total=admission.slots,
+        )
+
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        """Prompt tokens computed since start; prefix reuse keeps it below the prompt tokens submitted."""
+        return self._scheduler.prompt_tokens_decoded if self._scheduler is not None else 0
+
+    @property
+    def prompt_tokens_reused(self) -> int:
+        """Prompt tokens found already in the cache since start (not computed again)."""
+        return self._scheduler.prompt_tokens_reused if self._scheduler is not None else 0
+
+    def _running_model(self) -> Model:
+        if self._model is None or self._thread is None:
+            raise EngineUnavailable(f"the engine for {self.card.name} is not running")
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.failure is not None:
+            raise EngineUnavailable(f"the engine for {self.card.name} failed: {scheduler.failure}")
+        return self._model
+
+
+async def _finished_at_once(n_prompt: int) -> AsyncIterator[GenerationEvent]:
+    yield Finished("length", prompt_tokens=n_prompt, completion_tokens=0)

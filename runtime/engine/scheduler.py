@@ -1,0 +1,386 @@
+"""The inference loop: one thread owns the llama.cpp context and decodes every running request in one batch per step.
+
+A step has two phases, as in llama.cpp's server: first one token for every generating sequence, then prompt chunks of
+newly admitted requests in the room left (chunked prefill, capped while streams run so that a long prompt delays
+them by one chunk, not by the whole prompt). One `llama_decode`, then each sequence samples at its own batch index.
+
+Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
+(filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import defaultdict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from runtime.engine.admission import Admission
+from runtime.engine.base import EngineError, EngineUnavailable, Finished, GenerationEvent, TextDelta
+from runtime.engine.llama_backend import BatchBuffer, Context, KVCacheFullError, Model
+from runtime.engine.slots import Slot, SlotState
+from runtime.engine.task import Failed, GenerationTask
+from runtime.metrics import EngineMetrics
+
+log = logging.getLogger("sealbox.engine")
+
+STREAM_COPY_MIN_TOKENS = 64
+"""Between split streams a prefix copy moves a whole stream: worth it only when it saves this many prompt tokens."""
+
+
+@dataclass(frozen=True)
+class EmbeddingJob:
+    prompts: list[list[int]]
+    result: Future[list[list[float]]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        model: Model,
+        context: Context,
+        admission: Admission,
+        n_ctx_per_seq: int,
+        prefill_chunk: int,
+        metrics: EngineMetrics,
+        embedding_context: Context | None = None,
+    ) -> None:
+        self.model = model
+        self.context = context
+        self.admission = admission
+        self.n_ctx_per_seq = n_ctx_per_seq
+        self.prefill_chunk = prefill_chunk
+        self.metrics = metrics
+        self.embedding_context = embedding_context
+        self.slots = [Slot(i) for i in range(context.n_seq_max)]
+        self.batch = BatchBuffer(context.n_batch)
+        self.step_count = 0
+        self.prompt_tokens_decoded = 0
+        """Prompt tokens actually computed (prefix reuse keeps this below the prompt tokens submitted)."""
+        self.prompt_tokens_reused = 0
+        self.failure: BaseException | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._embedding_jobs: deque[EmbeddingJob] = deque()
+        self._outbox: list[tuple[GenerationTask, GenerationEvent | Failed]] = []
+
+    # -- called from other threads ------------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    def submit_embeddings(self, job: EmbeddingJob) -> None:
+        self._embedding_jobs.append(job)
+        self._wake.set()
+
+    def cells_in_use(self) -> int:
+        return sum(len(slot.cached) for slot in self.slots if slot.task is not None)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                self.place_admitted()
+                self.run_embeddings()
+                if any(slot.task is not None for slot in self.slots):
+                    self.step()
+                else:
+                    self.flush()
+                    if not self._embedding_jobs:
+                        self._wake.wait()
+        except BaseException as exc:  # the loop must not die silently: fail every request it holds
+            log.exception("the scheduler failed")
+            self.failure = exc
+        finally:
+            self._shut_down()
+
+    def step(self) -> None:
+        self.step_count += 1
+        self.batch.clear()
+        self.drop_cancelled()
+        self.add_decode_tokens()
+        self.add_prompt_chunks()
+        if self.batch.n_tokens:
+            if self.decode():
+                self.sample_outputs()
+        self.flush()
+
+    # -- placing admitted requests ---------------------------------------------------------------------------------
+
+    def place_admitted(self) -> None:
+        ready = self.admission.take_ready()
+        if not ready:
+            return
+        for task in ready:
+            if task.cancelled:
+                self._end_unplaced(task)
+                continue
+            self._place(task)
+        self._evict_idle_caches()
+
+    def _place(self, task: GenerationTask) -> None:
+        """Put a task on the idle slot that already holds the longest prefix of its prompt, or copy one in."""
+        prompt = task.prompt_tokens
+        limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
+        idle = [slot for slot in self.slots if slot.task is None]
+        best, best_n = idle[0], -1
+        for slot in idle:
+            n = slot.common_prefix(prompt)
+            if n > best_n or (n == best_n and slot.last_used < best.last_used):
+                best, best_n = slot, n
+        source, source_n = None, 0
+        for slot in self.slots:
+            if slot.task is not None:
+                n = slot.common_prefix(prompt)
+                if n > source_n:
+                    source, source_n = slot, n
+        reuse = min(best_n, limit)
+        gain = min(source_n, limit) - reuse
+        if source is not None and gain > 0 and (self.context.unified or gain >= STREAM_COPY_MIN_TOKENS):
+            # A running sequence holds a longer prefix: give it to the least useful idle slot.
+            target = min(idle, key=lambda slot: (slot.common_prefix(prompt), len(slot.cached) > 0, slot.last_used))
+            reuse = min(source_n, limit)
+            self.context.share(source.id, target.id, reuse)
+            target.cached[:] = prompt[:reuse]
+        else:
+            target = best
+            self.context.forget(target.id, reuse)
+        target.assign(task, reuse, self.step_count)
+        self.prompt_tokens_reused += reuse
+        self.metrics.prompt_tokens.inc(len(prompt))
+        if reuse:
+            self.metrics.prompt_tokens_reused.inc(reuse)
+
+    def _evict_idle_caches(self) -> None:
+        """Keep reservations + idle caches within the cache size, dropping the least recently used idle caches.
+
+        Admission reserves prompt + max_tokens for every running request, so with this invariant a decode never
+        finds the cache full.
+        """
+        idle = sorted((slot for slot in self.slots if slot.task is None and slot.cached), key=lambda s: s.last_used)
+        excess = self.admission.reserved_cells + sum(len(slot.cached) for slot in idle) - self.context.n_ctx
+        for slot in idle:
+            if excess <= 0:
+                break
+            excess -= len(slot.cached)
+            self.context.forget(slot.id)
+            slot.cached.clear()
+
+    # -- building the batch -------------------------------------------------------------------------------------------
+
+    def drop_cancelled(self) -> None:
+        for slot in self.slots:
+            task = slot.task
+            if task is not None and task.cancelled:
+                self.context.forget(slot.id)
+                slot.cached.clear()
+                self._finish(slot, "cancelled")
+
+    def add_decode_tokens(self) -> None:
+        batch = self.batch
+        for slot in self.slots:
+            token = slot.pending
+            if token >= 0:
+                cached = slot.cached
+                slot.output_index = batch.add(token, len(cached), slot.id, True)
+                cached.append(token)
+                slot.pending = -1
+
+    def add_prompt_chunks(self) -> None:
+        prefilling = [slot for slot in self.slots if slot.state is SlotState.PREFILL and slot.output_index < 0]
+        if not prefilling:
+            return
+        prefilling.sort(key=lambda slot: slot.task.admitted_at)  # type: ignore[union-attr]
+        budget = self.batch.room
+        if self.batch.n_tokens:  # streams are running: bound how long this step makes them wait
+            budget = min(budget, self.prefill_chunk)
+        for slot in prefilling:
+            if budget <= 0:
+                break
+            start = len(slot.cached)
+            remaining = len(slot.prompt) - start
+            n = min(remaining, budget)
+            chunk = slot.prompt[start : start + n]
+            last = n == remaining
+            index = self.batch.add_run(chunk, start, slot.id, output_last=last)
+            if last:
+                slot.output_index = index
+            slot.cached.extend(chunk)
+            budget -= n
+            self.prompt_tokens_decoded += n
+
+    # -- decoding and sampling ----------------------------------------------------------------------------------------
+
+    def decode(self) -> bool:
+        try:
+            self.context.decode(self.batch)
+            return True
+        except KVCacheFullError:
+            # Cannot happen while the reservation invariant holds; recover by dropping every idle cache once.
+            log.warning("KV cache full with %d cells reserved; dropping idle caches", self.admission.reserved_cells)
+            for slot in self.slots:
+                if slot.task is None and slot.cached:
+                    self.context.forget(slot.id)
+                    slot.cached.clear()
+            try:
+                self.context.decode(self.batch)
+                return True
+            except EngineError as exc:
+                self._fail_batch(exc)
+        except EngineError as exc:
+            self._fail_batch(exc)
+        return False
+
+    def sample_outputs(self) -> None:
+        now = time.monotonic()
+        model = self.model
+        context = self.context
+        metrics = self.metrics
+        outbox = self._outbox
+        sampled = 0
+        for slot in self.slots:
+            index = slot.output_index
+            if index < 0:
+                continue
+            slot.output_index = -1
+            task = slot.task
+            assert task is not None
+            slot.state = SlotState.GENERATING
+            token = task.sampler.sample(context, index)
+            sampled += 1
+            if slot.generated == 0:
+                slot.first_token_at = now
+                metrics.time_to_first_token.observe(now - task.submitted_at)
+            else:
+                metrics.inter_token.observe(now - slot.last_token_at)
+            slot.last_token_at = now
+            slot.generated += 1
+            if model.is_eog(token):
+                self._finish(slot, "stop")
+                continue
+            text = slot.text.feed(model.piece(token))
+            if text:
+                outbox.append((task, TextDelta(text)))
+            if slot.text.stopped:
+                self._finish(slot, "stop")
+            elif slot.generated >= task.request.max_tokens or len(slot.cached) >= self.n_ctx_per_seq:
+                self._finish(slot, "length")
+            else:
+                slot.pending = token
+        if sampled:
+            metrics.generated_tokens.inc(sampled)
+
+    # -- finishing ------------------------------------------------------------------------------------------------------
+
+    def _finish(self, slot: Slot, reason: str) -> None:
+        task = slot.release(self.step_count)
+        if reason != "cancelled":
+            tail = slot.text.finish()
+            if tail:
+                self._outbox.append((task, TextDelta(tail)))
+        self._outbox.append(
+            (task, Finished(reason, prompt_tokens=len(task.prompt_tokens), completion_tokens=slot.generated))  # type: ignore[arg-type]
+        )
+        self._end(task, reason)
+
+    def _end(self, task: GenerationTask, status: str) -> None:
+        task.done = True
+        task.sampler.free()
+        self.admission.release(task)
+        self.metrics.finished(status)
+
+    def _end_unplaced(self, task: GenerationTask) -> None:
+        self._outbox.append((task, Finished("cancelled", prompt_tokens=len(task.prompt_tokens), completion_tokens=0)))
+        self._end(task, "cancelled")
+
+    def _fail_batch(self, error: EngineError) -> None:
+        """A decode failed: the sequences in the batch may be half-written, so drop them and fail their requests."""
+        log.error("decode failed: %s", error)
+        in_batch = set(int(seq) for seq in self.batch.seq[: self.batch.n_tokens])
+        for slot in self.slots:
+            if slot.id in in_batch:
+                self.context.forget(slot.id)
+                slot.cached.clear()
+                if slot.task is not None:
+                    task = slot.release(self.step_count)
+                    self._outbox.append((task, Failed(error)))
+                    self._end(task, "error")
+
+    def flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationTask, GenerationEvent | Failed]]]
+        by_loop = defaultdict(list)
+        for item in self._outbox:
+            by_loop[item[0].loop].append(item)
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for task, _ in items:
+                    task.cancelled = True
+
+    # -- embeddings ------------------------------------------------------------------------------------------------------
+
+    def run_embeddings(self) -> None:
+        while self._embedding_jobs:
+            job = self._embedding_jobs.popleft()
+            if job.result.set_running_or_notify_cancel():
+                try:
+                    job.result.set_result([self._embed(tokens) for tokens in job.prompts])
+                except EngineError as exc:
+                    job.result.set_exception(exc)
+
+    def _embed(self, tokens: list[int]) -> list[float]:
+        context = self.embedding_context
+        if context is None:
+            raise EngineUnavailable("this engine was started without embeddings")
+        batch = BatchBuffer(max(1, len(tokens)))
+        batch.add_run(tokens, 0, 0, output_last=True)
+        batch.logits[: len(tokens)] = 1  # mean pooling reads every token's output
+        context.clear()
+        context.decode(batch)
+        vector = context.sequence_embedding(0)
+        norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+        return [x / norm for x in vector]
+
+    # -- shutdown ---------------------------------------------------------------------------------------------------------
+
+    def _shut_down(self) -> None:
+        error = EngineUnavailable(
+            "the engine stopped" if self.failure is None else f"the engine failed: {self.failure}"
+        )
+        for slot in self.slots:
+            if slot.task is not None:
+                task = slot.release(self.step_count)
+                self._outbox.append((task, Failed(error)))
+                self._end(task, "error")
+        for task in self.admission.close():
+            self._outbox.append((task, Failed(error)))  # type: ignore[arg-type]
+            task.done = True  # type: ignore[attr-defined]
+            task.sampler.free()  # type: ignore[attr-defined]
+            self.metrics.finished("error")
+        while self._embedding_jobs:
+            job = self._embedding_jobs.popleft()
+            if job.result.set_running_or_notify_cancel():
+                job.result.set_exception(error)
+        self.flush()
+
+
+def _deliver(items: list[tuple[GenerationTask, GenerationEvent | Failed]]) -> None:
+    for task, event in items:
+        task.events.put_nowait(event)
+

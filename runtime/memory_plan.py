@@ -1,0 +1,328 @@
+"""The concurrency math: how much memory the weights, the KV cache and the compute buffers take, and so how many
+sequences at what context one host can serve without being OOM-killed.
+
+`sealbox plan` prints it; `sealbox serve` sizes its engine with the same numbers (`MemoryPlan.engine_sizing`), so what
+the operator is shown is what the server does. Memory is committed when the context is built (llama.cpp allocates
+the whole KV cache up front), so a plan that fits at start cannot grow into an OOM later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.policy import LimitsPolicy
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+DEFAULT_BATCH = 512
+"""Tokens per decode step; sizes the compute buffers (kept equal to the engine's default)."""
+FIXED_OVERHEAD_BYTES = 64 * MiB
+"""Graph metadata, scheduler copies and allocator slack beyond the buffers estimated here."""
+DEFAULT_MEMORY_FRACTION = LimitsPolicy.model_fields["memory_fraction"].default
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+class MemoryPlanError(Exception):
+    """The model cannot be served in the memory given (not even one sequence fits), or a size does not parse."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the math needs to know about a model."""
+
+    weight_bytes: int
+    layer_bytes: int
+    """Bytes of the largest repeating block: the unit of GPU offload."""
+    layers: int
+    n_embd: int
+    n_head: int
+    n_vocab: int
+    context_length: int
+    kv_bytes_per_token: int
+
+    @property
+    def other_bytes(self) -> int:
+        """Weights outside the repeating blocks (token embeddings, output head, norms)."""
+        return max(0, self.weight_bytes - self.layers * self.layer_bytes)
+
+    @classmethod
+    def from_gguf(cls, path: Path, *, type_k: str = "f16", type_v: str = "f16") -> ModelShape:
+        """Read the facts (layers, KV heads, head size) and the tensor sizes of a GGUF file."""
+        import gguf
+
+        from runtime.models.gguf_facts import kv_bytes_per_token, read_facts
+
+        facts = read_facts(path)
+        try:
+            reader = gguf.GGUFReader(path)
+        except (OSError, ValueError) as exc:
+            raise MemoryPlanError(f"{path}: cannot read tensors: {exc}") from exc
+        per_block: dict[int, int] = {}
+        total = 0
+        for tensor in reader.tensors:
+            size = int(tensor.n_bytes)
+            total += size
+            match = _BLOCK.match(tensor.name)
+            if match:
+                block = int(match.group(1))
+                per_block[block] = per_block.get(block, 0) + size
+        arch = _field(reader, "general.architecture") or "llama"
+        n_embd = int(_field(reader, f"{arch}.embedding_length") or 0)
+        n_head = int(_field(reader, f"{arch}.attention.head_count") or 1)
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens.data) if tokens is not None else 0
+        return cls(
+            weight_bytes=total,
+            layer_bytes=max(per_block.values(), default=0),
+            layers=int(facts.block_count),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_vocab=n_vocab,
+            context_length=int(facts.context_length),
+            kv_bytes_per_token=int(kv_bytes_per_token(facts, type_k, type_v)),
+        )
+
+
+def _field(reader: object, key: str) -> object:
+    field = reader.fields.get(key)  # type: ignore[attr-defined]
+    if field is None:
+        return None
+    return field.contents()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSizing:
+    """The engine's arguments that come from the plan."""
+
+    n_seq_max: int
+    n_ctx_per_seq: int
+    kv_cells: int
+    n_gpu_layers: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryPlan:
+    shape: ModelShape
+    memory_bytes: int
+    """Host memory the model may use."""
+    fraction: float
+    context: int
+    users: int
+    compute_bytes: int
+    kv_budget_bytes: int
+    gpu_memory_bytes: int | None
+    gpu_layers: int
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.memory_bytes * self.fraction)
+
+    @property
+    def kv_bytes_per_sequence(self) -> int:
+        return self.shape.kv_bytes_per_token * self.context
+
+    @property
+    def kv_cells_budget(self) -> int:
+        if self.kv_budget_bytes <= 0 or not self.shape.kv_bytes_per_token:
+            return 0
+        return self.kv_budget_bytes // self.shape.kv_bytes_per_token
+
+    @property
+    def sequences_that_fit(self) -> int:
+        """Sequences that can all hold `context` tokens at once."""
+        if self.kv_budget_bytes <= 0 or not self.kv_bytes_per_sequence:
+            return 0
+        return self.kv_budget_bytes // self.kv_bytes_per_sequence
+
+    @property
+    def context_for_users(self) -> int:
+        """The largest context every one of `users` sequences can hold at once (capped by the model's own)."""
+        if self.kv_budget_bytes <= 0 or not self.shape.kv_bytes_per_token or self.users < 1:
+            return 0
+        return min(self.shape.context_length, self.kv_budget_bytes // (self.shape.kv_bytes_per_token * self.users))
+
+    @property
+    def fits(self) -> bool:
+        return self.sequences_that_fit >= self.users
+
+    def engine_sizing(self) -> EngineSizing:
+        """`users` sequences of `context` tokens; if they cannot all be full at once, they share the cells that fit
+        and admission makes requests wait for room (never an OOM).
+
+        Raises:
+            MemoryPlanError: not even one sequence of `context` tokens fits.
+        """
+        cells = min(self.users * self.context, self.kv_cells_budget)
+        if cells < self.context:
+            raise MemoryPlanError(
+                f"not even one sequence of {self.context} tokens fits: the KV budget is "
+                f"{format_bytes(max(0, self.kv_budget_bytes))} and one sequence needs "
+                f"{format_bytes(self.kv_bytes_per_sequence)}; lower the context or give the model more memory"
+            )
+        return EngineSizing(
+            n_seq_max=self.users, n_ctx_per_seq=self.context, kv_cells=cells, n_gpu_layers=self.gpu_layers
+        )
+
+
+def estimate_compute_bytes(shape: ModelShape, *, context: int, n_batch: int = DEFAULT_BATCH) -> int:
+    """llama.cpp's compute and output buffers for one step of `n_batch` tokens (an estimate, on the safe side).
+
+    Logits for every output (n_batch × n_vocab floats), the attention scores of a batch against one sequence's
+    context (n_batch × context × n_head floats, without flash attention), and a few activations per token.
+    """
+    logits = n_batch * shape.n_vocab * 4
+    scores = n_batch * context * shape.n_head * 4
+    activations = n_batch * shape.n_embd * 4 * 16
+    return logits + scores + activations + FIXED_OVERHEAD_BYTES
+
+
+def plan(
+    shape: ModelShape,
+    *,
+    memory_bytes: int,
+    context: int,
+    users: int,
+    fraction: float = DEFAULT_MEMORY_FRACTION,
+    gpu_memory_bytes: int | None = None,
+    n_batch: int = DEFAULT_BATCH,
+) -> MemoryPlan:
+    """Plan `users` sequences of `context` tokens in `memory_bytes` (× `fraction`, the headroom the policy keeps).
+
+    Without a GPU the weights (memory-mapped) and the KV cache share host memory. With `gpu_memory_bytes`, the whole
+    model goes to the GPU when the weights and at least one full sequence fit there (the KV budget is then what the
+    GPU has left); otherwise the KV cache is planned in host memory and as many layers as fit go to the GPU, each
+    taking its weights and its share of the KV cache along.
+    """
+    if context < 1 or users < 1:
+        raise MemoryPlanError("context and users must be at least 1")
+    context = min(context, shape.context_length) if shape.context_length else context
+    compute = estimate_compute_bytes(shape, context=context, n_batch=n_batch)
+    kv_budget = int(memory_bytes * fraction) - shape.weight_bytes - compute
+    gpu_layers = 0
+    if gpu_memory_bytes is not None:
+        on_gpu = int(gpu_memory_bytes * fraction) - shape.weight_bytes - compute
+        if on_gpu >= shape.kv_bytes_per_token * context:
+            kv_budget, gpu_layers = on_gpu, shape.layers + 1
+        else:
+            cells = max(0, min(users * context, kv_budget // max(1, shape.kv_bytes_per_token)))
+            gpu_layers = gpu_layers_that_fit(
+                shape, gpu_memory_bytes=int(gpu_memory_bytes * fraction), kv_cells=cells, compute_bytes=compute
+            )
+    return MemoryPlan(
+        shape=shape,
+        memory_bytes=memory_bytes,
+        fraction=fraction,
+        context=context,
+        users=users,
+        compute_bytes=compute,
+        kv_budget_bytes=kv_budget,
+        gpu_memory_bytes=gpu_memory_bytes,
+        gpu_layers=gpu_layers,
+    )
+
+
+def gpu_layers_that_fit(shape: ModelShape, *, gpu_memory_bytes: int, kv_cells: int, compute_bytes: int) -> int:
+    """Layers to offload (llama.cpp's n_gpu_layers; layers + 1 also moves the output head)."""
+    if shape.layers < 1:
+        return 0
+    kv_per_layer = kv_cells * shape.kv_bytes_per_token // shape.layers
+    per_layer = shape.layer_bytes + kv_per_layer
+    room = gpu_memory_bytes - compute_bytes
+    if room <= 0 or per_layer <= 0:
+        return 0
+    layers = min(shape.layers, room // per_layer)
+    if layers == shape.layers and room - layers * per_layer >= shape.other_bytes:
+        return shape.layers + 1
+    return int(layers)
+
+
+def host_memory_bytes() -> int:
+    """Memory available to a new process now (MemAvailable), falling back to physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gpu_free_bytes(device: int = 0) -> int | None:
+    """Free memory of GPU `device` through NVML (nvidia-ml-py) when installed and a driver answers; else None."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no device: NVML raises its own error classes
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KI": KiB, "MI": MiB, "GI": GiB, "TI": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '512MiB', '1.5G', '4096' → bytes (KiB/MiB/GiB are powers of 1024; K/M/G of 1000)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise MemoryPlanError(f"not a size: {text!r} (expected e.g. 24GiB, 512MiB, 8G)")
+    number, unit = match.groups()
+    unit = (unit or "").upper().removesuffix("B")
+    return int(float(number) * _UNITS[unit])
+
+
+def format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def plan_for_policy(
+    model: Path,
+    limits: LimitsPolicy,
+    *,
+    memory_bytes: int | None = None,
+    gpu_memory_bytes: int | None = None,
+    detect_gpu: bool = True,
+) -> MemoryPlan:
+    """The plan `sealbox serve` sizes its engine with: the policy's context (0 = the model's own) and sequences, in the
+    memory available now (or the amounts given), keeping the policy's headroom.
+
+    Raises:
+        MemoryPlanError: the model's facts cannot be read.
+    """
+    shape = ModelShape.from_gguf(model)
+    if gpu_memory_bytes is None and detect_gpu:
+        gpu_memory_bytes = gpu_free_bytes()
+    return plan(
+        shape,
+        memory_bytes=memory_bytes if memory_bytes is not None else host_memory_bytes(),
+        context=limits.context or shape.context_length,
+        users=limits.max_sequences,
+        fraction=limits.memory_fraction,
+        gpu_memory_bytes=gpu_memory_bytes,
+    )

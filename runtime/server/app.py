@@ -1,0 +1,216 @@
+"""The OpenAI-compatible API of `sealbox serve`, assembled: routes, then auth, body limit and the audit record around.
+
+Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write) →
+`BodyLimit` (413) → `Authentication` (401) → FastAPI (validation 400, routes, OpenAI-shaped errors).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp
+
+from runtime.api_keys import Authenticator
+from runtime.audit.log import AuditLog
+from runtime.engine.base import EngineError
+from runtime.metrics import render_latest
+from runtime.policy import Policy
+from runtime.server import generation
+from runtime.server.authentication import Authentication
+from runtime.server.body_limit import BodyLimit
+from runtime.server.errors import ApiError, from_engine_error, install_error_handlers
+from runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
+from runtime.server.request_record import RequestRecord, RequestRecorder, current_record
+from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+log = logging.getLogger("sealbox.server")
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    policy: Policy
+    sources: list[ModelSource]
+    authenticator: Authenticator | None
+    audit: AuditLog | None
+    threads: int | None = None
+    on_started: Callable[[ModelRegistry], None] | None = None
+    """Called once the models are up (the CLI writes the start record and prints the address)."""
+    on_stopping: Callable[[], None] | None = None
+    """Called after the engines stopped (uvicorn re-raises SIGTERM after shutdown: code after `run` may never run)."""
+    registry: ModelRegistry = field(default_factory=ModelRegistry)
+    started_at: float = field(default_factory=time.time)
+
+
+def _record(request: Request) -> RequestRecord:
+    record = current_record(request.scope)
+    assert record is not None, "API routes run inside RequestRecorder"
+    return record
+
+
+def _model(config: ServerConfig, name: str, record: RequestRecord, *, embeddings: bool = False) -> ServedModel:
+    record.model = name[:200]
+    model = config.registry.get(name)
+    if model is None:
+        raise ApiError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
+    record.model_sha256 = model.sha256 or None
+    if not model.ready:
+        raise ApiError(503, f"the model {name!r} is not available: {model.problem}", code="model_unavailable")
+    if embeddings and not model.embeddings:
+        raise ApiError(400, f"the model {name!r} is not an embedding model", code="invalid_model", param="model")
+    return model
+
+
+def create_app(config: ServerConfig) -> ASGIApp:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await config.registry.start(config.sources, config.policy, threads=config.threads)
+        if config.on_started is not None:
+            config.on_started(config.registry)
+        try:
+            yield
+        finally:
+            await config.registry.stop()
+            if config.on_stopping is not None:
+                config.on_stopping()
+
+    app = FastAPI(title="sealbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    limits = config.policy.limits
+    log_content = config.policy.audit.log_content
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        models = [
+            {"id": m.name, "ready": m.ready, "sha256": m.sha256 or None, "problem": m.problem,
+             "context": m.context, "sequences": m.sequences, "gpu_layers": m.gpu_layers}
+            for m in config.registry.models.values()
+        ]  # fmt: skip
+        audit_ok = config.audit is None or config.audit.failure is None
+        ok = audit_ok and any(m["ready"] for m in models)
+        body = {"status": "ready" if ok else "not ready", "models": models, "audit": "ok" if audit_ok else
+                str(config.audit.failure if config.audit else "")}  # fmt: skip
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        content, media_type = render_latest()
+        return Response(content, media_type=media_type)
+
+    def model_entry(model: ServedModel) -> dict[str, Any]:
+        return {"id": model.name, "object": "model", "created": int(config.started_at), "owned_by": "sealbox"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_entry(m) for m in config.registry.ready]}
+
+    @app.get("/v1/models/{name}")
+    async def get_model(name: str, request: Request) -> dict[str, Any]:
+        return model_entry(_model(config, name, _record(request)))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        record = _record(request)
+        model = _model(config, body.model, record)
+        prepared = generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
+        record.prompt_tokens = len(prepared.generation.prompt_tokens)
+        events = generation.start(model, prepared)
+        if body.stream:
+            return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
+                                     log_content=log_content)  # fmt: skip
+        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=body.tools)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        record = _record(request)
+        model = _model(config, body.model, record)
+        prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
+        record.prompt_tokens = len(prepared.generation.prompt_tokens)
+        events = generation.start(model, prepared)
+        if body.stream:
+            return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
+                                     log_content=log_content)  # fmt: skip
+        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=None)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        record = _record(request)
+        model = _model(config, body.model, record, embeddings=True)
+        engine = model.engine
+        assert engine is not None
+        texts = _embedding_texts(body, engine)
+        try:
+            vectors = await engine.embed(texts)
+        except EngineError as exc:
+            raise from_engine_error(exc) from exc
+        record.prompt_tokens = sum(len(engine.tokenize(text, add_bos=True, special=False)) for text in texts)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": record.prompt_tokens, "total_tokens": record.prompt_tokens}
+        return {"object": "list", "data": data, "model": model.name, "usage": usage}
+
+    plugin_hook(app)
+    return RequestRecorder(BodyLimit(Authentication(app, authenticator=config.authenticator),
+                                     max_bytes=config.policy.server.max_body_bytes), audit=config.audit)  # fmt: skip
+
+
+def _embedding_texts(body: EmbeddingRequest, engine: Any) -> list[str]:
+    value = body.input
+    if isinstance(value, str):
+        texts = [value]
+    elif value and isinstance(value[0], str):
+        texts = list(value)  # type: ignore[arg-type]
+    elif value and isinstance(value[0], int):
+        texts = [engine.detokenize(list(value))]  # type: ignore[arg-type]
+    else:
+        texts = [engine.detokenize(list(tokens)) for tokens in value]  # type: ignore[union-attr]
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    for i, text in enumerate(texts):
+        if not text:
+            raise ApiError(400, f"input {i} is empty", param="input")
+    return texts
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+PLUGIN_ENV = "SEALBOX_TEST_PLUGIN"
+
+
+def plugin_hook(app: FastAPI) -> None:
+    """Tests load code into the serving process through `$SEALBOX_TEST_PLUGIN` (a Python file with `register(app)`),
+    to show what the egress guard does to code that runs inside it. Unset in production: the unit never sets it."""
+    import os
+
+    path = os.environ.get(PLUGIN_ENV)
+    if not path:
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sealbox_test_plugin", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{PLUGIN_ENV}={path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    log.warning("test plugin %s loaded into the server", path)
+    module.register(app)

@@ -1,0 +1,328 @@
+"""Chat and text completions: from a validated request to the engine's events, as one JSON answer or an SSE stream.
+
+The prompt is measured before anything is admitted: `max_tokens` above the policy's cap, or a prompt that leaves no
+room in one sequence's context, is a 400 naming the numbers, never a truncation. With no `max_tokens`, a request
+gets what the context has left, up to the cap.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import JSONResponse, StreamingResponse
+
+from runtime.audit.errors import AuditError
+from runtime.engine.base import (
+    EngineError,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from runtime.server.chat_template import ChatTemplate, ChatTemplateError
+from runtime.server.errors import ApiError, from_engine_error
+from runtime.server.model_registry import ServedModel
+from runtime.server.request_record import RequestRecord
+from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready for the engine, and how to shape its answer."""
+
+    generation: GenerationRequest
+    chat: bool
+    tools: ToolPlan | None
+    prompt_text: str | None
+
+
+def _sampling(body: _Sampling, grammar: str | None) -> SamplingParams:
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_p=body.min_p,
+        repeat_penalty=body.repeat_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        seed=(body.seed & 0xFFFFFFFF) if body.seed is not None else None,
+        grammar=grammar,
+    )
+
+
+def _token_budget(requested: int | None, n_prompt: int, context: int, cap: int) -> int:
+    if requested is not None and requested > cap:
+        raise ApiError(400, f"max_tokens {requested} is above this server's limit of {cap}", param="max_tokens",
+                       code="max_tokens_exceeded")  # fmt: skip
+    room = context - n_prompt
+    if room < 1:
+        raise ApiError(
+            400,
+            f"the prompt has {n_prompt} tokens; this model's context holds {context}, and at least one token "
+            "must be left for the answer",
+            code="context_length_exceeded",
+            param="messages",
+        )
+    if requested is None:
+        return min(cap, room)
+    if n_prompt + requested > context:
+        raise ApiError(
+            400,
+            f"the prompt ({n_prompt} tokens) plus max_tokens ({requested}) needs {n_prompt + requested} tokens; "
+            f"this model's context holds {context}",
+            code="context_length_exceeded",
+            param="max_tokens",
+        )
+    return requested
+
+
+def _tokenize_rendered(model: ServedModel, text: str) -> list[int]:
+    engine = model.engine
+    assert engine is not None
+    bos = engine.card.bos_token
+    return engine.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
+
+
+def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
+    engine = model.engine
+    assert engine is not None
+    try:
+        template = ChatTemplate(engine.card.chat_template, bos_token=engine.card.bos_token,
+                                eos_token=engine.card.eos_token)  # fmt: skip
+    except ChatTemplateError as exc:
+        raise ApiError(400, str(exc), code="chat_template_error") from exc
+    plan = tool_plan(body)
+    if plan is not None and not template.supports_tools:
+        raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools")
+    grammar = response_format_grammar(body.response_format)
+    if plan is not None and plan.grammar is not None:
+        if grammar is not None:
+            raise ApiError(400, "a forced tool_choice and a JSON response_format cannot both constrain the answer",
+                           param="response_format")  # fmt: skip
+        grammar = plan.grammar
+    messages = [_template_message(message) for message in body.messages]
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if plan is not None and body.tools else None
+    try:
+        text = template.render(messages, tools=tools)
+    except ChatTemplateError as exc:
+        raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
+    tokens = _tokenize_rendered(model, text)
+    max_tokens = _token_budget(body.token_limit, len(tokens), model.context, cap)
+    generation = GenerationRequest(
+        id=f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_tokens=tokens,
+        max_tokens=max_tokens,
+        sampling=_sampling(body, grammar),
+        stop=body.stop_sequences(),
+        principal=principal,
+    )
+    return Prepared(generation, chat=True, tools=plan, prompt_text=text)
+
+
+def _template_message(message: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"role": message.role, "content": message.text()}
+    if message.name:
+        data["name"] = message.name
+    if message.tool_calls:
+        data["tool_calls"] = [
+            {**call.model_dump(), "function": {"name": call.function.name,
+                                                "arguments": _arguments(call.function.arguments)}}
+            for call in message.tool_calls
+        ]  # fmt: skip
+    if message.tool_call_id:
+        data["tool_call_id"] = message.tool_call_id
+    return data
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
+    engine = model.engine
+    assert engine is not None
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        tokens = [int(token) for token in prompt]  # type: ignore[arg-type]
+        text = None
+    else:
+        text = prompt[0] if isinstance(prompt, list) else prompt
+        if not text:
+            raise ApiError(400, "prompt is empty", param="prompt")
+        tokens = engine.tokenize(str(text), add_bos=True, special=False)
+    max_tokens = _token_budget(body.token_limit, len(tokens), model.context, cap)
+    generation = GenerationRequest(
+        id=f"cmpl-{uuid.uuid4().hex}",
+        prompt_tokens=tokens,
+        max_tokens=max_tokens,
+        sampling=_sampling(body, None),
+        stop=body.stop_sequences(),
+        principal=principal,
+    )
+    return Prepared(generation, chat=False, tools=None, prompt_text=text)
+
+
+def start(model: ServedModel, prepared: Prepared) -> AsyncIterator[GenerationEvent]:
+    """Admit the request now (or queue it); admission's refusals become their HTTP answers here."""
+    engine = model.engine
+    assert engine is not None
+    try:
+        return engine.generate(prepared.generation)
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+
+
+def _finish_reason(reason: str, tool_calls: list[dict[str, Any]]) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(finished: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": finished.completion_tokens,
+        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+    }
+
+
+def _note(record: RequestRecord, model: ServedModel, prepared: Prepared, finished: Finished | None, text: str,
+          log_content: bool) -> None:  # fmt: skip
+    record.prompt_tokens = len(prepared.generation.prompt_tokens)
+    if finished is not None:
+        record.completion_tokens = finished.completion_tokens
+        record.finish_reason = finished.reason
+    if log_content:
+        record.content = {"prompt": prepared.prompt_text, "completion": text}
+
+
+async def answer(
+    model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
+    *, log_content: bool, tools: list[Any] | None,
+) -> JSONResponse:  # fmt: skip
+    parts: list[str] = []
+    finished: Finished | None = None
+    try:
+        async for event in events:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                finished = event
+    except EngineError as exc:
+        raise from_engine_error(exc) from exc
+    finally:
+        await _close(events)
+    assert finished is not None
+    text = "".join(parts)
+    _note(record, model, prepared, finished, text, log_content)
+    created = int(time.time())
+    generation = prepared.generation
+    if not prepared.chat:
+        body: dict[str, Any] = {
+            "id": generation.id, "object": "text_completion", "created": created, "model": model.name,
+            "choices": [{"index": 0, "text": text, "logprobs": None,
+                         "finish_reason": _finish_reason(finished.reason, [])}],
+            "usage": _usage(finished),
+        }  # fmt: skip
+        return JSONResponse(body)
+    calls = parse_tool_calls(text, tools or [], forced=prepared.tools.forced) if prepared.tools else []
+    message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    body = {
+        "id": generation.id, "object": "chat.completion", "created": created, "model": model.name,
+        "system_fingerprint": f"sealbox-{model.sha256[:12]}",
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": _finish_reason(finished.reason, calls)}],
+        "usage": _usage(finished),
+    }  # fmt: skip
+    return JSONResponse(body)
+
+
+def stream(
+    model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
+    *, include_usage: bool, log_content: bool,
+) -> StreamingResponse:  # fmt: skip
+    record.stream = True
+    generation = prepared.generation
+    created = int(time.time())
+    chat = prepared.chat
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    fingerprint = f"sealbox-{model.sha256[:12]}"
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        data: dict[str, Any] = {"id": generation.id, "object": kind, "created": created, "model": model.name,
+                                "choices": choices}  # fmt: skip
+        if chat:
+            data["system_fingerprint"] = fingerprint
+        if include_usage:
+            data["usage"] = usage
+        return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+    def choice(text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
+        if not chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        delta: dict[str, Any] = {}
+        if first:
+            delta = {"role": "assistant", "content": ""}
+        elif text is not None:
+            delta = {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    async def body() -> AsyncIterator[str]:
+        parts: list[str] = []
+        finished: Finished | None = None
+        try:
+            if chat:
+                yield chunk([choice(None, None, first=True)])
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        parts.append(event.text)
+                        yield chunk([choice(event.text, None)])
+                else:
+                    finished = event
+            assert finished is not None
+            yield chunk([choice(None, _finish_reason(finished.reason, []))])
+            _note(record, model, prepared, finished, "".join(parts), log_content)
+            if include_usage:
+                yield chunk([], _usage(finished))
+        except EngineError as exc:
+            _note(record, model, prepared, None, "".join(parts), log_content)
+            error = from_engine_error(exc)
+            yield f"data: {json.dumps(error.body())}\n\n"
+            await _commit_or_fail(record, error.status)
+            return
+        finally:
+            await _close(events)
+        if await _commit_or_fail(record, 200):
+            yield "data: [DONE]\n\n"
+        else:
+            failure = ApiError(503, "the audit log cannot write; the stream ends unrecorded", code="audit_unavailable")
+            yield f"data: {json.dumps(failure.body())}\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _commit_or_fail(record: RequestRecord, status: int) -> bool:
+    try:
+        await record.commit(status)
+        return True
+    except AuditError:
+        return False
+
+
+async def _close(events: AsyncIterator[GenerationEvent]) -> None:
+    close = getattr(events, "aclose", None)
+    if close is not None:
+        await close()

@@ -1,0 +1,145 @@
+"""One audit record for every API request the server answers, durable before the client has the whole answer.
+
+`RequestRecorder` wraps the API as the outermost ASGI layer, so a 401, a 413 or a 429 is recorded like a 200. The
+record is appended before the response's last body message goes out (a non-streamed answer is held until then; a
+stream's handler commits it just before `data: [DONE]`), so a client that has its answer can rely on the record being
+on disk. When the log cannot write, the server fails closed: every API request is answered 503 and nothing is served
+unrecorded. Probes (`/health`, `/ready`, `/metrics`) carry no personal data and are not recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runtime.audit.errors import AuditError
+from runtime.audit.log import AuditLog
+from runtime.metrics import HTTP_RESPONSES
+from runtime.server.errors import ApiError
+
+log = logging.getLogger("sealbox.audit")
+
+RECORD_KEY = "sealbox_record"
+API_PREFIX = "/v1/"
+PURPOSE_HEADER = "x-sealbox-purpose"
+
+_EVENTS = {401: "auth.failure", 403: "auth.failure", 429: "api.rate_limited"}
+
+
+@dataclass(eq=False)
+class RequestRecord:
+    """What one request did; the handlers fill it in, the recorder writes it once."""
+
+    audit: AuditLog | None
+    request_id: str
+    method: str
+    endpoint: str
+    client: str
+    started: float = field(default_factory=time.monotonic)
+    principal: str = "anonymous"
+    purpose: str = "unspecified"
+    model: str | None = None
+    model_sha256: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    stream: bool = False
+    content: dict[str, Any] | None = None
+    committed: bool = False
+
+    async def commit(self, status: int) -> None:
+        """Append the record (once). Raises AuditError when the log cannot write: the caller must not answer as if
+        the request had been recorded."""
+        if self.committed:
+            return
+        self.committed = True
+        HTTP_RESPONSES.labels(self.endpoint, str(status)).inc()
+        if self.audit is None:
+            return
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "endpoint": self.endpoint,
+            "status": status,
+            "principal": self.principal,
+            "client": self.client,
+            "purpose": self.purpose,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+            "stream": self.stream,
+            "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
+        }
+        if self.content is not None:
+            fields["content"] = self.content
+        await self.audit.append_async(_EVENTS.get(status, "api.request"), **fields)
+
+
+def current_record(scope: Scope) -> RequestRecord | None:
+    return scope.get("state", {}).get(RECORD_KEY)
+
+
+class RequestRecorder:
+    def __init__(self, app: ASGIApp, *, audit: AuditLog | None) -> None:
+        self.app = app
+        self.audit = audit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        if self.audit is not None and self.audit.failure is not None:
+            error = ApiError(503, f"the audit log cannot write, so nothing is served: {self.audit.failure}",
+                             code="audit_unavailable")  # fmt: skip
+            await error.response()(scope, receive, send)
+            return
+        client = scope.get("client")
+        record = RequestRecord(
+            audit=self.audit,
+            request_id=f"req-{uuid.uuid4().hex}",
+            method=scope["method"],
+            endpoint=scope["path"][:200],
+            client=f"{client[0]}:{client[1]}" if client else "unknown",
+        )
+        scope.setdefault("state", {})[RECORD_KEY] = record
+        held_start: Message | None = None
+        status = 500
+
+        async def send_recorded(message: Message) -> None:
+            nonlocal held_start, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", record.request_id.encode()))
+                held_start = {**message, "headers": headers}
+                return
+            if message["type"] == "http.response.body" and held_start is not None:
+                if not message.get("more_body", False) and not record.committed:
+                    try:
+                        await record.commit(status)
+                    except AuditError as exc:
+                        log.error("request %s not recorded: %s", record.request_id, exc)
+                        failure = ApiError(503, "the audit log cannot write; the answer is withheld",
+                                           code="audit_unavailable")  # fmt: skip
+                        await failure.response()(scope, receive, send)
+                        held_start = None
+                        return
+                await send(held_start)
+                held_start = None
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recorded)
+        finally:
+            if not record.committed:  # the client went away mid-answer, or the app failed: record what happened
+                try:
+                    await record.commit(499 if status < 400 else status)
+                except AuditError as exc:
+                    log.error("request %s not recorded: %s", record.request_id, exc)

@@ -1,0 +1,126 @@
+"""A real `sealbox serve` process on a loopback port, for tests that drive it with the official `openai` client.
+
+The server binds its port before it loads models and prints "sealbox serving" on stderr once they are up, so when
+`ServerProcess.start` has read that line, connections are accepted (no polling, no sleeps). Its stderr is kept for
+failure messages.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SEALBOX = [sys.executable, "-c", "from bundler.cli import main; main()"]
+READY_LINE = "sealbox serving"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sealbox(*args: str, root: Path | None = None, env: dict[str, str] | None = None,
+            input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run a `sealbox` command in a child process (the real CLI, its own exit code)."""
+    command = [*SEALBOX, *args] + (["--root", str(root)] if root is not None else [])
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, input=input, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sealbox {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def create_api_key(root: Path, name: str, purpose: str = "testing") -> str:
+    return sealbox("keys", "api", "create", name, "--purpose", purpose, root=root).stdout.strip()
+
+
+@dataclass
+class ServerProcess:
+    root: Path
+    models: list[Path] = field(default_factory=list)
+    policy: Path | None = None
+    no_auth: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    threads: int = 2
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[str] | None = None
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        command = [*SEALBOX, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--threads", str(self.threads)]  # fmt: skip
+        for model in self.models:
+            command += ["--model", str(model)]
+        if self.policy is not None:
+            command += ["--policy", str(self.policy)]
+        if self.no_auth:
+            command.append("--no-auth")
+        return command + self.extra_args
+
+    def start(self, timeout_s: float = 120) -> ServerProcess:
+        env = {**os.environ, **self.env}
+        self.process = subprocess.Popen(
+            self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        ready = threading.Event()
+
+        def read_stderr() -> None:
+            assert self.process is not None and self.process.stderr is not None
+            for line in self.process.stderr:
+                self.stderr_lines.append(line)
+                if READY_LINE in line:
+                    ready.set()
+            ready.set()  # the process ended: wake the waiter
+
+        threading.Thread(target=read_stderr, daemon=True).start()
+        if not ready.wait(timeout_s) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError(f"sealbox serve did not start:\n{self.stderr}")
+        return self
+
+    def run_to_exit(self, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a server that is expected to refuse to start; returns its exit code and stderr."""
+        return subprocess.run(self.command(), cwd=REPO, env={**os.environ, **self.env}, capture_output=True,
+                              text=True, timeout=timeout_s)  # fmt: skip
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,140 @@
+"""The concurrency math (`runtime.memory_plan`) and `sealbox plan`, which prints it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.memory_plan import (
+    GiB,
+    MiB,
+    MemoryPlanError,
+    ModelShape,
+    estimate_compute_bytes,
+    format_bytes,
+    parse_size,
+    plan,
+)
+
+SEALBOX = Path(sys.executable).with_name("sealbox")
+
+# A 7B-class model at 4 bits: 32 layers, 8 KV heads of 128 → 2 × 32 × 8 × 128 × 2 bytes = 128 KiB of f16 KV per token.
+SEVEN_B = ModelShape(
+    weight_bytes=4_100 * MiB,
+    layer_bytes=120 * MiB,
+    layers=32,
+    n_embd=4096,
+    n_head=32,
+    n_vocab=32_000,
+    context_length=32_768,
+    kv_bytes_per_token=128 * 1024,
+)
+
+
+def test_the_kv_budget_is_the_memory_left_after_weights_compute_and_headroom() -> None:
+    result = plan(SEVEN_B, memory_bytes=24 * GiB, context=8192, users=16, fraction=0.9)
+    compute = estimate_compute_bytes(SEVEN_B, context=8192)
+    assert result.kv_budget_bytes == int(24 * GiB * 0.9) - SEVEN_B.weight_bytes - compute
+    assert result.kv_bytes_per_sequence == 8192 * 128 * 1024  # 1 GiB
+    assert result.sequences_that_fit == result.kv_budget_bytes // GiB
+    assert result.context_for_users == result.kv_budget_bytes // (128 * 1024 * 16)
+
+
+def test_when_all_users_fit_the_engine_gets_one_full_stream_each() -> None:
+    result = plan(SEVEN_B, memory_bytes=64 * GiB, context=8192, users=16)
+    assert result.fits
+    sizing = result.engine_sizing()
+    assert (sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells) == (16, 8192, 16 * 8192)
+
+
+def test_when_not_all_users_fit_they_share_the_cells_that_do() -> None:
+    result = plan(SEVEN_B, memory_bytes=16 * GiB, context=8192, users=16)
+    assert not result.fits
+    assert 1 <= result.sequences_that_fit < 16
+    sizing = result.engine_sizing()
+    assert sizing.n_seq_max == 16
+    assert sizing.kv_cells == result.kv_cells_budget < 16 * 8192
+    assert sizing.kv_cells >= 8192, "at least one full sequence always fits a plan that is served"
+
+
+def test_a_plan_where_not_one_sequence_fits_is_refused_with_the_numbers() -> None:
+    result = plan(SEVEN_B, memory_bytes=5 * GiB, context=8192, users=4)
+    assert result.sequences_that_fit == 0
+    with pytest.raises(MemoryPlanError, match="not even one sequence of 8192 tokens fits"):
+        result.engine_sizing()
+
+
+def test_the_context_is_capped_by_the_models_own() -> None:
+    result = plan(SEVEN_B, memory_bytes=256 * GiB, context=1_000_000, users=1)
+    assert result.context == 32_768
+    assert result.context_for_users == 32_768
+
+
+def test_a_gpu_that_holds_the_weights_and_a_sequence_takes_the_whole_model() -> None:
+    result = plan(SEVEN_B, memory_bytes=16 * GiB, gpu_memory_bytes=80 * GiB, context=8192, users=16)
+    assert result.gpu_layers == SEVEN_B.layers + 1
+    assert result.kv_budget_bytes == int(80 * GiB * 0.9) - SEVEN_B.weight_bytes - result.compute_bytes
+    assert result.fits
+
+
+def test_a_small_gpu_takes_the_layers_that_fit_with_their_share_of_the_cache() -> None:
+    result = plan(SEVEN_B, memory_bytes=64 * GiB, gpu_memory_bytes=4 * GiB, context=8192, users=4)
+    assert 0 < result.gpu_layers < SEVEN_B.layers
+    kv_per_layer = 4 * 8192 * SEVEN_B.kv_bytes_per_token // SEVEN_B.layers
+    used = result.gpu_layers * (SEVEN_B.layer_bytes + kv_per_layer) + result.compute_bytes
+    assert used <= int(4 * GiB * 0.9)
+    assert used + SEVEN_B.layer_bytes + kv_per_layer > int(4 * GiB * 0.9), "one more layer would not fit"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("24GiB", 24 * GiB), ("512 MiB", 512 * MiB), ("1.5G", 1_500_000_000), ("4096", 4096), ("2kib", 2048)],
+)
+def test_sizes_parse_with_binary_and_decimal_units(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+def test_a_size_that_does_not_parse_names_the_text() -> None:
+    with pytest.raises(MemoryPlanError, match="'24 gigs'"):
+        parse_size("24 gigs")
+
+
+def test_format_bytes_uses_binary_units() -> None:
+    assert format_bytes(3 * GiB) == "3.00 GiB"
+    assert format_bytes(512) == "512 B"
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SEALBOX), "plan", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_sealbox_plan_prints_the_concurrency_math_for_a_real_gguf(tiny_model: Path) -> None:
+    result = run_plan("--model", str(tiny_model), "--memory", "2GiB", "--ctx", "1024", "--users", "16", "--json")
+    assert result.returncode == 0, result.stderr
+    numbers = json.loads(result.stdout)
+    assert numbers["weight_bytes"] > 0
+    assert numbers["kv_bytes_per_token"] > 0
+    assert numbers["kv_bytes_per_sequence"] == numbers["kv_bytes_per_token"] * 1024
+    assert numbers["sequences_that_fit"] == numbers["kv_budget_bytes"] // numbers["kv_bytes_per_sequence"]
+    assert numbers["users"] == 16 and numbers["fits"] is True
+
+    table = run_plan("--model", str(tiny_model), "--memory", "2GiB", "--ctx", "1024", "--users", "16")
+    assert table.returncode == 0, table.stderr
+    for label in ("weights", "KV cache per token", "sequences that fit", "largest context for 16 users", "GPU layers"):
+        assert label in table.stdout
+
+
+def test_sealbox_plan_exits_nonzero_when_nothing_fits(tiny_model: Path) -> None:
+    result = run_plan("--model", str(tiny_model), "--memory", "1MiB", "--ctx", "1024", "--users", "1")
+    assert result.returncode == 1
+    assert "not even one sequence" in result.stdout
+
+
+def test_sealbox_plan_refuses_a_bad_memory_size(tiny_model: Path) -> None:
+    result = run_plan("--model", str(tiny_model), "--memory", "lots")
+    assert result.returncode == 2
+    assert "not a size: 'lots'" in result.stderr
