@@ -299,7 +299,7 @@ def _sbom(
         replace(a, meta={**a.meta, "sha256": written[a.path].sha256, "size": written[a.path].size}) for a in artifacts
     ]
     path = work / SBOM_PATH
-    path.write_bytes(build_sbom(described, bundle_name=request.name, version=request.version))
+    path.write_bytes(build_sbom(described, bundle_name=request.name, version=request.version, created=request.now))
     return Artifact(
         role="sbom",
         path=SBOM_PATH,

@@ -50,6 +50,8 @@ class ServerProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 2
+    executable: list[str] = field(default_factory=lambda: list(SEALBOX))
+    """The `sealbox` to run: this checkout's by default, or an installed release's `venv/bin/sealbox`."""
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[str] | None = None
     stderr_lines: list[str] = field(default_factory=list)
@@ -63,7 +65,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        command = [*SEALBOX, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
+        command = [*self.executable, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
                    "--threads", str(self.threads)]  # fmt: skip
         for model in self.models:
             command += ["--model", str(model)]
