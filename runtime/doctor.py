@@ -436,7 +436,8 @@ def check_memory_plan(appliance: Appliance) -> Finding:
         try:
             shape = ModelShape.from_gguf(appliance.release_dir / model["path"])
             memory = plan(shape, memory_bytes=host, context=limits.context or shape.context_length,
-                          users=limits.max_sequences, fraction=limits.memory_fraction, gpu_memory_bytes=gpu)
+                          users=limits.max_sequences, fraction=limits.memory_fraction, gpu_memory_bytes=gpu,
+                          kv_cells=limits.kv_cells or None)
             memory.engine_sizing()
         except ImportError as exc:
             return Finding(CheckStatus.UNKNOWN, f"memory planner incomplete here: {exc}")

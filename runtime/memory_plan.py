@@ -192,24 +192,31 @@ def plan(
     fraction: float = DEFAULT_MEMORY_FRACTION,
     gpu_memory_bytes: int | None = None,
     n_batch: int = DEFAULT_BATCH,
+    kv_cells: int | None = None,
 ) -> MemoryPlan:
     """Plan `users` sequences of `context` tokens in `memory_bytes` (× `fraction`, the headroom the policy keeps).
 
     Without a GPU the weights (memory-mapped) and the KV cache share host memory. With `gpu_memory_bytes`, the whole
     model goes to the GPU when the weights and at least one full sequence fit there (the KV budget is then what the
     GPU has left); otherwise the KV cache is planned in host memory and as many layers as fit go to the GPU, each
-    taking its weights and its share of the KV cache along.
+    taking its weights and its share of the KV cache along. `kv_cells` (the policy's `[limits] kv_cells`) caps the
+    KV budget at that many tokens' worth, whatever the memory would allow.
     """
     if context < 1 or users < 1:
         raise MemoryPlanError("context and users must be at least 1")
     context = min(context, shape.context_length) if shape.context_length else context
     compute = estimate_compute_bytes(shape, context=context, n_batch=n_batch)
-    kv_budget = int(memory_bytes * fraction) - shape.weight_bytes - compute
+    kv_cap = kv_cells * shape.kv_bytes_per_token if kv_cells else None
+
+    def capped(budget: int) -> int:
+        return budget if kv_cap is None else min(budget, kv_cap)
+
+    kv_budget = capped(int(memory_bytes * fraction) - shape.weight_bytes - compute)
     gpu_layers = 0
     if gpu_memory_bytes is not None:
         on_gpu = int(gpu_memory_bytes * fraction) - shape.weight_bytes - compute
         if on_gpu >= shape.kv_bytes_per_token * context:
-            kv_budget, gpu_layers = on_gpu, shape.layers + 1
+            kv_budget, gpu_layers = capped(on_gpu), shape.layers + 1
         else:
             cells = max(0, min(users * context, kv_budget // max(1, shape.kv_bytes_per_token)))
             gpu_layers = gpu_layers_that_fit(
@@ -310,7 +317,7 @@ def plan_for_policy(
     detect_gpu: bool = True,
 ) -> MemoryPlan:
     """The plan `sealbox serve` sizes its engine with: the policy's context (0 = the model's own) and sequences, in the
-    memory available now (or the amounts given), keeping the policy's headroom.
+    memory available now (or the amounts given), keeping the policy's headroom and its `kv_cells` cap.
 
     Raises:
         MemoryPlanError: the model's facts cannot be read.
@@ -325,4 +332,5 @@ def plan_for_policy(
         users=limits.max_sequences,
         fraction=limits.memory_fraction,
         gpu_memory_bytes=gpu_memory_bytes,
+        kv_cells=limits.kv_cells or None,
     )

@@ -39,6 +39,14 @@ class LimitsPolicy(_Section):
     max_sequences: int = Field(16, ge=1, le=1024)
     queue_size: int = Field(64, ge=0)
     memory_fraction: float = Field(0.9, gt=0, le=1)
+    kv_cells: int = Field(0, ge=0)
+    """KV cells (tokens held by all sequences together) at most; 0 = as many as `memory_fraction` allows."""
+
+    @model_validator(mode="after")
+    def _kv_cells_hold_a_sequence(self) -> "LimitsPolicy":
+        if self.kv_cells and self.context and self.kv_cells < self.context:
+            raise ValueError(f"kv_cells ({self.kv_cells}) must hold at least one full context ({self.context} tokens)")
+        return self
 
 
 class AuditPolicy(_Section):

@@ -49,7 +49,9 @@ class ServerProcess:
     no_auth: bool = False
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    threads: int = 2
+    threads: int = 1
+    """llama.cpp threads: one, because on a 2-core machine running the tests too, a second spinning thread makes
+    decoding 10-50x slower."""
     executable: list[str] = field(default_factory=lambda: list(SEALBOX))
     """The `sealbox` to run: this checkout's by default, or an installed release's `venv/bin/sealbox`."""
     port: int = field(default_factory=free_port)
@@ -80,18 +82,22 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        ready = threading.Event()
+        wake = threading.Event()
+        serving = threading.Event()
 
         def read_stderr() -> None:
             assert self.process is not None and self.process.stderr is not None
             for line in self.process.stderr:
                 self.stderr_lines.append(line)
                 if READY_LINE in line:
-                    ready.set()
-            ready.set()  # the process ended: wake the waiter
+                    serving.set()
+                    wake.set()
+            wake.set()  # the process ended: wake the waiter
 
         threading.Thread(target=read_stderr, daemon=True).start()
-        if not ready.wait(timeout_s) or self.process.poll() is not None:
+        # Woken by the ready line or by the end of stderr; only the line means serving (a process whose stderr has
+        # just closed may not have been reaped yet, so `poll()` alone would call it alive).
+        if not wake.wait(timeout_s) or not serving.is_set() or self.process.poll() is not None:
             self.stop()
             raise RuntimeError(f"sealbox serve did not start:\n{self.stderr}")
         return self

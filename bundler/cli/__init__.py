@@ -14,6 +14,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Keeps `sealbox` a group when only one command is registered (typer would make a lone command the root)."""
+
+
 def _keys() -> None:
     from bundler.cli import keys
     from runtime.cli import api_keys

@@ -76,7 +76,9 @@ def serve(
         try:
             run_doctor(appliance, strict=True)
         except DoctorFailedError as exc:
-            raise _fail(str(exc)) from exc
+            # The summaries count problems; the details name them (which model, which file, which digest).
+            details = [f"  {check.title}: {line}" for check in exc.report.failures for line in check.details]
+            raise _fail("\n".join([str(exc), *details])) from exc
 
     from runtime.api_keys import ApiKeyError, ApiKeyStore, Authenticator
     from runtime.audit.errors import AuditError
@@ -168,9 +170,14 @@ def serve(
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind before the models load: a taken port fails at once, and once "serving" is printed, connections queue."""
+    """Bind before the models load: a taken port fails at once, and once "serving" is printed, connections queue.
+
+    The socket says it is TCP (`IPPROTO_TCP`, as `getaddrinfo` would give): asyncio turns Nagle off (TCP_NODELAY) only
+    on connections from such a listener, and without that a keep-alive client's next answer waits for a delayed ACK
+    (about 40 ms) between the headers and the body.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))

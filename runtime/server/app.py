@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
@@ -27,7 +28,7 @@ from runtime.policy import Policy
 from runtime.server import generation
 from runtime.server.authentication import Authentication
 from runtime.server.body_limit import BodyLimit
-from runtime.server.errors import ApiError, from_engine_error, install_error_handlers
+from runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
 from runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
 from runtime.server.request_record import RequestRecord, RequestRecorder, current_record
 from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -86,6 +87,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
 
     app = FastAPI(title="sealbox", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     limits = config.policy.limits
     log_content = config.policy.audit.log_content
 
@@ -122,29 +124,29 @@ def create_app(config: ServerConfig) -> ASGIApp:
     async def get_model(name: str, request: Request) -> dict[str, Any]:
         return model_entry(_model(config, name, _record(request)))
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def generate(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
         record = _record(request)
         model = _model(config, body.model, record)
-        prepared = generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
+        if isinstance(body, ChatCompletionRequest):
+            prepared = generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
+        else:
+            prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
         record.prompt_tokens = len(prepared.generation.prompt_tokens)
         events = generation.start(model, prepared)
         if body.stream:
             return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
                                      log_content=log_content)  # fmt: skip
-        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=body.tools)
+        tools = body.tools if isinstance(body, ChatCompletionRequest) else None
+        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=tools,
+                                       receive=request.receive)  # fmt: skip
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generate(body, request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        record = _record(request)
-        model = _model(config, body.model, record)
-        prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
-        record.prompt_tokens = len(prepared.generation.prompt_tokens)
-        events = generation.start(model, prepared)
-        if body.stream:
-            return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
-                                     log_content=log_content)  # fmt: skip
-        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=None)
+        return await generate(body, request)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
@@ -152,7 +154,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         model = _model(config, body.model, record, embeddings=True)
         engine = model.engine
         assert engine is not None
-        texts = _embedding_texts(body, engine)
+        texts = _embedding_texts(body, engine, vocab_size=model.vocab_size)
         try:
             vectors = await engine.embed(texts)
         except EngineError as exc:
@@ -170,22 +172,48 @@ def create_app(config: ServerConfig) -> ASGIApp:
                                      max_bytes=config.policy.server.max_body_bytes), audit=config.audit)  # fmt: skip
 
 
-def _embedding_texts(body: EmbeddingRequest, engine: Any) -> list[str]:
+def _embedding_texts(body: EmbeddingRequest, engine: Any, *, vocab_size: int) -> list[str]:
     value = body.input
     if isinstance(value, str):
         texts = [value]
     elif value and isinstance(value[0], str):
         texts = list(value)  # type: ignore[arg-type]
-    elif value and isinstance(value[0], int):
-        texts = [engine.detokenize(list(value))]  # type: ignore[arg-type]
     else:
-        texts = [engine.detokenize(list(tokens)) for tokens in value]  # type: ignore[union-attr]
+        inputs = [value] if isinstance(value[0], int) else value  # one list of token ids, or several
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+        for i, tokens in enumerate(inputs):
+            # llama.cpp aborts the whole process on a token id outside the vocabulary: check before it sees one.
+            if any(not 0 <= token < vocab_size for token in tokens):  # type: ignore[union-attr]
+                raise ApiError(400, f"input {i} holds a token id outside the vocabulary (0..{vocab_size - 1})",
+                               code="invalid_request", param="input")  # fmt: skip
+        texts = [engine.detokenize(list(tokens)) for tokens in inputs]  # type: ignore[arg-type]
     if len(texts) > MAX_EMBEDDING_INPUTS:
         raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
     for i, text in enumerate(texts):
         if not text:
             raise ApiError(400, f"input {i} is empty", param="input")
     return texts
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, with the refusals this server really sends: 400 with the OpenAI error body where
+    FastAPI would advertise its 422 `detail` body (which `install_error_handlers` never lets out)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        refused = {"description": "Refused: the request is not valid",
+                   "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}  # fmt: skip
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None:
+                    responses["400"] = refused
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        components["Error"] = ERROR_SCHEMA
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

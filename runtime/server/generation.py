@@ -7,6 +7,7 @@ gets what the context has left, up to the cap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -14,7 +15,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive
 
 from runtime.audit.errors import AuditError
 from runtime.engine.base import (
@@ -31,6 +33,9 @@ from runtime.server.model_registry import ServedModel
 from runtime.server.request_record import RequestRecord
 from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded for a request whose client hung up before its answer (nginx's convention; never sent)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,8 @@ def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, p
         raise ApiError(400, str(exc), code="chat_template_error") from exc
     plan = tool_plan(body)
     if plan is not None and not template.supports_tools:
-        raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools")
+        raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools",
+                       code="tools_not_supported")  # fmt: skip
     grammar = response_format_grammar(body.response_format)
     if plan is not None and plan.grammar is not None:
         if grammar is not None:
@@ -206,22 +212,47 @@ def _note(record: RequestRecord, model: ServedModel, prepared: Prepared, finishe
         record.content = {"prompt": prepared.prompt_text, "completion": text}
 
 
-async def answer(
-    model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
-    *, log_content: bool, tools: list[Any] | None,
-) -> JSONResponse:  # fmt: skip
+async def _collect(events: AsyncIterator[GenerationEvent]) -> tuple[list[str], Finished]:
     parts: list[str] = []
     finished: Finished | None = None
+    async for event in events:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            finished = event
+    assert finished is not None
+    return parts, finished
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the body was read already: the next message can only be the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def answer(
+    model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
+    *, log_content: bool, tools: list[Any] | None, receive: Receive,
+) -> Response:  # fmt: skip
+    """The whole answer as one JSON body. A client that hangs up while it waits cancels the request at the next
+    scheduler step (its sequence and KV cells are freed), as a closed stream does; the record says 499."""
+    collecting = asyncio.ensure_future(_collect(events))
+    watching = asyncio.ensure_future(_disconnected(receive))
     try:
-        async for event in events:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                finished = event
+        await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()
+        await _close(events)
+    if not collecting.done() or collecting.cancelled():
+        record.prompt_tokens = len(prepared.generation.prompt_tokens)
+        record.finish_reason = "cancelled"
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    try:
+        parts, finished = collecting.result()
     except EngineError as exc:
         raise from_engine_error(exc) from exc
-    finally:
-        await _close(events)
     assert finished is not None
     text = "".join(parts)
     _note(record, model, prepared, finished, text, log_content)

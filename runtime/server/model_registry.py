@@ -81,6 +81,8 @@ class ServedModel:
     context: int = 0
     sequences: int = 0
     gpu_layers: int = 0
+    vocab_size: int = 0
+    """Token ids a client may send are 0 .. vocab_size - 1 (llama.cpp aborts the process on any other)."""
 
     @property
     def name(self) -> str:
@@ -116,6 +118,9 @@ class ModelRegistry:
             except _Refused as exc:
                 served.problem = str(exc)
                 log.error("model %s is not served: %s", source.name, exc)
+            except Exception as exc:  # a file the checks let through and something else refused: still one model only
+                served.problem = f"{source.path}: cannot be served: {exc}"
+                log.exception("model %s is not served", source.name)
 
     async def stop(self) -> None:
         for model in self.models.values():
@@ -156,7 +161,7 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
     try:
         facts = probe.facts or read_facts(source.path)
         template = chat_template(source.path)
-        bos, eos = _special_tokens(source.path)
+        bos, eos, served.vocab_size = _tokenizer_facts(source.path)
         sizing = plan_for_policy(source.path, limits).engine_sizing()
     except (ModelFileError, MemoryPlanError) as exc:
         raise _Refused(str(exc)) from exc
@@ -194,20 +199,21 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
     return engine
 
 
-def _special_tokens(path: Path) -> tuple[str, str]:
-    """The BOS and EOS token texts a chat template may print (`{{ bos_token }}`)."""
+def _tokenizer_facts(path: Path) -> tuple[str, str, int]:
+    """The BOS and EOS token texts a chat template may print (`{{ bos_token }}`), and the vocabulary's size."""
     import gguf
 
     reader = gguf.GGUFReader(path)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    size = len(tokens.data) if tokens is not None else 0
 
     def token(key: str) -> str:
         field_ = reader.fields.get(key)
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
         if field_ is None or tokens is None:
             return ""
         index = int(field_.contents())
-        if not 0 <= index < len(tokens.data):
+        if not 0 <= index < size:
             return ""
         return str(tokens.contents(index))
 
-    return token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    return token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), size

@@ -95,15 +95,16 @@ class RequestRecorder:
         if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
             await self.app(scope, receive, send)
             return
+        request_id = f"req-{uuid.uuid4().hex}"
         if self.audit is not None and self.audit.failure is not None:
             error = ApiError(503, f"the audit log cannot write, so nothing is served: {self.audit.failure}",
-                             code="audit_unavailable")  # fmt: skip
+                             code="audit_unavailable", headers={"x-request-id": request_id})  # fmt: skip
             await error.response()(scope, receive, send)
             return
         client = scope.get("client")
         record = RequestRecord(
             audit=self.audit,
-            request_id=f"req-{uuid.uuid4().hex}",
+            request_id=request_id,
             method=scope["method"],
             endpoint=scope["path"][:200],
             client=f"{client[0]}:{client[1]}" if client else "unknown",
@@ -127,7 +128,7 @@ class RequestRecorder:
                     except AuditError as exc:
                         log.error("request %s not recorded: %s", record.request_id, exc)
                         failure = ApiError(503, "the audit log cannot write; the answer is withheld",
-                                           code="audit_unavailable")  # fmt: skip
+                                           code="audit_unavailable", headers={"x-request-id": request_id})  # fmt: skip
                         await failure.response()(scope, receive, send)
                         held_start = None
                         return

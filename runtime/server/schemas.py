@@ -3,6 +3,9 @@
 Unknown fields are refused rather than ignored: a misspelt `max_token` silently ignored would hand a client a
 completion it did not ask for. Fields OpenAI defines that sealbox does not implement are accepted only at their
 neutral value (`n=1`, no `logprobs`, no `logit_bias`), and refused with a message naming them otherwise.
+
+Numbers must be finite (`NaN` and `Infinity` are JSON extensions Python accepts), and text must be valid Unicode: a
+lone surrogate (`"\\ud800"`) parses in Python but cannot be encoded for the tokenizer or the audit log.
 """
 
 from __future__ import annotations
@@ -10,14 +13,58 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**64 - 1
+MAX_TOP_K = 2**31 - 1
+"""llama.cpp takes top_k as a C int."""
+
+UNENCODABLE_TEXT = "unencodable_text"
+"""The pydantic error type of a string holding a lone surrogate; its `where` names the field."""
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _unencodable_text(data: Any) -> str | None:
+    """The dotted path of the first string (key or value) in `data` that is not valid Unicode, or None.
+
+    Iterative: a body nested as deep as the JSON parser allows must not overflow the stack here.
+    """
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")  # the path is echoed back
+                path = f"{where}.{name}" if where else name
+                stack.append((path, key))
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(value))
+    return None
+
+
+class _Request(_Body):
+    """A whole request body: checked for text the tokenizer and the audit log could not encode, before anything else."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        where = _unencodable_text(data)
+        if where is not None:
+            raise PydanticCustomError(
+                UNENCODABLE_TEXT, "{where}: not valid Unicode text (a lone surrogate)", {"where": where}
+            )
+        return data
 
 
 class TextPart(_Body):
@@ -99,14 +146,14 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
+class _Sampling(_Request):
     """Fields shared by chat and text completions; top_k, min_p and repeat_penalty are llama.cpp's extensions."""
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
@@ -203,7 +250,7 @@ class CompletionRequest(_Sampling):
         return self.max_tokens
 
 
-class EmbeddingRequest(_Body):
+class EmbeddingRequest(_Request):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

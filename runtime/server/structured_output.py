@@ -2,6 +2,14 @@
 
 The schema is compiled by llama-cpp-python's own JSON-schema-to-GBNF converter with remote `$ref`s disabled (an
 appliance fetches nothing). A schema the converter cannot handle is the client's 400, not our 500.
+
+The converter enforces a subset of JSON Schema and ignores the rest without a word (`minimum`, `multipleOf`,
+`uniqueItems`, a `maxLength` beside a `pattern`…). With `strict: true` (OpenAI's promise that the answer conforms)
+a schema that uses anything outside that subset is refused, naming the keyword; without it the schema is best effort.
+
+The converter spells repetition out: `{"maxLength": 1000000000}` becomes a grammar of eight gigabytes, built in the
+event loop. So the counts a schema may ask for are bounded before it runs (lengths, item and property counts, regex
+quantifiers), and so is the size of the grammar it returns.
 """
 
 from __future__ import annotations
@@ -18,16 +26,133 @@ from runtime.server.errors import ApiError
 from runtime.server.schemas import ChatCompletionRequest, ResponseFormat, ToolDefinition
 
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_REPEAT = 1024
+"""Largest length, item count or regex repetition a schema may ask for."""
+MAX_PROPERTIES = 256
+"""Properties of one object schema (the converter's work grows with the square of the optional ones)."""
+MAX_GRAMMAR_BYTES = 512 * 1024
+
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+           "maxContains")  # fmt: skip
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def schema_grammar(schema: dict[str, Any], *, param: str) -> str:
+def _unbounded(schema: Any) -> str | None:
+    """Why `schema` would make the converter spell out too much, or None. Walks every node (iteratively)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in _COUNTS:
+            value = node.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_REPEAT:
+                return f"{key} {value} is above the {MAX_REPEAT} this server enforces"
+        properties = node.get("properties")
+        if isinstance(properties, dict) and len(properties) > MAX_PROPERTIES:
+            return f"an object schema has {len(properties)} properties; at most {MAX_PROPERTIES} are enforced"
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            for match in _QUANTIFIER.finditer(pattern):
+                if any(len(group) > 6 or int(group) > MAX_REPEAT for group in match.groups() if group):
+                    return f"the pattern repeats {match.group(0)}; at most {MAX_REPEAT} repetitions are enforced"
+        stack.extend(node.values())
+    return None
+
+
+_ANNOTATIONS = frozenset({"title", "description", "$schema", "$id", "$comment", "default", "examples", "deprecated",
+                          "readOnly", "writeOnly", "$defs", "definitions"})  # fmt: skip
+_FORMATS = frozenset({"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"})
+
+
+def _enforced_keys(node: dict[str, Any]) -> frozenset[str]:
+    """The keywords of one schema node that the converter turns into grammar: it takes the first branch that applies,
+    in this order (llama_cpp.llama_grammar.SchemaConverter.visit), and ignores every other keyword of the node."""
+    kind = node.get("type")
+    if "$ref" in node:
+        return frozenset({"$ref"})
+    if "oneOf" in node or "anyOf" in node:
+        return frozenset({"oneOf"} if "oneOf" in node else {"anyOf"})
+    if isinstance(kind, list):
+        return frozenset({"type"})
+    if "const" in node:
+        return frozenset({"const", "type"})
+    if "enum" in node:
+        return frozenset({"enum", "type"})
+    if kind in (None, "object") and (
+        "properties" in node or ("additionalProperties" in node and node["additionalProperties"] is not True)
+    ):
+        return frozenset({"type", "properties", "required", "additionalProperties"})
+    if kind in (None, "object") and "allOf" in node:
+        return frozenset({"type"})  # merged loosely (only the members' properties): never enforced as written
+    if kind in (None, "array") and ("items" in node or "prefixItems" in node):
+        if isinstance(node.get("items", node.get("prefixItems")), list):
+            return frozenset({"type", "items", "prefixItems"})
+        return frozenset({"type", "items", "minItems", "maxItems"})
+    if kind in (None, "string") and "pattern" in node:
+        return frozenset({"type", "pattern"})
+    if kind in (None, "string") and node.get("format") in _FORMATS:
+        return frozenset({"type", "format"})
+    if kind == "string" and ("minLength" in node or "maxLength" in node):
+        return frozenset({"type", "minLength", "maxLength"})
+    return frozenset({"type"})
+
+
+def _children(node: dict[str, Any]) -> list[tuple[str, Any]]:
+    children: list[tuple[str, Any]] = []
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(node.get(key), dict):
+            children += [(f"{key}.{name}", child) for name, child in node[key].items()]
+    for key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+        value = node.get(key)
+        if isinstance(value, dict):
+            children.append((key, value))
+        elif isinstance(value, list):
+            children += [(f"{key}.{i}", child) for i, child in enumerate(value)]
+    return children
+
+
+def _unenforced(schema: Any) -> str | None:
+    """The first keyword of `schema` that the grammar would not enforce, as `path: keyword`, or None."""
+    stack: list[tuple[str, Any]] = [("", schema)]
+    while stack:
+        where, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        ignored = sorted(set(node) - _enforced_keys(node) - _ANNOTATIONS)
+        if ignored:
+            return f"{where + ': ' if where else ''}{ignored[0]}"
+        stack.extend((f"{where}.{path}" if where else path, child) for path, child in reversed(_children(node)))
+    return None
+
+
+def schema_grammar(schema: dict[str, Any], *, param: str, strict: bool = False) -> str:
+    """The grammar that makes the sampler emit only JSON `schema` allows.
+
+    Raises:
+        ApiError: 400 when the schema is too large, asks for too much repetition, cannot be converted, or (strict)
+            uses a keyword the grammar would not enforce.
+    """
     text = json.dumps(schema)
     if len(text) > MAX_SCHEMA_BYTES:
         raise ApiError(400, f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
+    if strict and (ignored := _unenforced(schema)) is not None:
+        raise ApiError(400, f"strict: the JSON schema uses {ignored}, which this server cannot enforce (drop it, "
+                       "or send strict: false for best effort)", code="invalid_schema", param=param)  # fmt: skip
+    reason = _unbounded(schema)
+    if reason is not None:
+        raise ApiError(400, f"the JSON schema cannot be enforced: {reason}", code="invalid_schema", param=param)
     try:
-        return json_schema_to_gbnf(text)
+        grammar = json_schema_to_gbnf(text)
     except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError, RecursionError…)
         raise ApiError(400, f"the JSON schema cannot be enforced: {exc!r}", code="invalid_schema", param=param) from exc
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        raise ApiError(400, f"the JSON schema cannot be enforced: its grammar is larger than {MAX_GRAMMAR_BYTES} "
+                       "bytes", code="invalid_schema", param=param)  # fmt: skip
+    return grammar
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
@@ -37,7 +162,8 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
         return JSON_GBNF
     assert response_format.json_schema is not None
     schema = response_format.json_schema.schema_ or {"type": "object"}
-    return schema_grammar(schema, param="response_format.json_schema.schema")
+    return schema_grammar(schema, param="response_format.json_schema.schema",
+                          strict=bool(response_format.json_schema.strict))  # fmt: skip
 
 
 def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
@@ -72,7 +198,8 @@ def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
         if not tools:
             raise ApiError(400, f"tool_choice names {wanted!r}, which is not among tools", param="tool_choice")
     schema = _call_schema(tools[0]) if len(tools) == 1 else {"anyOf": [_call_schema(tool) for tool in tools]}
-    return ToolPlan(grammar=schema_grammar(schema, param="tools"), forced=True)
+    strict = any(tool.function.strict for tool in tools)
+    return ToolPlan(grammar=schema_grammar(schema, param="tools", strict=strict), forced=True)
 
 
 _TAGGED_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
