@@ -109,6 +109,7 @@ def write_test_model(
     weight_type: str = "auto",
     name: str = "sealbox-test-model",
     embedding: bool = False,
+    chat_template: str = CHAT_TEMPLATE,
 ) -> Path:
     """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, or auto (f32 below 8 MB)."""
     target = parse_size(size) if isinstance(size, str) else int(size)
@@ -145,7 +146,7 @@ def write_test_model(
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     def tensor(name: str, *dims: int, scale: float | None = None) -> None:
         std = scale if scale is not None else 1 / np.sqrt(dims[-1])
