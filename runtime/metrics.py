@@ -14,7 +14,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from runtime.engine.base import EngineStats
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -104,7 +103,7 @@ class _EngineGauges(Collector):
             "total": GaugeMetricFamily("sealbox_kv_cells_total", "KV cells of the context.", labels=["model"]),
         }
         for model, engine in list(self._sources.items()):
-            stats: EngineStats = engine.stats()
+            stats = engine.stats()  # an `EngineStats` (the engine imports metrics, not the other way round)
             families["queue"].add_metric([model], stats.queued)
             families["running"].add_metric([model], stats.running)
             families["sequences"].add_metric([model], stats.sequences_total)
