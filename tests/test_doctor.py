@@ -1,8 +1,8 @@
 """`sealbox doctor` against an installed release: intact, tampered, and in network namespaces.
 
-The installed release is built here by hand, as `bundle install` lays it out (release dir with release.json,
-manifest.json, a model linked from the content-addressed store, rendered service files, `current` symlink),
-with a real GGUF written by the `gguf` package and a real Ed25519 key in the trust store.
+The installed release is made by a real `bundle install` of a signed bundle (release dir with release.json, the signed
+manifest, a model linked from the content-addressed store, rendered service files, `current` symlink), with a real
+GGUF written by the `gguf` package and the publisher's Ed25519 key in the trust store.
 Whole reports run the real command in a subprocess (audit hooks are permanent; the pytest process never installs
 the guard); single checks run in-process through `run_doctor`.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bundler.install import InstallRequest, install_bundle
+from install_support import Publisher, make_keys, model_item, trust
 from runtime.doctor import CheckStatus, DoctorFailedError, Finding, run_doctor, set_manifest_verifier
 from runtime.egress.routes import read_network
 from runtime.hostroot import HostRoot
@@ -102,38 +102,30 @@ def write_tiny_gguf(path: Path) -> None:
     writer.close()
 
 
+@pytest.fixture(scope="module")
+def signed_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A bundle with the tiny model, signed by `publisher`: (bundle directory, the publisher's public key)."""
+    folder = tmp_path_factory.mktemp("publisher")
+    keys = make_keys(folder / "keys", "publisher")
+    model = folder / "tiny.gguf"
+    write_tiny_gguf(model)
+    bundle = Publisher(keys).publish(folder / "bundle", [model_item(model)], name="tiny", version=1, signers=("publisher",))
+    return bundle, keys / "publisher.pub"
+
+
 @pytest.fixture
-def installed(tmp_path: Path) -> Installed:
-    root = tmp_path / "root"
-    (root / "trust").mkdir(parents=True)
-    key = Ed25519PrivateKey.generate().public_key()
-    (root / "trust" / "publisher.pub").write_bytes(
-        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    )
-    staged = tmp_path / "tiny.gguf"
-    write_tiny_gguf(staged)
-    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
-    blob = root / "store" / "sha256" / digest
-    blob.parent.mkdir(parents=True)
-    shutil.move(staged, blob)
-    release = root / "releases" / "tiny-1"
-    (release / "models").mkdir(parents=True)
-    (release / "models" / "tiny.gguf").symlink_to(os.path.relpath(blob, release / "models"))
-    (release / "release.json").write_text(
-        json.dumps({"name": "tiny", "version": 1, "models": [{"name": "tiny", "path": "models/tiny.gguf", "sha256": digest}]})
-    )
-    (release / "manifest.json").write_text(
-        json.dumps({"format": 1, "name": "tiny", "version": 1, "entries": [
-            {"role": "model", "path": "models/tiny.gguf", "size": blob.stat().st_size, "sha256": digest}]})
-    )
-    (release / "service").mkdir()
-    (release / "service" / "sealbox.service").write_text(UNIT)
-    (release / "service" / "sealbox.nft").write_text(NFT)
-    (root / "current").symlink_to("releases/tiny-1")
-    return Installed(root, release, release / "models" / "tiny.gguf", blob, digest)
+def installed(tmp_path: Path, signed_bundle: tuple[Path, Path]) -> Installed:
+    """The release as `bundle install` makes it: verified, signed manifest kept, model linked from the store."""
+    bundle, public_key = signed_bundle
+    host = trust(tmp_path / "root", public_key)
+    release = install_bundle(InstallRequest(bundle=bundle, root=host)).release.directory
+    model = release / "models" / "tiny.gguf"
+    blob = model.resolve()
+    return Installed(host.path, release, model, blob, hashlib.sha256(blob.read_bytes()).hexdigest())
 
 
 def flip_one_byte(path: Path, offset: int = -1) -> None:
+    os.chmod(path, 0o644)  # `bundle install` leaves store blobs read-only
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
@@ -339,7 +331,8 @@ def test_a_missing_model_file_is_named(installed: Installed, tmp_path: Path):
 
 
 def test_an_empty_or_missing_trust_store_fails(installed: Installed, tmp_path: Path):
-    (installed.root / "trust" / "publisher.pub").unlink()
+    for entry in (installed.root / "trust").iterdir():
+        entry.unlink()
     assert "is empty" in run_checks(installed, tmp_path)["trust-store"].summary
     (installed.root / "trust").rmdir()
     trust = run_checks(installed, tmp_path)["trust-store"]
@@ -386,7 +379,8 @@ def test_nftables_without_nft_is_unknown_with_the_reason(installed: Installed, t
 
 
 def test_nftables_rules_missing_from_the_release_warn(installed: Installed, tmp_path: Path):
-    (installed.release / "service" / "sealbox.nft").unlink()
+    for rules in (installed.release / "service").glob("*.nft"):
+        rules.unlink()
     nft = run_checks(installed, tmp_path)["nftables"]
     assert nft.status is CheckStatus.WARN and "no rendered nftables rules" in nft.summary
 
@@ -452,31 +446,33 @@ def test_the_memory_plan_says_how_many_layers_and_sequences_fit(installed: Insta
     assert "16 of 16 sequences of 128 tokens fit at once" in line  # the policy's 16 sequences, at the model's 128-token context
 
 
-def write_audit_log(installed: Installed, count: int) -> Path:
+def write_audit_log(installed: Installed, count: int) -> tuple[Path, int]:
+    """Append `count` records after those the install wrote; returns the directory and the total."""
     from runtime.audit.log import AuditLog
     from runtime.policy import AuditPolicy
 
     log = AuditLog.open(installed.root / "audit", AuditPolicy())
     try:
         for number in range(count):
-            log.append("bundle.install", name="tiny", version=number + 1)
+            seq = log.append("bundle.install", name="tiny", probe=number + 1)
     finally:
         log.close()
-    return installed.root / "audit"
+    return installed.root / "audit", seq
 
 
 def test_an_intact_audit_chain_passes(installed: Installed, tmp_path: Path):
-    write_audit_log(installed, 3)
+    _, total = write_audit_log(installed, 3)
     audit = run_checks(installed, tmp_path)["audit-chain"]
     assert audit.status is CheckStatus.PASS, audit
-    assert audit.summary.startswith("3/3 records valid")
+    assert audit.summary.startswith(f"{total}/{total} records valid")
 
 
 def test_an_edited_audit_record_fails_the_chain_naming_its_sequence_number(installed: Installed, tmp_path: Path):
     from runtime.audit.segment import list_segments
 
-    segment = list_segments(write_audit_log(installed, 3))[0].path
-    segment.write_bytes(segment.read_bytes().replace(b'"version":2', b'"version":9'))
+    directory, total = write_audit_log(installed, 3)
+    segment = list_segments(directory)[0].path
+    segment.write_bytes(segment.read_bytes().replace(b'"probe":2', b'"probe":9'))
     audit = run_checks(installed, tmp_path)["audit-chain"]
     assert audit.status is CheckStatus.FAIL
-    assert "first broken seq 2" in audit.summary
+    assert f"first broken seq {total - 1}" in audit.summary

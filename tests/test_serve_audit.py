@@ -208,8 +208,8 @@ def test_a_413_oversized_body_is_recorded_once(served: Served):
     record = the_record_of(served.audit, answer.headers["x-request-id"])
     assert (record.event, record.fields["status"], record.fields["endpoint"]) == ("api.request", 413,
                                                                                   "/v1/chat/completions")  # fmt: skip
-    # The body limit sits outside authentication (runtime/server/app.py), so the record cannot name the key.
-    assert record.fields["principal"] == "anonymous"
+    # Authentication comes before the body limit (runtime/server/app.py): the record names who sent the body.
+    assert record.fields["principal"] == "alice"
 
 
 # --- what the log holds, and what it never holds ------------------------------------------------------------------

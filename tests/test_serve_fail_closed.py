@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -42,7 +42,6 @@ class FailingDisk:
     mode: str
     server: ServerProcess
     key: str
-    errors: list[str] = field(default_factory=list)
 
     @property
     def audit(self) -> Path:

@@ -226,3 +226,18 @@ def test_the_openapi_document_advertises_the_openai_error_body_not_a_422(http: h
     assert "422" not in responses
     assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert "HTTPValidationError" not in document["components"]["schemas"]
+
+
+def test_a_strangers_oversized_body_is_refused_401_before_it_is_read(server: ServerProcess) -> None:
+    answer = httpx.post(f"{server.url}/v1/chat/completions", content=b"x" * (4 * MAX_BODY),
+                        headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert answer.status_code == 401
+    assert answer.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_random_paths_do_not_grow_the_metrics_one_series_per_path(server: ServerProcess) -> None:
+    for i in range(20):
+        assert httpx.get(f"{server.url}/v1/probe-{i}", timeout=30).status_code == 401
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    assert "probe-" not in metrics
+    assert 'sealbox_http_responses_total{endpoint="other",status="401"}' in metrics

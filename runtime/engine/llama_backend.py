@@ -81,6 +81,13 @@ class Model:
         self.n_vocab: int = llama.llama_vocab_n_tokens(self.vocab)
         self.n_embd: int = llama.llama_model_n_embd(handle)
         self.n_ctx_train: int = llama.llama_model_n_ctx_train(handle)
+        self.size_bytes: int = llama.llama_model_size(handle)
+        """Bytes of all weights: what computing one token reads at least once."""
+        n_head = max(1, llama.llama_model_n_head(handle))
+        self.kv_bytes_per_cell: int = (
+            2 * 2 * llama.llama_model_n_layer(handle) * llama.llama_model_n_head_kv(handle) * (self.n_embd // n_head)
+        )
+        """Bytes one KV cell takes in a context's cache: K and V, f16 (llama.cpp's default), every layer."""
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for token in range(self.n_vocab):

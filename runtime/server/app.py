@@ -1,7 +1,8 @@
 """The OpenAI-compatible API of `sealbox serve`, assembled: routes, then auth, body limit and the audit record around.
 
 Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write) →
-`BodyLimit` (413) → `Authentication` (401) → FastAPI (validation 400, routes, OpenAI-shaped errors).
+`Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded with the caller's principal) →
+FastAPI (validation 400, routes, OpenAI-shaped errors).
 """
 
 from __future__ import annotations
@@ -168,8 +169,8 @@ def create_app(config: ServerConfig) -> ASGIApp:
         return {"object": "list", "data": data, "model": model.name, "usage": usage}
 
     plugin_hook(app)
-    return RequestRecorder(BodyLimit(Authentication(app, authenticator=config.authenticator),
-                                     max_bytes=config.policy.server.max_body_bytes), audit=config.audit)  # fmt: skip
+    limited = BodyLimit(app, max_bytes=config.policy.server.max_body_bytes)
+    return RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
 
 
 def _embedding_texts(body: EmbeddingRequest, engine: Any, *, vocab_size: int) -> list[str]:

@@ -58,7 +58,7 @@ class RequestRecord:
         if self.committed:
             return
         self.committed = True
-        HTTP_RESPONSES.labels(self.endpoint, str(status)).inc()
+        HTTP_RESPONSES.labels(endpoint_label(self.endpoint), str(status)).inc()
         if self.audit is None:
             return
         fields: dict[str, Any] = {
@@ -80,6 +80,18 @@ class RequestRecord:
         if self.content is not None:
             fields["content"] = self.content
         await self.audit.append_async(_EVENTS.get(status, "api.request"), **fields)
+
+
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models"})
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded metric label: a client sending random paths must not grow the server's memory, one series a path."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
 
 
 def current_record(scope: Scope) -> RequestRecord | None:
