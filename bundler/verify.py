@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer import Key
@@ -230,8 +230,37 @@ def _part_label(entry: BlobEntry, index: int) -> str:
     return f"part {index} of {len(entry.parts)} of {entry.path}"
 
 
+class _StopEvent(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class _FirstFailure:
+    """Stops the jobs after the earliest failing one, never those before it: with parts hashed in parallel, the part
+    reported is still the first bad one in manifest order, whichever thread finished first."""
+
+    def __init__(self) -> None:
+        self.order: float = float("inf")
+        self._lock = threading.Lock()
+
+    def record(self, order: int) -> None:
+        with self._lock:
+            self.order = min(self.order, order)
+
+    def stop_for(self, order: int) -> _StopEvent:
+        return _StopAfter(self, order)
+
+
+@dataclass(frozen=True)
+class _StopAfter:
+    failure: _FirstFailure
+    order: int
+
+    def is_set(self) -> bool:
+        return self.failure.order < self.order
+
+
 def _check_job(
-    directory: Path, job: _Job, *, whole: bool, stop: threading.Event, on_bytes: ByteCounter | None
+    directory: Path, job: _Job, *, whole: bool, stop: _StopEvent, on_bytes: ByteCounter | None
 ) -> int | None:
     """Hash this job's parts; returns bytes read, None when skipped, raises the part's failure."""
     if stop.is_set():
@@ -324,16 +353,17 @@ def check_parts(
             jobs.extend(_Job(len(jobs) + index, entry, (index,)) for index in range(len(entry.parts)))
     # Larger jobs first would balance better, but manifest order keeps "first failure" well defined; parts are
     # mostly equal-sized anyway.
-    stop = threading.Event()
+    first_failure = _FirstFailure()
     failures: dict[int, BaseException] = {}
     checked = [0, 0]
     lock = threading.Lock()
 
     def run(job: _Job) -> None:
         try:
-            got = _check_job(directory, job, whole=full_digests and len(job.indices) > 1, stop=stop, on_bytes=on_bytes)
+            got = _check_job(directory, job, whole=full_digests and len(job.indices) > 1,
+                             stop=first_failure.stop_for(job.order), on_bytes=on_bytes)  # fmt: skip
         except BaseException as exc:
-            stop.set()
+            first_failure.record(job.order)
             with lock:
                 failures[job.order] = exc
             return
