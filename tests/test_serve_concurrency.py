@@ -91,6 +91,11 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.get((name, frozenset(labels.items())), 0.0)
 
 
+def ended(metrics: Metrics, *statuses: str) -> float:
+    """Requests the server counts as ended with any of `statuses` (`sealbox_requests_total`)."""
+    return sum(value(metrics, "sealbox_requests_total", status=status) for status in statuses)
+
+
 async def poll_until(http: httpx.AsyncClient, server: ServerProcess, condition: Callable[[Metrics], bool], what: str,
                      timeout_s: float = 30.0) -> Metrics:  # fmt: skip
     """Scrape `/metrics` until `condition` holds; fail naming `what` (and the last gauges) at the deadline."""
@@ -139,8 +144,7 @@ def test_32_concurrent_streams_each_answer_as_they_would_alone(roomy_server: Ser
             assert reason == alone_reason
         assert all(text for text, _ in together), "every stream produced text"
         assert len({text for text, _ in together}) > 1, "distinct prompts give distinct answers: outputs are not mixed"
-        finished = sum(value(after, "sealbox_requests_total", status=s) - value(before, "sealbox_requests_total", status=s)
-                       for s in ("stop", "length"))  # fmt: skip
+        finished = ended(after, "stop", "length") - ended(before, "stop", "length")
         assert finished == 64, "32 alone and 32 together, all finished normally"
         assert value(after, "sealbox_rejected_requests_total", reason="overloaded") == 0
 
@@ -211,7 +215,8 @@ def test_a_flood_past_the_queue_is_answered_429_with_retry_after_and_never_5xx(
     assert later.status_code == 200, "the server still answers after the flood"
 
 
-async def completion_stream(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> tuple[int, str, str | None]:
+async def completion_stream(client: AsyncOpenAI, model: str, prompt: str,
+                            max_tokens: int) -> tuple[int, str, str | None]:  # fmt: skip
     """Stream one greedy text completion to its end: (the HTTP status, the text, the finish reason)."""
     response = await client.completions.with_raw_response.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True

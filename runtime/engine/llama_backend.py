@@ -146,7 +146,9 @@ class ContextSettings:
     but every token attends over the whole pool. Split streams attend over their own cells only (fast under load)."""
     flash_attention: bool = False
     """Off by default: llama.cpp's CPU flash attention sums in an order that depends on where a sequence's cells lie
-    in the shared cache, so the same greedy request could answer differently under load. Worth it on a GPU."""
+    in the cache. In a unified pool that depends on the other sequences, so the same greedy request could answer
+    differently under load; a split stream holds one sequence's cells from its start, so there it is safe (and faster).
+    Worth it on a GPU."""
 
 
 class Context:

@@ -4,6 +4,11 @@ A step has two phases, as in llama.cpp's server: first one token for every gener
 newly admitted requests in the room left (chunked prefill, capped while streams run so that a long prompt delays
 them by one chunk, not by the whole prompt). One `llama_decode`, then each sequence samples at its own batch index.
 
+With split streams (one KV stream per sequence), llama.cpp computes in one pass only sequences whose ids are
+consecutive and appear in the batch in increasing order; any gap starts another pass over all the weights. So the
+batch is written in sequence-id order, and a new request is placed where it keeps the running sequences contiguous
+(a cached prefix elsewhere is copied in rather than chosen at the price of a gap). A unified pool has no such rule.
+
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
 """
@@ -27,9 +32,6 @@ from runtime.engine.task import Failed, GenerationTask
 from runtime.metrics import EngineMetrics
 
 log = logging.getLogger("sealbox.engine")
-
-STREAM_COPY_MIN_TOKENS = 64
-"""Between split streams a prefix copy moves a whole stream: worth it only when it saves this many prompt tokens."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class Scheduler:
         self.metrics = metrics
         self.embedding_context = embedding_context
         self.slots = [Slot(i) for i in range(context.n_seq_max)]
+        # Between split streams a prefix copy moves a whole stream (reads and writes every cell of it), where
+        # computing a prompt token reads every weight: copy when it saves more tokens than the copy costs.
+        stream_bytes = context.n_ctx_seq * model.kv_bytes_per_cell
+        self.stream_copy_min_tokens = max(1, math.ceil(2 * stream_bytes / max(1, model.size_bytes)))
+        """Prompt tokens a copy between split streams must save to be worth it (at least 1)."""
         self.batch = BatchBuffer(context.n_batch)
         self.step_count = 0
         self.prompt_tokens_decoded = 0
@@ -109,8 +116,7 @@ class Scheduler:
         self.step_count += 1
         self.batch.clear()
         self.drop_cancelled()
-        self.add_decode_tokens()
-        self.add_prompt_chunks()
+        self.build_batch()
         if self.batch.n_tokens:
             if self.decode():
                 self.sample_outputs()
@@ -130,37 +136,42 @@ class Scheduler:
         self._evict_idle_caches()
 
     def _place(self, task: GenerationTask) -> None:
-        """Put a task on the idle slot that already holds the longest prefix of its prompt, or copy one in."""
+        """Put a task on an idle slot, reusing the longest cached prefix of its prompt that is worth reusing."""
         prompt = task.prompt_tokens
         limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
         idle = [slot for slot in self.slots if slot.task is None]
-        best, best_n = idle[0], -1
-        for slot in idle:
-            n = slot.common_prefix(prompt)
-            if n > best_n or (n == best_n and slot.last_used < best.last_used):
-                best, best_n = slot, n
-        source, source_n = None, 0
+        if self.context.unified:
+            # Any sequences batch together: the idle slot already holding the longest prefix, else the least recent.
+            target = min(idle, key=lambda slot: (-slot.common_prefix(prompt), slot.last_used))
+        else:
+            # Keep the busy slots contiguous (a gap costs a pass per step); then the longest prefix, then the lowest id.
+            target = min(idle, key=lambda slot: (self._gaps_added(slot), -slot.common_prefix(prompt), slot.id))
+        reuse = min(target.common_prefix(prompt), limit)
+        source, source_n = None, reuse
         for slot in self.slots:
-            if slot.task is not None:
-                n = slot.common_prefix(prompt)
+            if slot is not target:
+                n = min(slot.common_prefix(prompt), limit)
                 if n > source_n:
                     source, source_n = slot, n
-        reuse = min(best_n, limit)
-        gain = min(source_n, limit) - reuse
-        if source is not None and gain > 0 and (self.context.unified or gain >= STREAM_COPY_MIN_TOKENS):
-            # A running sequence holds a longer prefix: give it to the least useful idle slot.
-            target = min(idle, key=lambda slot: (slot.common_prefix(prompt), len(slot.cached) > 0, slot.last_used))
-            reuse = min(source_n, limit)
+        if source is not None and (self.context.unified or source_n - reuse >= self.stream_copy_min_tokens):
+            # Another sequence (running or idle) holds a longer prefix: copy it in.
+            reuse = source_n
             self.context.share(source.id, target.id, reuse)
             target.cached[:] = prompt[:reuse]
         else:
-            target = best
             self.context.forget(target.id, reuse)
         target.assign(task, reuse, self.step_count)
         self.prompt_tokens_reused += reuse
         self.metrics.prompt_tokens.inc(len(prompt))
         if reuse:
             self.metrics.prompt_tokens_reused.inc(reuse)
+
+    def _gaps_added(self, slot: Slot) -> int:
+        """How many more runs of consecutive busy slots there are once `slot` is busy: 1, 0, or -1 (a gap closed)."""
+        slots = self.slots
+        left = slot.id > 0 and slots[slot.id - 1].task is not None
+        right = slot.id + 1 < len(slots) and slots[slot.id + 1].task is not None
+        return 1 - left - right
 
     def _evict_idle_caches(self) -> None:
         """Keep reservations + idle caches within the cache size, dropping the least recently used idle caches.
@@ -187,38 +198,51 @@ class Scheduler:
                 slot.cached.clear()
                 self._finish(slot, "cancelled")
 
-    def add_decode_tokens(self) -> None:
+    def build_batch(self) -> None:
+        """One token for every generating sequence, and prompt chunks in the room left, written in sequence-id order.
+
+        The prompt budget goes to the earliest admitted first; the order in the batch is by sequence id regardless,
+        so that llama.cpp can compute consecutive sequences in one pass (see the module docstring).
+        """
+        slots = self.slots
+        generating = sum(slot.pending >= 0 for slot in slots)
+        chunks = self._prompt_chunk_sizes(self.batch.room - generating, streams_running=generating > 0)
         batch = self.batch
-        for slot in self.slots:
+        for slot in slots:
             token = slot.pending
             if token >= 0:
                 cached = slot.cached
                 slot.output_index = batch.add(token, len(cached), slot.id, True)
                 cached.append(token)
                 slot.pending = -1
+                continue
+            n = chunks.get(slot.id, 0)
+            if n:
+                start = len(slot.cached)
+                chunk = slot.prompt[start : start + n]
+                last = start + n == len(slot.prompt)
+                index = batch.add_run(chunk, start, slot.id, output_last=last)
+                if last:
+                    slot.output_index = index
+                slot.cached.extend(chunk)
+                self.prompt_tokens_decoded += n
 
-    def add_prompt_chunks(self) -> None:
+    def _prompt_chunk_sizes(self, room: int, *, streams_running: bool) -> dict[int, int]:
+        """Prompt tokens each prefilling slot adds this step: the earliest admitted first, within `room` (and within
+        the prefill chunk while streams run, to bound how long this step makes them wait)."""
         prefilling = [slot for slot in self.slots if slot.state is SlotState.PREFILL and slot.output_index < 0]
         if not prefilling:
-            return
+            return {}
         prefilling.sort(key=lambda slot: slot.task.admitted_at)  # type: ignore[union-attr]
-        budget = self.batch.room
-        if self.batch.n_tokens:  # streams are running: bound how long this step makes them wait
-            budget = min(budget, self.prefill_chunk)
+        budget = min(room, self.prefill_chunk) if streams_running else room
+        sizes: dict[int, int] = {}
         for slot in prefilling:
             if budget <= 0:
                 break
-            start = len(slot.cached)
-            remaining = len(slot.prompt) - start
-            n = min(remaining, budget)
-            chunk = slot.prompt[start : start + n]
-            last = n == remaining
-            index = self.batch.add_run(chunk, start, slot.id, output_last=last)
-            if last:
-                slot.output_index = index
-            slot.cached.extend(chunk)
+            n = min(len(slot.prompt) - len(slot.cached), budget)
+            sizes[slot.id] = n
             budget -= n
-            self.prompt_tokens_decoded += n
+        return sizes
 
     # -- decoding and sampling ----------------------------------------------------------------------------------------
 
