@@ -110,8 +110,13 @@ def write_test_model(
     name: str = "sealbox-test-model",
     embedding: bool = False,
     chat_template: str = CHAT_TEMPLATE,
+    never_ends: bool = False,
 ) -> Path:
-    """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, or auto (f32 below 8 MB)."""
+    """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, or auto (f32 below 8 MB).
+
+    `never_ends`: the output rows of the control tokens (EOS, `<|im_end|>`…) are zero, so their logit is 0 while about
+    half the vocabulary scores above it: a top-k sampler never picks them and completions run to `max_tokens`, which
+    is what a throughput benchmark needs (a random model otherwise ends after a dozen tokens)."""
     target = parse_size(size) if isinstance(size, str) else int(size)
     if weight_type == "auto":
         weight_type = "f32" if target < (8 << 20) else "f16"
@@ -159,7 +164,10 @@ def write_test_model(
     kv_width = shape.n_head_kv * shape.head_dim
     tensor("token_embd.weight", n_vocab, e, scale=1.0)
     ones("output_norm.weight", e)
-    tensor("output.weight", n_vocab, e, scale=4 / np.sqrt(e))
+    output = (rng.standard_normal((n_vocab, e), dtype=np.float32) * (4 / np.sqrt(e))).astype(dtype)
+    if never_ends:
+        output[[i for i, kind in enumerate(types) if kind in (_CONTROL_T, _UNKNOWN)]] = 0
+    writer.add_tensor("output.weight", output)
     for i in range(shape.n_layer):
         ones(f"blk.{i}.attn_norm.weight", e)
         ones(f"blk.{i}.ffn_norm.weight", e)
