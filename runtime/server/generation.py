@@ -120,16 +120,20 @@ def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, p
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
     tokens = _tokenize_rendered(model, text)
-    max_tokens = _token_budget(body.token_limit, len(tokens), model.context, cap)
-    generation = GenerationRequest(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
+    generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal)
+    return Prepared(generation, chat=True, tools=plan, prompt_text=text)
+
+
+def _request(kind: str, body: ChatCompletionRequest | CompletionRequest, tokens: list[int], model: ServedModel, *,
+             cap: int, grammar: str | None, principal: str) -> GenerationRequest:  # fmt: skip
+    return GenerationRequest(
+        id=f"{kind}-{uuid.uuid4().hex}",
         prompt_tokens=tokens,
-        max_tokens=max_tokens,
+        max_tokens=_token_budget(body.token_limit, len(tokens), model.context, cap),
         sampling=_sampling(body, grammar),
         stop=body.stop_sequences(),
         principal=principal,
     )
-    return Prepared(generation, chat=True, tools=plan, prompt_text=text)
 
 
 def _template_message(message: Any) -> dict[str, Any]:
@@ -166,15 +170,7 @@ def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int,
         if not text:
             raise ApiError(400, "prompt is empty", param="prompt")
         tokens = engine.tokenize(str(text), add_bos=True, special=False)
-    max_tokens = _token_budget(body.token_limit, len(tokens), model.context, cap)
-    generation = GenerationRequest(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        prompt_tokens=tokens,
-        max_tokens=max_tokens,
-        sampling=_sampling(body, None),
-        stop=body.stop_sequences(),
-        principal=principal,
-    )
+    generation = _request("cmpl", body, tokens, model, cap=cap, grammar=None, principal=principal)
     return Prepared(generation, chat=False, tools=None, prompt_text=text)
 
 
