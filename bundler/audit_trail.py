@@ -7,10 +7,12 @@ decides what the log deletes (the server does). The audit policy used is the one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.hostroot import HostRoot
-from runtime.policy import Policy
+
+if TYPE_CHECKING:  # the policy (pydantic) loads only when an event is recorded: `bundle verify` never pays for it
+    from runtime.policy import Policy
 
 
 class AuditTrailError(Exception):
@@ -27,6 +29,7 @@ def record(root: HostRoot, event: str, policy: Policy | None = None, **fields: A
     """
     from runtime.audit.errors import AuditError
     from runtime.audit.log import AuditLog
+    from runtime.policy import Policy
 
     in_force = policy or Policy.default()
     try:
