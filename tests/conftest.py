@@ -33,6 +33,12 @@ def make_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
+def embedding_model(make_model: Callable[..., Path]) -> Path:
+    """A ~1 MB GGUF that declares mean pooling: the server offers it for `/v1/embeddings`."""
+    return make_model("embedder.gguf", size="1MB", seed=1, embedding=True)
+
+
+@pytest.fixture(scope="session")
 def make_malformed_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     directory = tmp_path_factory.mktemp("bad-models")
     return lambda kind: write_malformed_model(directory / f"{kind}.gguf", kind)

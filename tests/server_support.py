@@ -46,6 +46,8 @@ class ServerProcess:
     root: Path
     models: list[Path] = field(default_factory=list)
     policy: Path | None = None
+    policy_text: str | None = None
+    """A policy's TOML, written to `<root>/policy.toml` and served with (instead of a `policy` file)."""
     no_auth: bool = False
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -78,6 +80,9 @@ class ServerProcess:
         return command + self.extra_args
 
     def start(self, timeout_s: float = 120) -> ServerProcess:
+        if self.policy_text is not None:
+            self.policy = self.root / "policy.toml"
+            self.policy.write_text(self.policy_text)
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(
             self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

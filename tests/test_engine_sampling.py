@@ -134,7 +134,8 @@ def test_embeddings_are_unit_vectors_that_depend_on_the_text(tiny_model: Path) -
         engine = make_engine(tiny_model, embeddings=True)
         await engine.start()
         try:
-            first, second, first_again = await engine.embed(["the water of the day", "people", "the water of the day"])
+            embedded = await engine.embed(["the water of the day", "people", "the water of the day"])
+            first, second, first_again = embedded.vectors
         finally:
             await engine.stop()
         assert math.isclose(math.fsum(x * x for x in first), 1.0, rel_tol=1e-4)

@@ -43,11 +43,8 @@ def api_key(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(root: Path, api_key: str, tiny_model: Path, make_model) -> Iterator[ServerProcess]:
-    embedder = make_model("embedder.gguf", size="1MB", seed=1, embedding=True)
-    policy = root / "policy.toml"
-    policy.write_text(POLICY)
-    with ServerProcess(root, models=[tiny_model, embedder], policy=policy, threads=1) as process:
+def server(root: Path, api_key: str, tiny_model: Path, embedding_model: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(root, models=[tiny_model, embedding_model], policy_text=POLICY) as process:
         yield process
 
 

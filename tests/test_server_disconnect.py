@@ -27,9 +27,7 @@ queue_size = 4
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("appliance")
-    policy = root / "policy.toml"
-    policy.write_text(POLICY)
-    with ServerProcess(root, models=[tiny_model], policy=policy, no_auth=True) as process:
+    with ServerProcess(root, models=[tiny_model], policy_text=POLICY, no_auth=True) as process:
         yield process
 
 

@@ -36,14 +36,11 @@ queue_size = 64
 
 @pytest.fixture(scope="module")
 def served(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, make_model
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, embedding_model: Path
 ) -> Iterator[tuple[ServerProcess, str]]:
     root = tmp_path_factory.mktemp("appliance")
     key = create_api_key(root, "schemathesis")
-    embedder = make_model("embedder.gguf", size="1MB", seed=1, embedding=True)
-    policy = root / "policy.toml"
-    policy.write_text(POLICY)
-    with ServerProcess(root, models=[tiny_model, embedder], policy=policy, threads=1) as process:
+    with ServerProcess(root, models=[tiny_model, embedding_model], policy_text=POLICY) as process:
         yield process, key
 
 

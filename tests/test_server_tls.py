@@ -49,9 +49,8 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("appliance")
     cert, key = self_signed(root)
-    policy = root / "policy.toml"
-    policy.write_text(f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n[limits]\ncontext = 512\n')
-    with ServerProcess(root, models=[tiny_model], policy=policy, no_auth=True) as process:
+    policy = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n[limits]\ncontext = 512\n'
+    with ServerProcess(root, models=[tiny_model], policy_text=policy, no_auth=True) as process:
         yield process
 
 

@@ -35,9 +35,8 @@ TOOLS = [
 def client(tmp_path_factory: pytest.TempPathFactory, make_model) -> Iterator[openai.OpenAI]:
     model = make_model("tooled.gguf", size="1MB", seed=3, chat_template=TOOLS_TEMPLATE)
     root = tmp_path_factory.mktemp("appliance")
-    policy = root / "policy.toml"
-    policy.write_text("[limits]\ncontext = 1024\nmax_tokens = 200\n")
-    with ServerProcess(root, models=[model], policy=policy, no_auth=True) as server:
+    policy = "[limits]\ncontext = 1024\nmax_tokens = 200\n"
+    with ServerProcess(root, models=[model], policy_text=policy, no_auth=True) as server:
         with openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60) as client:
             yield client
 

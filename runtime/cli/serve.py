@@ -23,7 +23,7 @@ from runtime.egress.guard import audit_log_reporter, guard_status_path, install_
 from runtime.egress.offline_env import RemoteReferenceError, apply_offline_environment, require_local_reference
 from runtime.hostroot import HostRoot
 from runtime.policy import Policy, PolicyError
-from runtime.server.model_registry import ModelSource
+from runtime.server.model_registry import ActiveRelease, ModelSource, ReleaseError
 
 _err = Console(stderr=True)
 
@@ -59,8 +59,15 @@ def serve(
     """Serve the active release's models on an OpenAI-compatible API, with auth, admission control and an audit log."""
     apply_offline_environment()
     appliance = HostRoot.resolve(root)
+    release: ActiveRelease | None = None
+    release_error: ReleaseError | None = None
+    if not model:  # read once: its policy is needed before the guard, its models only later
+        try:
+            release = ActiveRelease.load(appliance)
+        except ReleaseError as exc:
+            release_error = exc
     try:
-        policy = _policy(appliance, policy_file, development=bool(model))
+        policy = _policy(policy_file, release)
     except PolicyError as exc:
         raise _fail(str(exc), EXIT_CONFIG) from exc
     guard = install_egress_guard(policy.egress)
@@ -83,7 +90,6 @@ def serve(
     from runtime.api_keys import ApiKeyError, ApiKeyStore, Authenticator
     from runtime.audit.errors import AuditError
     from runtime.audit.log import AuditLog
-    from runtime.server.model_registry import ActiveRelease, ReleaseError
 
     authenticator = None
     if not no_auth:
@@ -94,15 +100,16 @@ def serve(
                             "or use --no-auth on a loopback address")  # fmt: skip
         except ApiKeyError as exc:
             raise _fail(str(exc)) from exc
-    try:
-        if model:
+    if release is not None:
+        sources, release_label = list(release.models), release.label
+    elif release_error is not None:
+        raise _fail(str(release_error))
+    else:
+        try:
             sources = [_local_source(reference) for reference in model]
-            release_label = None
-        else:
-            release = ActiveRelease.load(appliance)
-            sources, release_label = list(release.models), release.label
-    except (ReleaseError, RemoteReferenceError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        except (RemoteReferenceError, ValueError) as exc:
+            raise _fail(str(exc)) from exc
+        release_label = None
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise _fail(f"two models share a name: {names}")
@@ -135,15 +142,19 @@ def serve(
         _err.print(f"sealbox serving {escape(ready)} on http{'s' if policy.server.tls_cert else ''}://"
                    f"{escape(bind_host)}:{bind_port}/v1", highlight=False)  # fmt: skip
 
-    def stopping() -> None:
+    def release_state() -> None:
+        """Withdraw the guard report doctor reads and close the log (a final signed checkpoint). Idempotent."""
         guard_status_path(appliance).unlink(missing_ok=True)
+        if audit is not None:
+            audit.close()
+
+    def stopping() -> None:
         if audit is not None:
             try:
                 audit.append("server.stop", pid=os.getpid())
             except AuditError:
                 pass
-            finally:
-                audit.close()  # the final signed checkpoint
+        release_state()
 
     config = ServerConfig(policy=policy, sources=sources, authenticator=authenticator, audit=audit, threads=threads,
                           on_started=started, on_stopping=stopping)  # fmt: skip
@@ -164,9 +175,7 @@ def serve(
     try:
         server.run(sockets=[listener])
     finally:
-        guard_status_path(appliance).unlink(missing_ok=True)
-        if audit is not None:
-            audit.close()
+        release_state()  # also when start-up failed before the lifespan's `stopping` could run
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -188,18 +197,12 @@ def _listen(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _policy(appliance: HostRoot, policy_file: Path | None, *, development: bool) -> Policy:
+def _policy(policy_file: Path | None, release: ActiveRelease | None) -> Policy:
+    """`--policy`, else the release's policy in force, else the built-in defaults."""
     if policy_file is not None:
         return Policy.load(policy_file)
-    if not development:
-        from runtime.server.model_registry import ActiveRelease, ReleaseError
-
-        try:
-            release = ActiveRelease.load(appliance)
-        except ReleaseError:
-            return Policy.default()
-        if release.policy_path.is_file():
-            return Policy.load(release.policy_path)
+    if release is not None and release.policy_path.is_file():
+        return Policy.load(release.policy_path)
     return Policy.default()
 
 

@@ -53,6 +53,13 @@ GenerationEvent = TextDelta | Finished
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    """Tokens read for all inputs (the usage a client is told and the audit log records)."""
+
+
+@dataclass(frozen=True)
 class EngineStats:
     running: int
     queued: int
@@ -96,6 +103,7 @@ class ModelCard:
     chat_template: str | None = None
     bos_token: str = ""
     eos_token: str = ""
+    """BOS/EOS texts a chat template prints (`{{ bos_token }}`): the engine fills them from the vocabulary it loads."""
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -116,6 +124,6 @@ class Engine(Protocol):
         """
         ...
 
-    async def embed(self, texts: list[str]) -> list[list[float]]: ...
+    async def embed(self, texts: list[str]) -> Embeddings: ...
 
     def stats(self) -> EngineStats: ...

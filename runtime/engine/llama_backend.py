@@ -132,6 +132,31 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])
 
+    @property
+    def bos_text(self) -> str:
+        """The BOS token's text, as a chat template prints it (empty when the vocabulary has none)."""
+        return self._special_text(llama.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        return self._special_text(llama.llama_vocab_eos(self.vocab))
+
+    def _special_text(self, token: int) -> str:
+        if not 0 <= token < self.n_vocab:
+            return ""
+        return llama.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def check_tokens(self, tokens: list[int], what: str) -> None:
+        """llama.cpp aborts the whole process on a token id outside the vocabulary: refuse one before it sees it.
+
+        Raises:
+            InvalidRequest: a token id is outside 0 .. n_vocab - 1.
+        """
+        from runtime.engine.errors import InvalidRequest
+
+        if any(token < 0 or token >= self.n_vocab for token in tokens):
+            raise InvalidRequest(f"{what} holds a token id outside the vocabulary (0..{self.n_vocab - 1})")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ContextSettings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from dataclasses import replace
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -19,6 +20,7 @@ from runtime import metrics
 from runtime.engine.admission import Admission
 from runtime.engine.base import (
     ContextLengthExceeded,
+    Embeddings,
     EngineStats,
     EngineUnavailable,
     Finished,
@@ -107,6 +109,7 @@ class LlamaBatchEngine:
 
     def _load(self) -> None:
         model = Model(self.model_path, n_gpu_layers=self.n_gpu_layers)
+        self.card = replace(self.card, bos_token=model.bos_text, eos_token=model.eos_text)
         context: Context | None = None
         embedding_context: Context | None = None
         try:
@@ -179,7 +182,9 @@ class LlamaBatchEngine:
         return self._running_model().tokenize(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: list[int]) -> str:
+        """Raises InvalidRequest for a token id outside the vocabulary."""
         model = self._running_model()
+        model.check_tokens(tokens, "the input")
         return b"".join(model.piece(token) for token in tokens).decode("utf-8", "replace")
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -210,9 +215,11 @@ class LlamaBatchEngine:
                 needed=needed,
                 limit=self.n_ctx_per_seq,
             )
-        if any(token < 0 or token >= model.n_vocab for token in request.prompt_tokens):
+        try:
+            model.check_tokens(request.prompt_tokens, "the prompt")
+        except InvalidRequest:
             self._metrics.rejected("invalid")
-            raise InvalidRequest(f"the prompt holds a token id outside the vocabulary (0..{model.n_vocab - 1})")
+            raise
         loop = asyncio.get_running_loop()
         if request.max_tokens == 0:
             return _finished_at_once(n_prompt)
@@ -248,7 +255,7 @@ class LlamaBatchEngine:
         elif scheduler is not None:
             scheduler.wake()
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
+    async def embed(self, texts: list[str]) -> Embeddings:
         model = self._running_model()
         scheduler = self._scheduler
         assert scheduler is not None
@@ -268,7 +275,8 @@ class LlamaBatchEngine:
             prompts.append(tokens)
         result: Future[list[list[float]]] = Future()
         scheduler.submit_embeddings(EmbeddingJob(prompts, result))
-        return await asyncio.wrap_future(result)
+        vectors = await asyncio.wrap_future(result)
+        return Embeddings(vectors, prompt_tokens=sum(len(tokens) for tokens in prompts))
 
     def stats(self) -> EngineStats:
         admission, scheduler = self._admission, self._scheduler

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp
 from runtime.api_keys import Authenticator
 from runtime.audit.log import AuditLog
 from runtime.engine.base import EngineError
+from runtime.engine.errors import InvalidRequest
 from runtime.metrics import render_latest
 from runtime.policy import Policy
 from runtime.server import generation
@@ -155,15 +156,15 @@ def create_app(config: ServerConfig) -> ASGIApp:
         model = _model(config, body.model, record, embeddings=True)
         engine = model.engine
         assert engine is not None
-        texts = _embedding_texts(body, engine, vocab_size=model.vocab_size)
+        texts = _embedding_texts(body, engine)
         try:
-            vectors = await engine.embed(texts)
+            embedded = await engine.embed(texts)
         except EngineError as exc:
             raise from_engine_error(exc) from exc
-        record.prompt_tokens = sum(len(engine.tokenize(text, add_bos=True, special=False)) for text in texts)
+        record.prompt_tokens = embedded.prompt_tokens
         data = [
             {"object": "embedding", "index": i, "embedding": _encode(vector, body.encoding_format)}
-            for i, vector in enumerate(vectors)
+            for i, vector in enumerate(embedded.vectors)
         ]
         usage = {"prompt_tokens": record.prompt_tokens, "total_tokens": record.prompt_tokens}
         return {"object": "list", "data": data, "model": model.name, "usage": usage}
@@ -173,7 +174,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
     return RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
 
 
-def _embedding_texts(body: EmbeddingRequest, engine: Any, *, vocab_size: int) -> list[str]:
+def _embedding_texts(body: EmbeddingRequest, engine: Any) -> list[str]:
     value = body.input
     if isinstance(value, str):
         texts = [value]
@@ -183,12 +184,12 @@ def _embedding_texts(body: EmbeddingRequest, engine: Any, *, vocab_size: int) ->
         inputs = [value] if isinstance(value[0], int) else value  # one list of token ids, or several
         if len(inputs) > MAX_EMBEDDING_INPUTS:
             raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+        texts = []
         for i, tokens in enumerate(inputs):
-            # llama.cpp aborts the whole process on a token id outside the vocabulary: check before it sees one.
-            if any(not 0 <= token < vocab_size for token in tokens):  # type: ignore[union-attr]
-                raise ApiError(400, f"input {i} holds a token id outside the vocabulary (0..{vocab_size - 1})",
-                               code="invalid_request", param="input")  # fmt: skip
-        texts = [engine.detokenize(list(tokens)) for tokens in inputs]  # type: ignore[arg-type]
+            try:  # the engine refuses a token id outside the vocabulary (llama.cpp would abort the process)
+                texts.append(engine.detokenize(list(tokens)))  # type: ignore[arg-type]
+            except InvalidRequest as exc:
+                raise ApiError(400, f"input {i}: {exc}", code="invalid_request", param="input") from exc
     if len(texts) > MAX_EMBEDDING_INPUTS:
         raise ApiError(400, f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
     for i, text in enumerate(texts):

@@ -6,6 +6,7 @@ request (GDPR Art. 5(1)(b): purpose limitation is recorded per processing, not p
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.api_keys import ApiKeyError, Authenticator
@@ -13,13 +14,6 @@ from runtime.server.errors import ApiError
 from runtime.server.request_record import API_PREFIX, PURPOSE_HEADER, current_record
 
 MAX_PURPOSE = 200
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 class Authentication:
@@ -33,7 +27,8 @@ class Authentication:
             await self.app(scope, receive, send)
             return
         record = current_record(scope)
-        purpose = _header(scope, PURPOSE_HEADER.encode())
+        headers = Headers(scope=scope)
+        purpose = headers.get(PURPOSE_HEADER)
         if purpose is not None and (len(purpose) > MAX_PURPOSE or not purpose.isprintable() or not purpose.strip()):
             error = ApiError(400, f"X-Sealbox-Purpose must be 1 to {MAX_PURPOSE} printable characters",
                              code="invalid_request", param="X-Sealbox-Purpose")  # fmt: skip
@@ -41,7 +36,7 @@ class Authentication:
             return
         if self.authenticator is not None:
             error = None
-            authorization = _header(scope, b"authorization") or ""
+            authorization = headers.get("authorization", "")
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 error = ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")

@@ -7,6 +7,7 @@ the server hold more than the limit.
 
 from __future__ import annotations
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.server.errors import ApiError
@@ -24,18 +25,17 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await ApiError(400, "Content-Length is not a number", code="invalid_request").response()(
-                        scope, receive, send
-                    )
-                    return
-                if declared > self.max_bytes:
-                    await self._too_large().response()(scope, receive, send)
-                    return
+        for value in Headers(scope=scope).getlist("content-length"):
+            try:
+                declared = int(value)
+            except ValueError:
+                await ApiError(400, "Content-Length is not a number", code="invalid_request").response()(
+                    scope, receive, send
+                )
+                return
+            if declared > self.max_bytes:
+                await self._too_large().response()(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         while True:

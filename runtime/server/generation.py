@@ -190,6 +190,11 @@ def _finish_reason(reason: str, tool_calls: list[dict[str, Any]]) -> str:
     return "length" if reason == "length" else "stop"
 
 
+def _fingerprint(model: ServedModel) -> str:
+    """`system_fingerprint`: which model file answered (its digest's prefix)."""
+    return f"sealbox-{model.sha256[:12]}"
+
+
 def _usage(finished: Finished) -> dict[str, int]:
     return {
         "prompt_tokens": finished.prompt_tokens,
@@ -198,9 +203,8 @@ def _usage(finished: Finished) -> dict[str, int]:
     }
 
 
-def _note(record: RequestRecord, model: ServedModel, prepared: Prepared, finished: Finished | None, text: str,
-          log_content: bool) -> None:  # fmt: skip
-    record.prompt_tokens = len(prepared.generation.prompt_tokens)
+def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, text: str, log_content: bool) -> None:
+    """What the audit record says of the answer (its prompt tokens were noted when the request was prepared)."""
     if finished is not None:
         record.completion_tokens = finished.completion_tokens
         record.finish_reason = finished.reason
@@ -242,7 +246,6 @@ async def answer(
             collecting.cancel()
         await _close(events)
     if not collecting.done() or collecting.cancelled():
-        record.prompt_tokens = len(prepared.generation.prompt_tokens)
         record.finish_reason = "cancelled"
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     try:
@@ -251,7 +254,7 @@ async def answer(
         raise from_engine_error(exc) from exc
     assert finished is not None
     text = "".join(parts)
-    _note(record, model, prepared, finished, text, log_content)
+    _note(record, prepared, finished, text, log_content)
     created = int(time.time())
     generation = prepared.generation
     if not prepared.chat:
@@ -268,7 +271,7 @@ async def answer(
         message["tool_calls"] = calls
     body = {
         "id": generation.id, "object": "chat.completion", "created": created, "model": model.name,
-        "system_fingerprint": f"sealbox-{model.sha256[:12]}",
+        "system_fingerprint": _fingerprint(model),
         "choices": [{"index": 0, "message": message, "logprobs": None,
                      "finish_reason": _finish_reason(finished.reason, calls)}],
         "usage": _usage(finished),
@@ -285,7 +288,7 @@ def stream(
     created = int(time.time())
     chat = prepared.chat
     kind = "chat.completion.chunk" if chat else "text_completion"
-    fingerprint = f"sealbox-{model.sha256[:12]}"
+    fingerprint = _fingerprint(model)
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
         data: dict[str, Any] = {"id": generation.id, "object": kind, "created": created, "model": model.name,
@@ -321,11 +324,11 @@ def stream(
                     finished = event
             assert finished is not None
             yield chunk([choice(None, _finish_reason(finished.reason, []))])
-            _note(record, model, prepared, finished, "".join(parts), log_content)
+            _note(record, prepared, finished, "".join(parts), log_content)
             if include_usage:
                 yield chunk([], _usage(finished))
         except EngineError as exc:
-            _note(record, model, prepared, None, "".join(parts), log_content)
+            _note(record, prepared, None, "".join(parts), log_content)
             error = from_engine_error(exc)
             yield f"data: {json.dumps(error.body())}\n\n"
             await _commit_or_fail(record, error.status)

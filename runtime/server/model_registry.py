@@ -81,8 +81,6 @@ class ServedModel:
     context: int = 0
     sequences: int = 0
     gpu_layers: int = 0
-    vocab_size: int = 0
-    """Token ids a client may send are 0 .. vocab_size - 1 (llama.cpp aborts the process on any other)."""
 
     @property
     def name(self) -> str:
@@ -161,7 +159,6 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
     try:
         facts = probe.facts or read_facts(source.path)
         template = chat_template(source.path)
-        bos, eos, served.vocab_size = _tokenizer_facts(source.path)
         sizing = plan_for_policy(source.path, limits).engine_sizing()
     except (ModelFileError, MemoryPlanError) as exc:
         raise _Refused(str(exc)) from exc
@@ -173,8 +170,6 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
         n_ctx=sizing.n_ctx_per_seq,
         embeddings=served.embeddings,
         chat_template=template,
-        bos_token=bos,
-        eos_token=eos,
     )
     engine = LlamaBatchEngine(
         source.path,
@@ -197,23 +192,3 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
         source.name, served.sha256[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.n_gpu_layers,
     )  # fmt: skip
     return engine
-
-
-def _tokenizer_facts(path: Path) -> tuple[str, str, int]:
-    """The BOS and EOS token texts a chat template may print (`{{ bos_token }}`), and the vocabulary's size."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    size = len(tokens.data) if tokens is not None else 0
-
-    def token(key: str) -> str:
-        field_ = reader.fields.get(key)
-        if field_ is None or tokens is None:
-            return ""
-        index = int(field_.contents())
-        if not 0 <= index < size:
-            return ""
-        return str(tokens.contents(index))
-
-    return token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id"), size
