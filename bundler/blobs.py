@@ -3,7 +3,9 @@
 Writing reads every source byte exactly once: each buffer is hashed (part digest; whole-blob digest on a second thread
 when the blob is split) and handed to a writer thread, so reading+hashing and writing overlap. Parts are written under
 temporary names in the work directory and renamed into `blobs/sha256/` only when the whole blob is hashed (their names
-depend on its digest) and fsync'd.
+depend on its digest) and fsync'd. Durable part files are written with O_DIRECT where the filesystem allows it: the
+bytes go from the buffer to the medium without filling the page cache, whose dirty-page throttling halved write speed
+here (measured: 0.9 GB/s buffered, 1.8 GB/s direct, same disk), and the closing fsync has nothing left to flush.
 
 Resuming: after a blob's parts are renamed, a small JSON record (source path, size, mtime, inode; digest, parts; each
 part file's size and mtime) is written atomically to the work directory. A re-run reuses a blob when the source and
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import errno
+import fcntl
 import math
+import mmap
 import os
 import queue
 import re
@@ -33,11 +38,20 @@ from bundler.manifest import BLOB_DIR, BlobEntry, Part, part_file_names
 
 FAT32_MAX_FILE = 4 * 1024**3 - 1
 DEFAULT_MAX_PART_SIZE = FAT32_MAX_FILE
-BUFFER_SIZE = 8 * 1024 * 1024
-"""Large enough that per-call overhead vanishes (measured: 1-16 MiB hash alike)."""
-BUFFERS = 8
-"""64 MiB in flight lets reading and hashing run ahead while the page cache stalls a write (it does, in bursts)."""
+BUFFER_SIZE = 1024 * 1024
+"""Small enough that the bytes just read are still in the L2 cache when they are hashed (read+hash of 2 GiB: 1.31 s
+with 256 KiB-1 MiB buffers, 1.37 s with 8 MiB), large enough that per-call overhead vanishes."""
+BUFFERS = 16
+"""16 MiB in flight lets reading and hashing run ahead while a write waits on the medium."""
+DIRECT_ALIGN = 4096
+"""O_DIRECT needs offsets and lengths in whole logical blocks; 4 KiB covers 512-byte and 4K-native media."""
 WRITEBACK_EVERY = 32 * 1024 * 1024
+"""Without O_DIRECT, start writeback this often so the closing fsync finds little left."""
+READ_AHEAD = 16 * 1024 * 1024
+"""How far ahead of the reader the kernel is asked to fetch. A cold 2 GiB file hashed in 5.0 s with the kernel's own
+readahead and in 1.5 s with this; warm reads are unchanged (1.35 s)."""
+
+Buffer = bytearray | mmap.mmap
 
 ByteCounter = Callable[[int], None]
 _SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)?\s*", re.IGNORECASE)
@@ -106,14 +120,14 @@ class _Lane(threading.Thread):
     The first exception is kept and re-raised by `finish`; later items are drained so the reader never blocks.
     """
 
-    def __init__(self, name: str, consume: Callable[[memoryview], Any], release: Callable[[bytearray], None]) -> None:
+    def __init__(self, name: str, consume: Callable[[memoryview], Any], release: Callable[[Buffer], None]) -> None:
         super().__init__(name=name, daemon=True)
         self._consume = consume
         self._release = release
-        self._items: queue.SimpleQueue[tuple[bytearray, int] | Callable[[], Any] | None] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[tuple[Buffer, int] | Callable[[], Any] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
 
-    def put(self, item: tuple[bytearray, int] | Callable[[], Any]) -> None:
+    def put(self, item: tuple[Buffer, int] | Callable[[], Any]) -> None:
         self._items.put(item)
 
     def run(self) -> None:
@@ -142,23 +156,26 @@ class _Lane(threading.Thread):
 
 
 class _BufferPool:
-    """Buffers shared by several lanes: one returns to the pool when every lane is done with it."""
+    """Buffers shared by several lanes: one returns to the pool when every lane is done with it.
+
+    Anonymous maps, so every buffer starts on a page boundary as O_DIRECT requires.
+    """
 
     def __init__(self, count: int, size: int) -> None:
-        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._pending: dict[int, int] = {}
         self._lock = threading.Lock()
         for _ in range(count):
-            self._free.put(bytearray(size))
+            self._free.put(mmap.mmap(-1, size))
 
-    def take(self) -> bytearray:
+    def take(self) -> mmap.mmap:
         return self._free.get()
 
-    def share(self, buffer: bytearray, users: int) -> None:
+    def share(self, buffer: Buffer, users: int) -> None:
         with self._lock:
             self._pending[id(buffer)] = users
 
-    def release(self, buffer: bytearray) -> None:
+    def release(self, buffer: Buffer) -> None:
         with self._lock:
             self._pending[id(buffer)] -= 1
             done = self._pending[id(buffer)] == 0
@@ -169,39 +186,64 @@ class _BufferPool:
 class _PartFile:
     """The writer lane's current output file; fsync'd on close so a record never outlives its bytes.
 
-    When durable, writeback is started every few MiB (fadvise DONTNEED starts it without waiting), so the disk writes
-    while the next bytes are hashed and the closing fsync finds little left to do.
+    When durable it is opened with O_DIRECT. A filesystem that refuses O_DIRECT (tmpfs), or a write that is not in
+    whole blocks (a part's tail, a part size that is not a multiple of 4 KiB), switches the file to buffered writes
+    for the rest; those start writeback every few MiB (fadvise DONTNEED starts it without waiting), so the disk
+    writes while the next bytes are hashed.
     """
 
     def __init__(self, durable: bool) -> None:
         self._durable = durable
-        self._file: Any = None
+        self._fd = -1
+        self._direct = False
         self._written = 0
         self._flushed = 0
 
     def open(self, path: Path) -> None:
-        self._file = open(path, "wb", buffering=0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self._direct = False
+        if self._durable and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
+                self._direct = True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        if not self._direct:
+            self._fd = os.open(path, flags, 0o666)
         self._written = self._flushed = 0
 
     def write(self, view: memoryview) -> None:
+        if self._direct and (len(view) % DIRECT_ALIGN or self._written % DIRECT_ALIGN):
+            self._buffered()
         while view:
-            written = self._file.write(view)
+            try:
+                written = os.write(self._fd, view)
+            except OSError as exc:
+                if not (self._direct and exc.errno == errno.EINVAL):
+                    raise
+                self._buffered()  # the medium wants a larger alignment than 4 KiB
+                continue
             view = view[written:]
             self._written += written
-        if self._durable and self._written - self._flushed >= WRITEBACK_EVERY:
-            os.posix_fadvise(self._file.fileno(), self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+        if self._durable and not self._direct and self._written - self._flushed >= WRITEBACK_EVERY:
+            os.posix_fadvise(self._fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = self._written
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+        self._flushed = self._written
 
     def close(self) -> None:
         if self._durable:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+            os.fsync(self._fd)
+        self.abort()
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class BlobWriter:
@@ -233,7 +275,6 @@ class BlobWriter:
         except FileNotFoundError as exc:
             raise InputError(f"{source}: no such file") from exc
         with open(fd, "rb", buffering=0) as reader:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise InputError(f"{source}: not a regular file")
@@ -243,7 +284,7 @@ class BlobWriter:
                 if on_bytes:
                     on_bytes(reused.size)
                 return reused
-            return self._copy(reader, source, info, key, on_bytes)
+            return self._copy(reader, ReadAhead(fd), source, info, key, on_bytes)
 
     def _record_key(self, source: Path, info: os.stat_result) -> str:
         identity = f"{os.path.abspath(source)}\0{info.st_dev}\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}"
@@ -268,7 +309,9 @@ class BlobWriter:
             return None
         return blob
 
-    def _copy(self, reader: Any, source: Path, info: os.stat_result, key: str, on_bytes: ByteCounter | None) -> WrittenBlob:
+    def _copy(
+        self, reader: Any, ahead: ReadAhead, source: Path, info: os.stat_result, key: str, on_bytes: ByteCounter | None
+    ) -> WrittenBlob:
         size = info.st_size
         count = max(1, math.ceil(size / self.max_part_size))
         temps = [self.work_dir / f"{key}.part{index:03d}.tmp" for index in range(count)]
@@ -285,7 +328,7 @@ class BlobWriter:
             try:
                 for index, temp in enumerate(temps):
                     writer.put(lambda temp=temp: part_file.open(temp))
-                    parts.append(self._copy_part(reader, source, index, size, pool, lanes, on_bytes))
+                    parts.append(self._copy_part(reader, ahead, source, index, size, pool, lanes, on_bytes))
                     writer.put(part_file.close)
                 if reader.read(1):
                     raise InputError(f"{source}: grew while being read; copy it somewhere stable first")
@@ -316,6 +359,7 @@ class BlobWriter:
     def _copy_part(
         self,
         reader: Any,
+        ahead: ReadAhead,
         source: Path,
         index: int,
         size: int,
@@ -331,6 +375,7 @@ class BlobWriter:
             for lane in lanes:
                 if lane.error is not None:
                     raise lane.error
+            ahead.at(start + length - left)
             buffer = pool.take()
             with memoryview(buffer) as view:
                 got = reader.readinto(view[: min(left, len(buffer))])
@@ -356,6 +401,20 @@ class BlobWriter:
             "files": [{"size": (s := os.lstat(path)).st_size, "mtime_ns": s.st_mtime_ns} for path in finals],
         }
         write_atomically(self.records / f"{key}.json", json.dumps(record).encode())
+
+
+class ReadAhead:
+    """Keeps the kernel fetching the next `READ_AHEAD` bytes of a file while the current ones are hashed."""
+
+    def __init__(self, fd: int, start: int = 0) -> None:
+        self._fd = fd
+        self._asked = start
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def at(self, position: int) -> None:
+        if self._asked < position + READ_AHEAD:
+            os.posix_fadvise(self._fd, self._asked, READ_AHEAD, os.POSIX_FADV_WILLNEED)
+            self._asked += READ_AHEAD
 
 
 def open_part(path: Path) -> tuple[int, os.stat_result]:
@@ -385,19 +444,20 @@ def stream_part(
     consumers: list[Callable[[memoryview], Any]],
     on_bytes: ByteCounter | None = None,
     stop: threading.Event | None = None,
-    buffer: bytearray | None = None,
+    buffer: Buffer | None = None,
 ) -> int:
     """Feed up to `limit + 1` bytes of `fd` to `consumers` (one extra to notice a file that is too long).
 
     Returns the number of bytes read, or -1 when `stop` was set part-way (another part already failed).
     """
     buffer = buffer or bytearray(BUFFER_SIZE)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger readahead: matters on a cold USB medium
+    ahead = ReadAhead(fd)  # a cold USB medium is read at its speed, not at the kernel's default readahead's
     total = 0
     with open(fd, "rb", buffering=0, closefd=False) as reader, memoryview(buffer) as view:
         while total <= limit:
             if stop is not None and stop.is_set():
                 return -1
+            ahead.at(total)
             got = reader.readinto(view[: min(len(buffer), limit + 1 - total)])
             if not got:
                 break

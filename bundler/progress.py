@@ -18,6 +18,12 @@ class Progress(Protocol):
 
 
 class SilentProgress:
+    def __enter__(self) -> SilentProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
     def step(self, description: str) -> None:
         pass
 

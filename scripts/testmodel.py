@@ -36,6 +36,11 @@ _PUNCT = list(".,:;!?'\"(){}[]-_/0123456789")
 _NORMAL, _UNKNOWN, _CONTROL_T, _BYTE = 1, 2, 3, 6
 
 
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
+WEIGHT_TYPES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+"""Bytes per weight: a Q8_0 block is 32 int8 weights and one f16 scale."""
+
+
 @dataclass(frozen=True)
 class Shape:
     n_embd: int
@@ -112,7 +117,8 @@ def write_test_model(
     chat_template: str = CHAT_TEMPLATE,
     never_ends: bool = False,
 ) -> Path:
-    """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, or auto (f32 below 8 MB).
+    """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, q8_0 (8-bit blocks, as models are
+    commonly served on CPUs), or auto (f32 below 8 MB, else f16).
 
     `never_ends`: the output rows of the control tokens (EOS, `<|im_end|>`…) are zero, so their logit is 0 while about
     half the vocabulary scores above it: a top-k sampler never picks them and completions run to `max_tokens`, which
@@ -120,9 +126,11 @@ def write_test_model(
     target = parse_size(size) if isinstance(size, str) else int(size)
     if weight_type == "auto":
         weight_type = "f32" if target < (8 << 20) else "f16"
-    dtype = {"f32": np.float32, "f16": np.float16}[weight_type]
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)} (got {weight_type!r})")
+    dtype = np.float16 if weight_type == "f16" else np.float32
     tokens, scores, types = vocabulary()
-    shape = shape_for_size(target, bytes_per_weight=np.dtype(dtype).itemsize, vocab=len(tokens))
+    shape = shape_for_size(target, bytes_per_weight=WEIGHT_TYPES[weight_type], vocab=len(tokens))
     rng = np.random.default_rng(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +147,11 @@ def write_test_model(
     writer.add_head_count_kv(shape.n_head_kv)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(
+        {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[
+            weight_type
+        ]
+    )
     if embedding:
         writer.add_pooling_type(gguf.PoolingType.MEAN)
     writer.add_tokenizer_model("llama")
@@ -153,9 +165,15 @@ def write_test_model(
     writer.add_add_eos_token(False)
     writer.add_chat_template(chat_template)
 
+    def matrix(name: str, values: np.ndarray) -> None:
+        if weight_type == "q8_0":  # rows are whole 32-weight blocks: every width here is a multiple of 32
+            writer.add_tensor(name, gguf.quants.quantize(values, Q8_0), raw_dtype=Q8_0)
+        else:
+            writer.add_tensor(name, values.astype(dtype))
+
     def tensor(name: str, *dims: int, scale: float | None = None) -> None:
         std = scale if scale is not None else 1 / np.sqrt(dims[-1])
-        writer.add_tensor(name, (rng.standard_normal(dims, dtype=np.float32) * std).astype(dtype))
+        matrix(name, rng.standard_normal(dims, dtype=np.float32) * std)
 
     def ones(name: str, n: int) -> None:
         writer.add_tensor(name, np.ones(n, dtype=np.float32))
@@ -164,10 +182,10 @@ def write_test_model(
     kv_width = shape.n_head_kv * shape.head_dim
     tensor("token_embd.weight", n_vocab, e, scale=1.0)
     ones("output_norm.weight", e)
-    output = (rng.standard_normal((n_vocab, e), dtype=np.float32) * (4 / np.sqrt(e))).astype(dtype)
+    output = rng.standard_normal((n_vocab, e), dtype=np.float32) * (4 / np.sqrt(e))
     if never_ends:
         output[[i for i, kind in enumerate(types) if kind in (_CONTROL_T, _UNKNOWN)]] = 0
-    writer.add_tensor("output.weight", output)
+    matrix("output.weight", output)
     for i in range(shape.n_layer):
         ones(f"blk.{i}.attn_norm.weight", e)
         ones(f"blk.{i}.ffn_norm.weight", e)

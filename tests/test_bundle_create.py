@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bundler.blobs import FAT32_MAX_FILE, parse_size
+from bundler.blobs import FAT32_MAX_FILE, BlobWriter, parse_size
 from bundler.cli.bundle import bundle_app
 from bundler.create import WORK_DIR, parse_expiry
 from bundler.errors import InputError, MissingFileError
@@ -103,6 +103,29 @@ def test_create_splits_a_large_blob_into_parts_of_the_maximum_size(tmp_path: Pat
         assert stored.read_bytes() == data[index * 65536 : (index + 1) * 65536]
         assert part.sha256 == sha256(stored)
     assert entry.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("size", "part_size"),
+    [
+        (5 * 1024**2 + 123, 2 * 1024**2),  # whole blocks written direct, then a buffered tail
+        (5 * 1024**2 + 123, 2 * 1024**2 + 512),  # a part ends mid-block: the file turns buffered part-way
+        (20_000, 3000),  # no write is ever in whole blocks
+    ],
+)
+def test_the_blob_writer_stores_every_byte_whether_writes_go_direct_or_buffered(
+    tmp_path: Path, size: int, part_size: int
+) -> None:
+    data = os.urandom(size)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data)
+    bundle = tmp_path / "bundle"
+    blob = BlobWriter(bundle, work_dir=tmp_path / "work", max_part_size=part_size).write(source)
+    stored = [(bundle / name).read_bytes() for name in blob.files]
+    assert b"".join(stored) == data
+    assert blob.sha256 == hashlib.sha256(data).hexdigest()
+    assert [len(part) for part in stored] == [part.size for part in blob.parts]
+    assert [hashlib.sha256(part).hexdigest() for part in stored] == [part.sha256 for part in blob.parts]
 
 
 def test_create_refuses_a_non_gguf_model_before_writing_anything(tmp_path: Path, keys: Path) -> None:

@@ -15,13 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from bundler.blobs import DEFAULT_MAX_PART_SIZE, format_size, parse_size
 from bundler.cli.keys import fail, open_signer
-from bundler.cli.progress import RichProgress
+from bundler.cli.progress import stderr_progress
 from bundler.errors import BundleError, InputError, KeyFileError
 from bundler.keys import load_public_key
 from bundler.manifest import Target, format_time
@@ -29,7 +26,6 @@ from bundler.signing import check_signatures
 from bundler.verify import failure_to_dict, read_unverified, verify_bundle
 
 bundle_app = typer.Typer(help="Create, verify, co-sign and inspect signed offline bundles.", no_args_is_help=True)
-_out = Console()
 
 
 @contextmanager
@@ -155,7 +151,7 @@ def create(
             now=now,
         )
         base_manifest = BaseManifest.load(base) if base is not None else None
-        with RichProgress() as progress:
+        with stderr_progress() as progress:
             if base_manifest is not None:
                 result = create_delta(request, base_manifest, progress)
             else:
@@ -184,7 +180,7 @@ def verify(
     with _refusals(as_json):
         trusted = _trusted(trust)
         _check_threshold(trusted, threshold)
-        progress = RichProgress()
+        progress = stderr_progress()
         with progress:
             total = _carried_bytes(directory)
             with progress.bytes("verifying", total) as advance:
@@ -232,7 +228,7 @@ def sign(
         trusted = _trusted(trust)
         if trusted:
             _check_threshold(trusted, threshold)
-        with RichProgress() as progress:
+        with stderr_progress() as progress:
             with progress.bytes("checking every part before signing", _carried_bytes(directory)) as advance:
                 result = cosign_bundle(directory, signers, trusted=trusted, threshold=threshold, on_bytes=advance)
     if as_json:
@@ -265,16 +261,21 @@ def inspect(
     if as_json:
         typer.echo(json.dumps({"manifest": manifest.to_dict(), "signatures": signatures}))
         return
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    out = Console()
     target = manifest.target
-    _out.print(
+    out.print(
         f"[bold]{escape(manifest.name)}[/] version {manifest.version}  created {format_time(manifest.created)}  "
         f"expires {format_time(manifest.expires)}"
     )
-    _out.print(f"target: Python {target.python} ({target.implementation}/{target.abi}) {', '.join(target.platforms[:3])}")
+    out.print(f"target: Python {target.python} ({target.implementation}/{target.abi}) {', '.join(target.platforms[:3])}")
     if manifest.base:
-        _out.print(f"delta on {manifest.base.name} version {manifest.base.version} ({manifest.base.manifest_sha256[:16]})")
+        out.print(f"delta on {manifest.base.name} version {manifest.base.version} ({manifest.base.manifest_sha256[:16]})")
     for item in signatures:
-        _out.print(f"signature {item['keyid']}: {item['status']}")
+        out.print(f"signature {item['keyid']}: {item['status']}")
     table = Table("role", "path", "size", "parts", "sha256", "facts / provenance")
     for entry in manifest.blobs:
         facts = _facts(entry.role, entry.meta)
@@ -286,7 +287,7 @@ def inspect(
             entry.sha256[:16],
             escape(f"{facts}{' · ' if facts else ''}{entry.provenance}"),
         )
-    _out.print(table)
+    out.print(table)
 
 
 def _facts(role: str, meta: dict[str, Any]) -> str:

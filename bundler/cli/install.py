@@ -22,7 +22,7 @@ from bundler.audit_trail import AuditTrailError
 from bundler.blobs import format_size
 from bundler.cli.bundle import bundle_app
 from bundler.cli.keys import fail
-from bundler.cli.progress import RichProgress
+from bundler.cli.progress import stderr_progress
 from bundler.delta import DeltaBaseError
 from bundler.errors import BundleError
 from bundler.install import InstallRequest, install_bundle
@@ -82,7 +82,7 @@ def install(
         request = InstallRequest(
             bundle=directory, root=host, allow_downgrade=allow_downgrade, confirm=(lambda _q: True) if yes else _ask
         )
-        with RichProgress() as progress:
+        with stderr_progress() as progress:
             result = install_bundle(request, progress)
         commands = enable(host.path) if enable_service else []
     if as_json:

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from securesystemslib.signer import CryptoSigner
 
@@ -17,7 +15,6 @@ from bundler.errors import KeyFileError
 from bundler.keys import PASSPHRASE_ENV, generate_key_pair, load_signer, private_key_is_encrypted
 
 keys_app = typer.Typer(help="Publisher keys (Ed25519) that sign bundles.", no_args_is_help=True)
-_err = Console(stderr=True)
 
 
 def passphrase(prompt: str, *, confirm: bool) -> bytes:
@@ -34,7 +31,10 @@ def open_signer(path: Path) -> CryptoSigner:
 
 
 def fail(error: Exception, code: int) -> typer.Exit:
-    _err.print(f"[bold red]sealbox: refused:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    from rich.console import Console  # here, not at the top: a command that succeeds never needs rich
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[bold red]sealbox: refused:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
