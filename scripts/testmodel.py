@@ -85,7 +85,7 @@ def shape_for_size(target_bytes: int, *, bytes_per_weight: float, vocab: int) ->
     """The smallest embedding width whose layer count (≤ 24) reaches the target size."""
     for n_embd in (64, 128, 256, 384, 512, 768, 1024, 1536, 2048):
         n_ff = n_embd * 2
-        n_head = max(2, n_embd // 32)
+        n_head = max(2, n_embd // 64)  # head size 64, as in real small models (SmolLM, Qwen2.5-0.5B, TinyLlama)
         n_head_kv = n_head // 2
         kv_width = n_head_kv * (n_embd // n_head)
         per_layer = (2 * n_embd * n_embd + 2 * kv_width * n_embd + 3 * n_embd * n_ff) * bytes_per_weight

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
+import openai
 import pytest
 
 from runtime.models.gguf_facts import NotGGUFError, chat_template, kv_bytes_per_token, read_facts
@@ -90,3 +91,19 @@ def test_probe_reports_a_vocabulary_that_aborts_llama_cpp_without_dying(make_mal
 def test_probe_reports_malformed_files(make_malformed_model: Callable[[str], Path], kind: str) -> None:
     result = probe_model(make_malformed_model(kind))
     assert not result.ok and result.reason
+
+
+def test_a_q8_0_model_is_served_even_on_a_host_whose_amx_kernels_crash(
+    tmp_path: Path, make_model: Callable[..., Path]
+) -> None:
+    """llama.cpp hands Q8_0 weights to its AMX kernels where the CPU reports AMX; a guest that cannot run AMX is then
+    killed at the first matmul. The probe decodes in a child, and the server loads what the probe found to work."""
+    from server_support import ServerProcess
+
+    model = make_model("quantized.gguf", size="1MB", weight_type="q8_0")
+    assert probe_model(model).ok
+    with ServerProcess(tmp_path, models=[model], no_auth=True) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        answer = client.completions.create(model="quantized", prompt="hello", max_tokens=4, temperature=0)
+        assert answer.usage.completion_tokens == 4
+        assert server.alive

@@ -66,12 +66,15 @@ class KVCacheFullError(EngineError):
 class Model:
     """A loaded GGUF model and its vocabulary."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, extra_buffers: bool = True) -> None:
+        """`extra_buffers`: llama.cpp's CPU weight layouts (AMX tiles, repacked blocks). Faster where they work; the
+        AMX kernels crash the process on CPUs that report AMX to a guest that cannot run it (see `models.probe`)."""
         _init_once()
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = extra_buffers
         handle = llama.llama_model_load_from_file(str(path).encode(), params)
         if not handle:
             raise ModelLoadError(f"{path}: llama.cpp could not load this GGUF file")

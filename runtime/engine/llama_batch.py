@@ -52,6 +52,7 @@ class LlamaBatchEngine:
         n_ctx_per_seq: int,
         queue_size: int,
         n_gpu_layers: int = 0,
+        extra_buffers: bool = True,
         n_threads: int | None = None,
         embeddings: bool = False,
         kv_cells: int | None = None,
@@ -75,6 +76,7 @@ class LlamaBatchEngine:
         self.n_ctx_per_seq = n_ctx_per_seq
         self.queue_size = queue_size
         self.n_gpu_layers = n_gpu_layers
+        self.extra_buffers = extra_buffers
         self.n_threads = n_threads or os.cpu_count() or 1
         self.embeddings = embeddings
         full = n_seq_max * n_ctx_per_seq
@@ -108,7 +110,7 @@ class LlamaBatchEngine:
         metrics.track_engine(self.card.name, self)
 
     def _load(self) -> None:
-        model = Model(self.model_path, n_gpu_layers=self.n_gpu_layers)
+        model = Model(self.model_path, n_gpu_layers=self.n_gpu_layers, extra_buffers=self.extra_buffers)
         self.card = replace(self.card, bos_token=model.bos_text, eos_token=model.eos_text)
         context: Context | None = None
         embedding_context: Context | None = None

@@ -1,8 +1,14 @@
 """Load a model in a child process first: llama.cpp aborts the whole process on some malformed files.
 
 `probe_model` runs `python -m runtime.models.probe PATH`; the child parses the header, loads the model on the CPU with
-a tiny context and tokenizes a string. A child killed by a signal or a timeout becomes a clear reason, and the caller
-(the server, `doctor`) stays up and serves the models that passed.
+the engine's own backend and a tiny context, tokenizes a string and decodes it: one forward pass through every weight
+matrix, with the kernels the server will use. A child killed by a signal or a timeout becomes a clear reason, and the
+caller (the server, `doctor`) stays up and serves the models that passed.
+
+A child that crashes only with llama.cpp's CPU extra buffer types (AMX tiles, repacked weights) is probed again
+without them: some hypervisors report AMX to a guest that cannot execute it, and llama.cpp's AMX matmul then kills
+the process on the first request (seen here: SIGSEGV in `ggml_backend_amx_mul_mat` for any Q8_0 model on a Xeon
+guest). Such a model is served without them, a little slower, instead of not at all.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ class ProbeResult:
     ok: bool
     reason: str
     facts: ModelFacts | None = None
+    extra_buffers: bool = True
+    """False when the model works only without llama.cpp's CPU extra buffer types: load it that way."""
 
 
 def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
@@ -34,12 +42,26 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
         facts = read_facts(path)
     except ModelFileError as exc:
         return ProbeResult(False, str(exc))
+    result = _run_child(path, facts, extra_buffers=True, timeout_s=timeout_s)
+    if result.ok or not result.reason.startswith(f"{path}: llama.cpp aborted"):
+        return result
+    fallback = _run_child(path, facts, extra_buffers=False, timeout_s=timeout_s)
+    if not fallback.ok:
+        return result
+    return ProbeResult(
+        True,
+        f"{path}: llama.cpp's CPU extra buffer types (AMX, repacked weights) crash on this host "
+        f"({result.reason.split('(')[-1].split(')')[0]}); served without them",
+        facts,
+        extra_buffers=False,
+    )
+
+
+def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s: float) -> ProbeResult:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
     try:
-        child = subprocess.run(
-            [sys.executable, "-m", "runtime.models.probe", str(path)],
-            capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
-        )
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
         return ProbeResult(False, f"{path}: llama.cpp did not finish loading within {timeout_s:.0f} s", facts)
     if child.returncode < 0:
@@ -53,7 +75,7 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
         return ProbeResult(False, f"{path}: the probe gave no result", facts)
     if report.get("tokens", 0) < 1:
         return ProbeResult(False, f"{path}: tokenizer produced no tokens", facts)
-    return ProbeResult(True, "ok", facts)
+    return ProbeResult(True, "ok", facts, extra_buffers=extra_buffers)
 
 
 def _last_line(stderr: str) -> str:
@@ -61,13 +83,19 @@ def _last_line(stderr: str) -> str:
     return f": {lines[-1][:300]}" if lines else ""
 
 
-def _child(path: str) -> None:
-    import llama_cpp  # imported only in the child: the parent never touches llama.cpp for an unproven file
+def _child(path: str, *, extra_buffers: bool) -> None:
+    # Imported only in the child: the parent never touches llama.cpp for an unproven file.
+    from runtime.engine.llama_backend import BatchBuffer, Context, ContextSettings, Model
 
-    model = llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, n_gpu_layers=0, verbose=False)
-    tokens = model.tokenize(PROBE_TEXT.encode(), add_bos=True)
-    print(json.dumps({"tokens": len(tokens), "n_vocab": model.n_vocab()}))
+    model = Model(Path(path), extra_buffers=extra_buffers)
+    tokens = model.tokenize(PROBE_TEXT, add_bos=True, special=False)
+    context = Context(model, ContextSettings(n_ctx=64, n_seq_max=1, n_batch=64, n_threads=os.cpu_count() or 1))
+    if tokens:
+        batch = BatchBuffer(64)
+        batch.add_run(tokens[:64], 0, 0, output_last=True)
+        context.decode(batch)
+    print(json.dumps({"tokens": len(tokens), "n_vocab": model.n_vocab}))
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    _child(sys.argv[1], extra_buffers="--no-extra-buffers" not in sys.argv[2:])

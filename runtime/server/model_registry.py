@@ -156,6 +156,8 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
     probe = await asyncio.to_thread(probe_model, source.path)
     if not probe.ok:
         raise _Refused(probe.reason)
+    if not probe.extra_buffers:
+        log.warning("%s", probe.reason)
     try:
         facts = probe.facts or read_facts(source.path)
         template = chat_template(source.path)
@@ -182,6 +184,7 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
         n_threads=threads,
         embeddings=served.embeddings,
         flash_attention=sizing.n_gpu_layers > 0,
+        extra_buffers=probe.extra_buffers,
     )
     try:
         await engine.start()
