@@ -34,7 +34,7 @@ from runtime.egress.guard import GuardStatus, active_guard, guard_status_path
 from runtime.egress.offline_env import offline_environment_gaps
 from runtime.egress.routes import NetworkTablesError, Route, read_network
 from runtime.hostroot import HostRoot
-from runtime.memory_plan import MemoryPlanError, ModelShape, format_bytes, gpu_free_bytes, host_memory_bytes, plan
+from runtime.memory_plan import MemoryPlanError, format_bytes, gpu_free_bytes, host_memory_bytes, plan_for_policy
 from runtime.policy import Policy, PolicyError
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
@@ -434,10 +434,9 @@ def check_memory_plan(appliance: Appliance) -> Finding:
     for model in models:
         name = model.get("name", model["path"])
         try:
-            shape = ModelShape.from_gguf(appliance.release_dir / model["path"])
-            memory = plan(shape, memory_bytes=host, context=limits.context or shape.context_length,
-                          users=limits.max_sequences, fraction=limits.memory_fraction, gpu_memory_bytes=gpu,
-                          kv_cells=limits.kv_cells or None)
+            memory = plan_for_policy(appliance.release_dir / model["path"], limits, memory_bytes=host,
+                                     gpu_memory_bytes=gpu, detect_gpu=False)  # fmt: skip
+            shape = memory.shape
             memory.engine_sizing()
         except ImportError as exc:
             return Finding(CheckStatus.UNKNOWN, f"memory planner incomplete here: {exc}")

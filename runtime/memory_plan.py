@@ -46,6 +46,9 @@ class ModelShape:
     n_vocab: int
     context_length: int
     kv_bytes_per_token: int
+    type_k: str = "f16"
+    type_v: str = "f16"
+    """The KV cache's element types that `kv_bytes_per_token` was computed for."""
 
     @property
     def other_bytes(self) -> int:
@@ -87,6 +90,8 @@ class ModelShape:
             n_vocab=n_vocab,
             context_length=int(facts.context_length),
             kv_bytes_per_token=int(kv_bytes_per_token(facts, type_k, type_v)),
+            type_k=type_k,
+            type_v=type_v,
         )
 
 
@@ -105,6 +110,8 @@ class EngineSizing:
     n_ctx_per_seq: int
     kv_cells: int
     n_gpu_layers: int
+    type_k: str = "f16"
+    type_v: str = "f16"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,8 +174,18 @@ class MemoryPlan:
                 f"{format_bytes(self.kv_bytes_per_sequence)}; lower the context or give the model more memory"
             )
         return EngineSizing(
-            n_seq_max=self.users, n_ctx_per_seq=self.context, kv_cells=cells, n_gpu_layers=self.gpu_layers
+            n_seq_max=self.users,
+            n_ctx_per_seq=self.context,
+            kv_cells=cells,
+            n_gpu_layers=self.gpu_layers,
+            type_k=self.shape.type_k,
+            type_v=self.shape.type_v,
         )
+
+    @property
+    def shares_a_pool(self) -> bool:
+        """The sequences cannot all be full at once: they share one pool of cells (see `engine_sizing`)."""
+        return self.kv_cells_budget < self.users * self.context
 
 
 def estimate_compute_bytes(shape: ModelShape, *, context: int, n_batch: int = DEFAULT_BATCH) -> int:
@@ -322,15 +339,43 @@ def plan_for_policy(
     Raises:
         MemoryPlanError: the model's facts cannot be read.
     """
-    shape = ModelShape.from_gguf(model)
     if gpu_memory_bytes is None and detect_gpu:
         gpu_memory_bytes = gpu_free_bytes()
-    return plan(
-        shape,
+    return plan_model(
+        model,
+        kv_cache=limits.kv_cache,
         memory_bytes=memory_bytes if memory_bytes is not None else host_memory_bytes(),
-        context=limits.context or shape.context_length,
+        context=limits.context,
         users=limits.max_sequences,
         fraction=limits.memory_fraction,
         gpu_memory_bytes=gpu_memory_bytes,
         kv_cells=limits.kv_cells or None,
     )
+
+
+def plan_model(
+    model: Path,
+    *,
+    kv_cache: str,
+    memory_bytes: int,
+    context: int,
+    users: int,
+    fraction: float = DEFAULT_MEMORY_FRACTION,
+    gpu_memory_bytes: int | None = None,
+    kv_cells: int | None = None,
+) -> MemoryPlan:
+    """`plan` for a GGUF file and a KV cache type (`context` 0 = the model's own).
+
+    A quantized V cache needs flash attention, which the engine leaves off for a pool shared by all sequences on the
+    CPU (see `LlamaBatchEngine`): there V stays f16, and the plan is made again with that, so that the memory the
+    engine takes is the memory planned.
+    """
+    def make(type_v: str) -> MemoryPlan:
+        shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=type_v)
+        return plan(shape, memory_bytes=memory_bytes, context=context or shape.context_length, users=users,
+                    fraction=fraction, gpu_memory_bytes=gpu_memory_bytes, kv_cells=kv_cells)  # fmt: skip
+
+    result = make(kv_cache)
+    if kv_cache != "f16" and result.gpu_layers == 0 and result.shares_a_pool:
+        result = make("f16")
+    return result

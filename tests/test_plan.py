@@ -18,7 +18,9 @@ from runtime.memory_plan import (
     format_bytes,
     parse_size,
     plan,
+    plan_model,
 )
+from runtime.models.gguf_facts import kv_bytes_per_token, read_facts
 
 SEALBOX = Path(sys.executable).with_name("sealbox")
 
@@ -138,3 +140,28 @@ def test_sealbox_plan_refuses_a_bad_memory_size(tiny_model: Path) -> None:
     result = run_plan("--model", str(tiny_model), "--memory", "lots")
     assert result.returncode == 2
     assert "not a size: 'lots'" in result.stderr
+
+
+def test_the_kv_cache_is_planned_at_8_bits_by_default_and_f16_on_request(tiny_model: Path) -> None:
+    facts = read_facts(tiny_model)
+    common = ("--model", str(tiny_model), "--memory", "2GiB", "--ctx", "1024", "--users", "4", "--json")
+    default = json.loads(run_plan(*common).stdout)
+    exact = json.loads(run_plan(*common, "--kv-cache", "f16").stdout)
+    assert default["kv_cache"] == {"k": "q8_0", "v": "q8_0"}
+    assert default["kv_bytes_per_token"] == kv_bytes_per_token(facts, "q8_0", "q8_0")
+    assert exact["kv_cache"] == {"k": "f16", "v": "f16"}
+    assert exact["kv_bytes_per_token"] == kv_bytes_per_token(facts) == 2 * 32 / 34 * default["kv_bytes_per_token"]
+
+
+def test_a_pool_shared_on_the_cpu_is_planned_with_an_f16_v_cache_which_it_needs_without_flash_attention(
+    tiny_model: Path,
+) -> None:
+    facts = read_facts(tiny_model)
+    per_sequence = 1024 * kv_bytes_per_token(facts, "q8_0", "q8_0")
+    roomy = plan_model(tiny_model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4)
+    assert (roomy.shape.type_k, roomy.shape.type_v) == ("q8_0", "q8_0") and not roomy.shares_a_pool
+    shared = plan_model(tiny_model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4, kv_cells=2048)
+    assert shared.shares_a_pool
+    assert (shared.shape.type_k, shared.shape.type_v) == ("q8_0", "f16")
+    assert shared.engine_sizing().type_v == "f16"
+    assert shared.shape.kv_bytes_per_token * 1024 > per_sequence

@@ -150,6 +150,16 @@ def test_a_json_schema_answer_parses_and_validates_against_the_schema(client: op
     jsonschema_rs.validate(CITY, document)
 
 
+def test_a_schema_grammar_keeps_raw_control_characters_out_of_strings() -> None:
+    """JSON forbids U+0000-U+001F unescaped in a string; llama-cpp-python's converter alone would allow them."""
+    from runtime.server.structured_output import schema_grammar
+
+    grammar = schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]},
+                             param="response_format.json_schema.schema", strict=True)  # fmt: skip
+    assert r'char ::= [^"\\\x7F\x00-\x1F]' in grammar
+    assert r'char ::= [^"\\]' not in grammar
+
+
 def test_a_strict_schema_using_a_keyword_the_grammar_cannot_enforce_is_refused(client: openai.OpenAI) -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}, "required": ["n"]}
     with pytest.raises(openai.BadRequestError) as refused:

@@ -14,13 +14,15 @@ from runtime.memory_plan import (
     DEFAULT_MEMORY_FRACTION,
     MemoryPlan,
     MemoryPlanError,
-    ModelShape,
     format_bytes,
     gpu_free_bytes,
     host_memory_bytes,
     parse_size,
-    plan as make_plan,
+    plan_model,
 )
+from runtime.policy import LimitsPolicy
+
+KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
 
 
 def plan(
@@ -37,6 +39,9 @@ def plan(
     fraction: Annotated[
         float, typer.Option("--fraction", min=0.05, max=1.0, help="Share of that memory to plan with (headroom).")
     ] = DEFAULT_MEMORY_FRACTION,
+    kv_cache: Annotated[
+        str, typer.Option("--kv-cache", help="KV cache element type: q8_0 (the policy's default) or f16.")
+    ] = KV_CACHE_DEFAULT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Print weight bytes, KV bytes per token and per sequence, how many sequences fit, the largest context at that
@@ -44,10 +49,10 @@ def plan(
     try:
         memory_bytes = parse_size(memory) if memory is not None else host_memory_bytes()
         gpu_bytes = parse_size(gpu_memory) if gpu_memory is not None else gpu_free_bytes()
-        shape = ModelShape.from_gguf(model)
-        result = make_plan(
-            shape, memory_bytes=memory_bytes, context=ctx, users=users, fraction=fraction, gpu_memory_bytes=gpu_bytes
-        )
+        if kv_cache not in ("q8_0", "f16"):
+            raise ValueError(f"--kv-cache must be q8_0 or f16, not {kv_cache!r}")
+        result = plan_model(model, kv_cache=kv_cache, memory_bytes=memory_bytes, context=ctx, users=users,
+                            fraction=fraction, gpu_memory_bytes=gpu_bytes)  # fmt: skip
     except MemoryPlanError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -68,6 +73,7 @@ def to_dict(result: MemoryPlan) -> dict[str, object]:
         "weight_bytes": shape.weight_bytes,
         "layers": shape.layers,
         "kv_bytes_per_token": shape.kv_bytes_per_token,
+        "kv_cache": {"k": shape.type_k, "v": shape.type_v},
         "kv_bytes_per_sequence": result.kv_bytes_per_sequence,
         "compute_bytes": result.compute_bytes,
         "memory_bytes": result.memory_bytes,
@@ -90,7 +96,7 @@ def render(model: Path, result: MemoryPlan, console: Console) -> None:
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
     table.add_row("weights", f"{format_bytes(shape.weight_bytes)} ({shape.layers} layers)")
-    table.add_row("KV cache per token", format_bytes(shape.kv_bytes_per_token))
+    table.add_row(f"KV cache per token (K {shape.type_k}, V {shape.type_v})", format_bytes(shape.kv_bytes_per_token))
     table.add_row(f"KV cache per sequence ({result.context} tokens)", format_bytes(result.kv_bytes_per_sequence))
     table.add_row("compute buffers (estimate)", format_bytes(result.compute_bytes))
     where = "GPU" if result.gpu_layers > shape.layers else "host"

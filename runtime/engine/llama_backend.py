@@ -172,11 +172,17 @@ class ContextSettings:
     unified: bool = False
     """One pool of cells for all sequences: a short request leaves room for a long one and `seq_cp` is metadata only,
     but every token attends over the whole pool. Split streams attend over their own cells only (fast under load)."""
+    type_k: str = "f16"
+    type_v: str = "f16"
+    """The KV cache's element types (`KV_TYPES`); a quantized V needs flash attention."""
     flash_attention: bool = False
     """Off by default: llama.cpp's CPU flash attention sums in an order that depends on where a sequence's cells lie
     in the cache. In a unified pool that depends on the other sequences, so the same greedy request could answer
     differently under load; a split stream holds one sequence's cells from its start, so there it is safe (and faster).
     Worth it on a GPU."""
+
+
+KV_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0}
 
 
 class Context:
@@ -191,6 +197,10 @@ class Context:
         params.n_threads = settings.n_threads
         params.n_threads_batch = settings.n_threads
         params.kv_unified = settings.unified
+        if settings.type_v != "f16" and not settings.flash_attention:
+            raise ValueError(f"a {settings.type_v} V cache needs flash attention (llama.cpp keeps V f16 without it)")
+        params.type_k = KV_TYPES[settings.type_k]
+        params.type_v = KV_TYPES[settings.type_v]
         params.no_perf = True
         params.embeddings = settings.embeddings
         params.flash_attn_type = (

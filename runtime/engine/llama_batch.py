@@ -59,6 +59,8 @@ class LlamaBatchEngine:
         n_batch: int = DEFAULT_BATCH,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         flash_attention: bool = False,
+        type_k: str = "f16",
+        type_v: str = "f16",
     ) -> None:
         """`kv_cells`: the KV budget in cells (default n_seq_max × n_ctx_per_seq: every sequence can reach its full
         context at once). A smaller budget from `runtime.memory_plan` puts all sequences in one shared pool and makes
@@ -67,7 +69,9 @@ class LlamaBatchEngine:
         fill its own stream from the start, in the order they were written, so its sums run in the same order alone
         or under load (and a CPU step at 16 sequences takes two thirds of the time). In a pool a sequence's cells lie
         wherever the others left room, so there it stays off on CPU, where a greedy request could otherwise answer
-        differently under load (see `ContextSettings`); turn it on for GPU offload."""
+        differently under load (see `ContextSettings`); turn it on for GPU offload.
+        `type_k`, `type_v`: the KV cache's element types (f16, q8_0); a q8_0 V needs flash attention, so not in a
+        unified pool on the CPU (`runtime.memory_plan.plan_model` plans V as f16 there)."""
         if n_seq_max < 1 or n_ctx_per_seq < 2 or queue_size < 0:
             raise ValueError("n_seq_max ≥ 1, n_ctx_per_seq ≥ 2 and queue_size ≥ 0 are required")
         self.model_path = model_path
@@ -90,6 +94,9 @@ class LlamaBatchEngine:
         self.n_batch = max(n_batch, n_seq_max)
         self.prefill_chunk = prefill_chunk
         self.flash_attention = flash_attention or not self.unified
+        if type_v != "f16" and not self.flash_attention:
+            raise ValueError(f"a {type_v} V cache needs flash attention, which is off in a unified pool on the CPU")
+        self.type_k, self.type_v = type_k, type_v
         self._metrics = metrics.EngineMetrics(card.name)
         self._model: Model | None = None
         self._context: Context | None = None
@@ -124,6 +131,8 @@ class LlamaBatchEngine:
                     n_threads=self.n_threads,
                     flash_attention=self.flash_attention,
                     unified=self.unified,
+                    type_k=self.type_k,
+                    type_v=self.type_v,
                 ),
             )
             if context.n_ctx_seq < self.n_ctx_per_seq:

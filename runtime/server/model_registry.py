@@ -185,13 +185,16 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
         embeddings=served.embeddings,
         flash_attention=sizing.n_gpu_layers > 0,
         extra_buffers=probe.extra_buffers,
+        type_k=sizing.type_k,
+        type_v=sizing.type_v,
     )
     try:
         await engine.start()
     except ModelLoadError as exc:
         raise _Refused(str(exc)) from exc
     log.info(
-        "serving %s (%s): %d sequences × %d tokens, %d KV cells, %d GPU layers",
-        source.name, served.sha256[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.n_gpu_layers,
+        "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers",
+        source.name, served.sha256[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
+        sizing.type_v, sizing.n_gpu_layers,
     )  # fmt: skip
     return engine

@@ -149,10 +149,17 @@ def schema_grammar(schema: dict[str, Any], *, param: str, strict: bool = False) 
         grammar = json_schema_to_gbnf(text)
     except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError, RecursionError…)
         raise ApiError(400, f"the JSON schema cannot be enforced: {exc!r}", code="invalid_schema", param=param) from exc
+    # llama-cpp-python's converter lets a string hold raw control characters (`char ::= [^"\\]`), which JSON
+    # forbids: a sampled U+0000-U+001F or DEL would make the answer unparseable. Exclude them as JSON_GBNF does.
+    grammar = grammar.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
     if len(grammar) > MAX_GRAMMAR_BYTES:
         raise ApiError(400, f"the JSON schema cannot be enforced: its grammar is larger than {MAX_GRAMMAR_BYTES} "
                        "bytes", code="invalid_schema", param=param)  # fmt: skip
     return grammar
+
+
+_LOOSE_STRING_CHAR = r'char ::= [^"\\]'
+_JSON_STRING_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
