@@ -90,7 +90,7 @@ class Model:
         self.kv_bytes_per_cell: int = (
             2 * 2 * llama.llama_model_n_layer(handle) * llama.llama_model_n_head_kv(handle) * (self.n_embd // n_head)
         )
-        """Bytes one KV cell takes in a context's cache: K and V, f16 (llama.cpp's default), every layer."""
+        """Bytes one KV cell takes with K and V in f16, every layer (a context's own: `Context.kv_bytes_per_cell`)."""
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for token in range(self.n_vocab):
@@ -183,6 +183,7 @@ class ContextSettings:
 
 
 KV_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0}
+_KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 
 
 class Context:
@@ -224,6 +225,10 @@ class Context:
         self.n_batch: int = llama.llama_n_batch(handle)
         self.embeddings = settings.embeddings
         self.unified = settings.unified
+        self.kv_bytes_per_cell = model.kv_bytes_per_cell * (
+            _KV_TYPE_BYTES[settings.type_k] + _KV_TYPE_BYTES[settings.type_v]
+        ) / (2 * _KV_TYPE_BYTES["f16"])
+        """Bytes one KV cell takes in this context's cache, at its K and V types."""
 
     def close(self) -> None:
         if self.handle:

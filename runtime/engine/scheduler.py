@@ -62,7 +62,7 @@ class Scheduler:
         self.slots = [Slot(i) for i in range(context.n_seq_max)]
         # Between split streams a prefix copy moves a whole stream (reads and writes every cell of it), where
         # computing a prompt token reads every weight: copy when it saves more tokens than the copy costs.
-        stream_bytes = context.n_ctx_seq * model.kv_bytes_per_cell
+        stream_bytes = context.n_ctx_seq * context.kv_bytes_per_cell
         self.stream_copy_min_tokens = max(1, math.ceil(2 * stream_bytes / max(1, model.size_bytes)))
         """Prompt tokens a copy between split streams must save to be worth it (at least 1)."""
         self.batch = BatchBuffer(context.n_batch)

@@ -42,40 +42,42 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
         facts = read_facts(path)
     except ModelFileError as exc:
         return ProbeResult(False, str(exc))
-    result = _run_child(path, facts, extra_buffers=True, timeout_s=timeout_s)
-    if result.ok or not result.reason.startswith(f"{path}: llama.cpp aborted"):
+    result, killed_by = _run_child(path, facts, extra_buffers=True, timeout_s=timeout_s)
+    if killed_by is None:
         return result
-    fallback = _run_child(path, facts, extra_buffers=False, timeout_s=timeout_s)
+    fallback, _ = _run_child(path, facts, extra_buffers=False, timeout_s=timeout_s)
     if not fallback.ok:
         return result
     return ProbeResult(
         True,
-        f"{path}: llama.cpp's CPU extra buffer types (AMX, repacked weights) crash on this host "
-        f"({result.reason.split('(')[-1].split(')')[0]}); served without them",
+        f"{path}: llama.cpp's CPU extra buffer types (AMX, repacked weights) crash on this host ({killed_by}); "
+        "served without them",
         facts,
         extra_buffers=False,
     )
 
 
-def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s: float) -> ProbeResult:
+def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s: float) -> tuple[ProbeResult, str | None]:
+    """The child's verdict, and the name of the signal that killed it (None when it exited by itself)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
     try:
         child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return ProbeResult(False, f"{path}: llama.cpp did not finish loading within {timeout_s:.0f} s", facts)
+        return ProbeResult(False, f"{path}: llama.cpp did not finish loading within {timeout_s:.0f} s", facts), None
     if child.returncode < 0:
         name = signal.Signals(-child.returncode).name
-        return ProbeResult(False, f"{path}: llama.cpp aborted while loading ({name}){_last_line(child.stderr)}", facts)
+        reason = f"{path}: llama.cpp aborted while loading ({name}){_last_line(child.stderr)}"
+        return ProbeResult(False, reason, facts), name
     if child.returncode != 0:
-        return ProbeResult(False, f"{path}: cannot be loaded{_last_line(child.stderr)}", facts)
+        return ProbeResult(False, f"{path}: cannot be loaded{_last_line(child.stderr)}", facts), None
     try:
         report = json.loads(child.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return ProbeResult(False, f"{path}: the probe gave no result", facts)
+        return ProbeResult(False, f"{path}: the probe gave no result", facts), None
     if report.get("tokens", 0) < 1:
-        return ProbeResult(False, f"{path}: tokenizer produced no tokens", facts)
-    return ProbeResult(True, "ok", facts, extra_buffers=extra_buffers)
+        return ProbeResult(False, f"{path}: tokenizer produced no tokens", facts), None
+    return ProbeResult(True, "ok", facts, extra_buffers=extra_buffers), None
 
 
 def _last_line(stderr: str) -> str:
