@@ -207,7 +207,7 @@ class _PartFile:
                 self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
                 self._direct = True
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # tmpfs of old, some FUSE and network mounts
                     raise
         if not self._direct:
             self._fd = os.open(path, flags, 0o666)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runtime.policy import LimitsPolicy
@@ -366,16 +366,23 @@ def plan_model(
 ) -> MemoryPlan:
     """`plan` for a GGUF file and a KV cache type (`context` 0 = the model's own).
 
-    A quantized V cache needs flash attention, which the engine leaves off for a pool shared by all sequences on the
-    CPU (see `LlamaBatchEngine`): there V stays f16, and the plan is made again with that, so that the memory the
-    engine takes is the memory planned.
+    The cache is kept in f16 where llama.cpp cannot quantize it: a head whose size is not a whole number of q8_0
+    blocks (32 values; Phi-2's 80, for one) is refused or aborts the process. And a quantized V needs flash attention,
+    which the engine leaves off for a pool shared by all sequences on the CPU (see `LlamaBatchEngine`): there V stays
+    f16, and the plan is made again with that, so that the memory the engine takes is the memory planned.
     """
-    def make(type_v: str) -> MemoryPlan:
-        shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=type_v)
+    from runtime.models.gguf_facts import KV_BLOCK, kv_bytes_per_token, read_facts
+
+    facts = read_facts(model)
+    if facts.head_dim % KV_BLOCK[kv_cache]:
+        kv_cache = "f16"
+    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache)
+
+    def make(shape: ModelShape) -> MemoryPlan:
         return plan(shape, memory_bytes=memory_bytes, context=context or shape.context_length, users=users,
                     fraction=fraction, gpu_memory_bytes=gpu_memory_bytes, kv_cells=kv_cells)  # fmt: skip
 
-    result = make(kv_cache)
+    result = make(shape)
     if kv_cache != "f16" and result.gpu_layers == 0 and result.shares_a_pool:
-        result = make("f16")
+        result = make(replace(shape, type_v="f16", kv_bytes_per_token=kv_bytes_per_token(facts, kv_cache, "f16")))
     return result

@@ -85,7 +85,7 @@ def shape_for_size(target_bytes: int, *, bytes_per_weight: float, vocab: int) ->
     """The smallest embedding width whose layer count (≤ 24) reaches the target size."""
     for n_embd in (64, 128, 256, 384, 512, 768, 1024, 1536, 2048):
         n_ff = n_embd * 2
-        n_head = max(2, n_embd // 64)  # head size 64, as in real small models (SmolLM, Qwen2.5-0.5B, TinyLlama)
+        n_head = max(2, n_embd // 64)  # head size 64 as in real small models (SmolLM, TinyLlama); 32 at width 64
         n_head_kv = n_head // 2
         kv_width = n_head_kv * (n_embd // n_head)
         per_layer = (2 * n_embd * n_embd + 2 * kv_width * n_embd + 3 * n_embd * n_ff) * bytes_per_weight
@@ -116,13 +116,15 @@ def write_test_model(
     embedding: bool = False,
     chat_template: str = CHAT_TEMPLATE,
     never_ends: bool = False,
+    head_size: int | None = None,
 ) -> Path:
     """Write a loadable llama GGUF of about `size` bytes. `weight_type`: f32, f16, q8_0 (8-bit blocks, as models are
     commonly served on CPUs), or auto (f32 below 8 MB, else f16).
 
     `never_ends`: the output rows of the control tokens (EOS, `<|im_end|>`…) are zero, so their logit is 0 while about
     half the vocabulary scores above it: a top-k sampler never picks them and completions run to `max_tokens`, which
-    is what a throughput benchmark needs (a random model otherwise ends after a dozen tokens)."""
+    is what a throughput benchmark needs (a random model otherwise ends after a dozen tokens).
+    `head_size`: attention head size instead of the default (64, or 32 for the narrowest models)."""
     target = parse_size(size) if isinstance(size, str) else int(size)
     if weight_type == "auto":
         weight_type = "f32" if target < (8 << 20) else "f16"
@@ -131,6 +133,10 @@ def write_test_model(
     dtype = np.float16 if weight_type == "f16" else np.float32
     tokens, scores, types = vocabulary()
     shape = shape_for_size(target, bytes_per_weight=WEIGHT_TYPES[weight_type], vocab=len(tokens))
+    if head_size is not None:  # another head size at the same width (it must divide the width)
+        n_head = shape.n_embd // head_size
+        shape = Shape(n_embd=shape.n_embd, n_layer=shape.n_layer, n_head=n_head, n_head_kv=max(1, n_head // 2),
+                      n_ff=shape.n_ff)  # fmt: skip
     rng = np.random.default_rng(seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

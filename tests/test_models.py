@@ -93,7 +93,7 @@ def test_probe_reports_malformed_files(make_malformed_model: Callable[[str], Pat
     assert not result.ok and result.reason
 
 
-def test_a_q8_0_model_is_served_even_on_a_host_whose_amx_kernels_crash(
+def test_a_q8_0_model_is_served_whether_or_not_this_hosts_amx_kernels_crash(
     tmp_path: Path, make_model: Callable[..., Path]
 ) -> None:
     """llama.cpp hands Q8_0 weights to its AMX kernels where the CPU reports AMX; a guest that cannot run AMX is then

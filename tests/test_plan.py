@@ -165,3 +165,13 @@ def test_a_pool_shared_on_the_cpu_is_planned_with_an_f16_v_cache_which_it_needs_
     assert (shared.shape.type_k, shared.shape.type_v) == ("q8_0", "f16")
     assert shared.engine_sizing().type_v == "f16"
     assert shared.shape.kv_bytes_per_token * 1024 > per_sequence
+
+
+def test_a_head_that_is_not_a_whole_number_of_q8_0_blocks_keeps_an_f16_cache(make_model) -> None:
+    """llama.cpp refuses (split streams) or aborts on (a shared pool) a q8_0 cache whose head size is not a multiple
+    of 32, as Phi-2's 80 is: such a model is planned, and so served, with f16."""
+    model = make_model("head16.gguf", size="1MB", head_size=16)
+    assert read_facts(model).head_dim == 16
+    for cells in (None, 2048):
+        result = plan_model(model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4, kv_cells=cells)
+        assert (result.shape.type_k, result.shape.type_v) == ("f16", "f16")

@@ -154,10 +154,11 @@ def test_a_schema_grammar_keeps_raw_control_characters_out_of_strings() -> None:
     """JSON forbids U+0000-U+001F unescaped in a string; llama-cpp-python's converter alone would allow them."""
     from runtime.server.structured_output import schema_grammar
 
-    grammar = schema_grammar({"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]},
-                             param="response_format.json_schema.schema", strict=True)  # fmt: skip
-    assert r'char ::= [^"\\\x7F\x00-\x1F]' in grammar
-    assert r'char ::= [^"\\]' not in grammar
+    schema = {"type": "object", "properties": {"s": {"type": "string"}, "p": {"type": "string", "pattern": "^a.b$"}},
+              "required": ["s", "p"]}  # fmt: skip
+    grammar = schema_grammar(schema, param="response_format.json_schema.schema", strict=True)
+    assert r'char ::= [^"\\\x7F\x00-\x1F]' in grammar and r'char ::= [^"\\]' not in grammar
+    assert r'dot ::= [^"\\\x7F\x00-\x1F]' in grammar and r"dot ::= [^\x0A\x0D]" not in grammar
 
 
 def test_a_strict_schema_using_a_keyword_the_grammar_cannot_enforce_is_refused(client: openai.OpenAI) -> None:

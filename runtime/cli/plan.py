@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from runtime.memory_plan import (
 from runtime.policy import LimitsPolicy
 
 KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
+KV_CACHE_TYPES = get_args(LimitsPolicy.model_fields["kv_cache"].annotation)
 
 
 def plan(
@@ -46,11 +47,11 @@ def plan(
 ) -> None:
     """Print weight bytes, KV bytes per token and per sequence, how many sequences fit, the largest context at that
     many users, and the GPU layers that fit: the numbers `sealbox serve` sizes itself with."""
+    if kv_cache not in KV_CACHE_TYPES:
+        raise typer.BadParameter(f"one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}", param_hint="--kv-cache")
     try:
         memory_bytes = parse_size(memory) if memory is not None else host_memory_bytes()
         gpu_bytes = parse_size(gpu_memory) if gpu_memory is not None else gpu_free_bytes()
-        if kv_cache not in ("q8_0", "f16"):
-            raise ValueError(f"--kv-cache must be q8_0 or f16, not {kv_cache!r}")
         result = plan_model(model, kv_cache=kv_cache, memory_bytes=memory_bytes, context=ctx, users=users,
                             fraction=fraction, gpu_memory_bytes=gpu_bytes)  # fmt: skip
     except MemoryPlanError as exc:

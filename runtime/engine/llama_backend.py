@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import llama_cpp as llama
 import numpy as np
 
@@ -183,7 +184,12 @@ class ContextSettings:
 
 
 KV_TYPES = {"f16": llama.GGML_TYPE_F16, "q8_0": llama.GGML_TYPE_Q8_0}
-_KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+"""The KV cache types the engine offers (`[limits] kv_cache`), by llama.cpp's type id."""
+
+
+def _bytes_per_value(kind: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]]
+    return size / block
 
 
 class Context:
@@ -226,8 +232,8 @@ class Context:
         self.embeddings = settings.embeddings
         self.unified = settings.unified
         self.kv_bytes_per_cell = model.kv_bytes_per_cell * (
-            _KV_TYPE_BYTES[settings.type_k] + _KV_TYPE_BYTES[settings.type_v]
-        ) / (2 * _KV_TYPE_BYTES["f16"])
+            _bytes_per_value(settings.type_k) + _bytes_per_value(settings.type_v)
+        ) / (2 * _bytes_per_value("f16"))
         """Bytes one KV cell takes in this context's cache, at its K and V types."""
 
     def close(self) -> None:

@@ -2,10 +2,10 @@
 
 `probe_model` runs `python -m runtime.models.probe PATH`; the child parses the header, loads the model on the CPU with
 the engine's own backend and a tiny context, tokenizes a string and decodes it: one forward pass through every weight
-matrix, with the kernels the server will use. A child killed by a signal or a timeout becomes a clear reason, and the
+matrix, with the matmul kernels the server will use (its KV cache types are the memory plan's to choose). A child killed by a signal or a timeout becomes a clear reason, and the
 caller (the server, `doctor`) stays up and serves the models that passed.
 
-A child that crashes only with llama.cpp's CPU extra buffer types (AMX tiles, repacked weights) is probed again
+A child that faults (SIGSEGV, SIGILL, SIGBUS) only with llama.cpp's CPU extra buffer types (AMX tiles, repacked weights) is probed again
 without them: some hypervisors report AMX to a guest that cannot execute it, and llama.cpp's AMX matmul then kills
 the process on the first request (seen here: SIGSEGV in `ggml_backend_amx_mul_mat` for any Q8_0 model on a Xeon
 guest). Such a model is served without them, a little slower, instead of not at all.
@@ -24,6 +24,8 @@ from pathlib import Path
 from runtime.models.gguf_facts import ModelFacts, ModelFileError, read_facts
 
 PROBE_TEXT = "sealbox probe: hello world"
+CPU_FAULTS = frozenset({"SIGSEGV", "SIGILL", "SIGBUS"})
+"""The signals an instruction the CPU cannot run raises: only these send the probe round again without extras."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
     except ModelFileError as exc:
         return ProbeResult(False, str(exc))
     result, killed_by = _run_child(path, facts, extra_buffers=True, timeout_s=timeout_s)
-    if killed_by is None:
+    if killed_by not in CPU_FAULTS:  # an abort (a malformed file) or a kill (OOM) is not the CPU's doing
         return result
     fallback, _ = _run_child(path, facts, extra_buffers=False, timeout_s=timeout_s)
     if not fallback.ok:

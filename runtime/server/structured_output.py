@@ -149,17 +149,21 @@ def schema_grammar(schema: dict[str, Any], *, param: str, strict: bool = False) 
         grammar = json_schema_to_gbnf(text)
     except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError, RecursionError…)
         raise ApiError(400, f"the JSON schema cannot be enforced: {exc!r}", code="invalid_schema", param=param) from exc
-    # llama-cpp-python's converter lets a string hold raw control characters (`char ::= [^"\\]`), which JSON
-    # forbids: a sampled U+0000-U+001F or DEL would make the answer unparseable. Exclude them as JSON_GBNF does.
-    grammar = grammar.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+    # llama-cpp-python's converter lets a string hold raw control characters (`char ::= [^"\\]`), and a `pattern`'s
+    # `.` even a bare quote or backslash (`dot ::= [^\x0A\x0D]`). JSON forbids all of them unescaped, so one sampled
+    # U+0000-U+001F would make the answer unparseable. Exclude them as JSON_GBNF does (it leaves out DEL as well).
+    for loose, tight in _LOOSE_RULES:
+        grammar = grammar.replace(loose, tight)
     if len(grammar) > MAX_GRAMMAR_BYTES:
         raise ApiError(400, f"the JSON schema cannot be enforced: its grammar is larger than {MAX_GRAMMAR_BYTES} "
                        "bytes", code="invalid_schema", param=param)  # fmt: skip
     return grammar
 
 
-_LOOSE_STRING_CHAR = r'char ::= [^"\\]'
-_JSON_STRING_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'
+_LOOSE_RULES = (
+    (r'char ::= [^"\\]', r'char ::= [^"\\\x7F\x00-\x1F]'),
+    (r"dot ::= [^\x0A\x0D]", r'dot ::= [^"\\\x7F\x00-\x1F]'),
+)
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
