@@ -13,8 +13,12 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.policy import LimitsPolicy
+
+if TYPE_CHECKING:
+    from runtime.models.gguf_facts import ModelFacts
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -56,13 +60,15 @@ class ModelShape:
         return max(0, self.weight_bytes - self.layers * self.layer_bytes)
 
     @classmethod
-    def from_gguf(cls, path: Path, *, type_k: str = "f16", type_v: str = "f16") -> ModelShape:
-        """Read the facts (layers, KV heads, head size) and the tensor sizes of a GGUF file."""
+    def from_gguf(
+        cls, path: Path, *, type_k: str = "f16", type_v: str = "f16", facts: ModelFacts | None = None
+    ) -> ModelShape:
+        """Read the facts (layers, KV heads, head size; unless given) and the tensor sizes of a GGUF file."""
         import gguf
 
         from runtime.models.gguf_facts import kv_bytes_per_token, read_facts
 
-        facts = read_facts(path)
+        facts = facts or read_facts(path)
         try:
             reader = gguf.GGUFReader(path)
         except (OSError, ValueError) as exc:
@@ -376,7 +382,7 @@ def plan_model(
     facts = read_facts(model)
     if facts.head_dim % KV_BLOCK[kv_cache]:
         kv_cache = "f16"
-    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache)
+    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache, facts=facts)
 
     def make(shape: ModelShape) -> MemoryPlan:
         return plan(shape, memory_bytes=memory_bytes, context=context or shape.context_length, users=users,

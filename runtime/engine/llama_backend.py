@@ -88,10 +88,10 @@ class Model:
         self.size_bytes: int = llama.llama_model_size(handle)
         """Bytes of all weights: what computing one token reads at least once."""
         n_head = max(1, llama.llama_model_n_head(handle))
-        self.kv_bytes_per_cell: int = (
-            2 * 2 * llama.llama_model_n_layer(handle) * llama.llama_model_n_head_kv(handle) * (self.n_embd // n_head)
+        self.kv_values_per_cell: int = (
+            llama.llama_model_n_layer(handle) * llama.llama_model_n_head_kv(handle) * (self.n_embd // n_head)
         )
-        """Bytes one KV cell takes with K and V in f16, every layer (a context's own: `Context.kv_bytes_per_cell`)."""
+        """Values one KV cell holds in K (and as many in V), every layer; bytes depend on the context's cache types."""
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._eog = np.zeros(self.n_vocab, dtype=bool)
         for token in range(self.n_vocab):
@@ -231,9 +231,9 @@ class Context:
         self.n_batch: int = llama.llama_n_batch(handle)
         self.embeddings = settings.embeddings
         self.unified = settings.unified
-        self.kv_bytes_per_cell = model.kv_bytes_per_cell * (
+        self.kv_bytes_per_cell = model.kv_values_per_cell * (
             _bytes_per_value(settings.type_k) + _bytes_per_value(settings.type_v)
-        ) / (2 * _bytes_per_value("f16"))
+        )
         """Bytes one KV cell takes in this context's cache, at its K and V types."""
 
     def close(self) -> None:

@@ -23,14 +23,10 @@ _MAX_STRING = 64 << 20  # a chat template is a few KiB; anything near this is an
 _SCALARS: dict[int, str] = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 
-KV_TYPE_BYTES: dict[str, float] = {
-    name: size / block
-    for name, (block, size) in (
-        (name, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]]) for name in ("f32", "f16", "bf16", "q8_0", "q4_0")
-    )
-}
+_KV_SIZES = {name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]] for name in ("f32", "f16", "bf16", "q8_0", "q4_0")}
+KV_TYPE_BYTES: dict[str, float] = {name: size / block for name, (block, size) in _KV_SIZES.items()}
 """Bytes per element of a KV cache type, from gguf's table of block sizes (q8_0: 34 bytes per 32 values)."""
-KV_BLOCK: dict[str, int] = {name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name.upper()]][0] for name in KV_TYPE_BYTES}
+KV_BLOCK: dict[str, int] = {name: block for name, (block, _size) in _KV_SIZES.items()}
 """Values per block: a head's K and V width must be a whole number of blocks."""
 
 
