@@ -361,18 +361,22 @@ class HubHandler(BaseHTTPRequestHandler):
         else:
             self._error(404, "RepoNotFound", {})
 
-    def _commit(self, repo: dict[str, Any], revision: str) -> str | None:
-        if revision in repo["files"]:
-            return revision
-        return repo["refs"].get(revision)
-
-    def _model_info(self, repo_id: str, revision: str) -> None:
+    def _resolve(self, repo_id: str, revision: str) -> tuple[dict[str, Any], str] | None:
+        """The repo and the commit a revision names; None once the hub's 404 for either is sent."""
         repo = self.server.repos.get(repo_id)
         if repo is None:
-            return self._error(404, "RepoNotFound", {})
-        commit = self._commit(repo, revision)
+            self._error(404, "RepoNotFound", {})
+            return None
+        commit = revision if revision in repo["files"] else repo["refs"].get(revision)
         if commit is None:
-            return self._error(404, "RevisionNotFound", {})
+            self._error(404, "RevisionNotFound", {})
+            return None
+        return repo, commit
+
+    def _model_info(self, repo_id: str, revision: str) -> None:
+        if (found := self._resolve(repo_id, revision)) is None:
+            return
+        repo, commit = found
         info = {
             "id": repo_id,
             "sha": commit,
@@ -382,12 +386,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body=True)
 
     def _file(self, repo_id: str, revision: str, path: str, *, body: bool) -> None:
-        repo = self.server.repos.get(repo_id)
-        if repo is None:
-            return self._error(404, "RepoNotFound", {})
-        commit = self._commit(repo, revision)
-        if commit is None:
-            return self._error(404, "RevisionNotFound", {})
+        if (found := self._resolve(repo_id, revision)) is None:
+            return
+        repo, commit = found
         data = repo["files"][commit].get(path)
         if data is None:
             return self._error(404, "EntryNotFound", {"X-Repo-Commit": commit})
