@@ -56,9 +56,6 @@ class RichProgress:
 
     @contextmanager
     def bytes(self, description: str, total: int) -> Iterator[ByteCounter]:
-        if not self.console.is_terminal:  # a disabled bar still takes a lock and keeps speed samples per call
-            yield lambda count: None
-            return
         from rich.markup import escape
 
         task = self._bars.add_task(escape(description), total=total)
