@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.hostroot import HostRoot
+from sealbox.runtime.hostroot import HostRoot
 
 if TYPE_CHECKING:  # the policy (pydantic) loads only when an event is recorded: `bundle verify` never pays for it
-    from runtime.policy import Policy
+    from sealbox.runtime.policy import Policy
 
 
 class AuditTrailError(Exception):
@@ -27,9 +27,9 @@ def record(root: HostRoot, event: str, policy: Policy | None = None, **fields: A
     Raises:
         AuditTrailError: the log cannot be opened or written.
     """
-    from runtime.audit.errors import AuditError
-    from runtime.audit.log import AuditLog
-    from runtime.policy import Policy
+    from sealbox.runtime.audit.errors import AuditError
+    from sealbox.runtime.audit.log import AuditLog
+    from sealbox.runtime.policy import Policy
 
     in_force = policy or Policy.default()
     try:

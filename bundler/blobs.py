@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundler.errors import DigestMismatchError, InputError, PathError, SizeMismatchError
-from bundler.manifest import BLOB_DIR, BlobEntry, Part, part_file_names
+from sealbox.bundler.errors import DigestMismatchError, InputError, PathError, SizeMismatchError
+from sealbox.bundler.manifest import BLOB_DIR, BlobEntry, Part, part_file_names
 
 FAT32_MAX_FILE = 4 * 1024**3 - 1
 DEFAULT_MAX_PART_SIZE = FAT32_MAX_FILE

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from securesystemslib.signer import Key, Signer
 
-from bundler.blobs import ByteCounter, write_atomically
-from bundler.manifest import MANIFEST_FILE, Manifest
-from bundler.signing import envelope_bytes, require_signatures, sign
-from bundler.verify import check_contents, check_expiry, check_paths, read_unverified
+from sealbox.bundler.blobs import ByteCounter, write_atomically
+from sealbox.bundler.manifest import MANIFEST_FILE, Manifest
+from sealbox.bundler.signing import envelope_bytes, require_signatures, sign
+from sealbox.bundler.verify import check_contents, check_expiry, check_paths, read_unverified
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 
-from bundler.blobs import DEFAULT_MAX_PART_SIZE, BlobWriter, WrittenBlob, write_atomically
-from bundler.errors import InputError
-from bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, Manifest, Target, manifest_digest
-from bundler.progress import Progress, SilentProgress
-from bundler.signing import envelope_bytes, new_envelope, sign
-from bundler.sources import Artifact
-from bundler.sources.local import local_file, local_model, local_policy, model_facts
+from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE, BlobWriter, WrittenBlob, write_atomically
+from sealbox.bundler.errors import InputError
+from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, Manifest, Target, manifest_digest
+from sealbox.bundler.progress import Progress, SilentProgress
+from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
+from sealbox.bundler.sources import Artifact
+from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
 
 WORK_DIR = ".sealbox-create"
 HF_SCHEME = "hf://"
@@ -151,7 +151,7 @@ def _check_unique_paths(artifacts: Sequence[Artifact]) -> None:
 
 
 def _resolve_hf(ref: str, request: CreateRequest) -> Artifact:
-    from bundler.sources.huggingface import resolve_hf_model
+    from sealbox.bundler.sources.huggingface import resolve_hf_model
 
     cache = request.hf_cache
     if cache is None:
@@ -178,7 +178,7 @@ def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
     include = request.include_sealbox if request.include_sealbox is not None else request.wants_wheels
     if not (request.wants_wheels or include):
         return []
-    from bundler.sources.wheels import collect_wheels
+    from sealbox.bundler.sources.wheels import collect_wheels
 
     return collect_wheels(
         requirements=list(request.requirements),
@@ -293,7 +293,7 @@ def _sbom(
     artifacts: list[Artifact], written: dict[str, WrittenBlob], request: CreateRequest, work: Path
 ) -> Artifact:
     """The CycloneDX SBOM of what was packed, given each artifact's digest so nothing is read twice."""
-    from bundler.sbom import build_sbom
+    from sealbox.bundler.sbom import build_sbom
 
     described = [
         replace(a, meta={**a.meta, "sha256": written[a.path].sha256, "size": written[a.path].size}) for a in artifacts

@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bundler.blobs import write_atomically
-from bundler.create import CreateRequest, CreateResult, create_bundle
-from bundler.errors import BundleError, InputError
-from bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, Manifest, manifest_digest
-from bundler.progress import Progress
-from bundler.signing import envelope_bytes, new_envelope, parse_envelope, sign
+from sealbox.bundler.blobs import write_atomically
+from sealbox.bundler.create import CreateRequest, CreateResult, create_bundle
+from sealbox.bundler.errors import BundleError, InputError
+from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, Manifest, manifest_digest
+from sealbox.bundler.progress import Progress
+from sealbox.bundler.signing import envelope_bytes, new_envelope, parse_envelope, sign
 
 DELTA_WORK_DIR = ".sealbox-delta"
 

@@ -34,15 +34,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bundler.audit_trail import record
-from bundler.blobs import assemble, fsync_dir
-from bundler.crashpoints import crash_point
-from bundler.delta import require_base_blobs
-from bundler.errors import BundleError, SizeMismatchError
-from bundler.manifest import BlobEntry, Manifest
-from bundler.offline_venv import VenvError, WheelFile, build_offline_venv, wheel_identity
-from bundler.progress import Progress, SilentProgress
-from bundler.releases import (
+from sealbox.bundler.audit_trail import record
+from sealbox.bundler.blobs import assemble, fsync_dir
+from sealbox.bundler.crashpoints import crash_point
+from sealbox.bundler.delta import require_base_blobs
+from sealbox.bundler.errors import BundleError, SizeMismatchError
+from sealbox.bundler.manifest import BlobEntry, Manifest
+from sealbox.bundler.offline_venv import VenvError, WheelFile, build_offline_venv, wheel_identity
+from sealbox.bundler.progress import Progress, SilentProgress
+from sealbox.bundler.releases import (
     INSTALL_FILE,
     MANIFEST_FILE,
     POLICY_FILE,
@@ -56,11 +56,11 @@ from bundler.releases import (
     policy_in_force,
     release_dir_name,
 )
-from bundler.service_files import ServiceContext, ServiceFileError, write_service_files
-from bundler.trust import TrustStore, TrustStoreError
-from bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
-from runtime.hostroot import HostRoot
-from runtime.policy import Policy, PolicyError, default_policy_text
+from sealbox.bundler.service_files import ServiceContext, ServiceFileError, write_service_files
+from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
 
 STAGE_PREFIX = "install-"
 RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service"})

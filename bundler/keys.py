@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from bundler.errors import KeyFileError
+from sealbox.bundler.errors import KeyFileError
 
 PASSPHRASE_ENV = "SEALBOX_KEY_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, get_args
 
-from bundler.errors import FormatError
+from sealbox.bundler.errors import FormatError
 
 FORMAT = "sealbox-bundle"
 FORMAT_VERSION = 1

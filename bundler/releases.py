@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bundler.audit_trail import record
-from bundler.blobs import fsync_dir, write_atomically
-from bundler.crashpoints import crash_point
-from bundler.manifest import Manifest
-from bundler.signing import parse_envelope
-from runtime.hostroot import HostRoot
-from runtime.policy import Policy
+from sealbox.bundler.audit_trail import record
+from sealbox.bundler.blobs import fsync_dir, write_atomically
+from sealbox.bundler.crashpoints import crash_point
+from sealbox.bundler.manifest import Manifest
+from sealbox.bundler.signing import parse_envelope
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import Policy
 
 RELEASE_FILE = "release.json"
 INSTALL_FILE = "install.json"

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import PurePosixPath
 from typing import Any
 
-from bundler.sources import Artifact
+from sealbox.bundler.sources import Artifact
 
 SPEC_VERSION = "1.6"
 PROPERTY_PREFIX = "sealbox:"

@@ -20,7 +20,7 @@ from pathlib import Path
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from runtime.policy import Policy
+from sealbox.runtime.policy import Policy
 
 UNIT_TEMPLATE = "sealbox.service.j2"
 NFT_TEMPLATE = "sealbox-egress.nft.j2"
@@ -110,7 +110,7 @@ class ServiceFiles:
 
 
 def _environment() -> SandboxedEnvironment:
-    templates = resources.files("policies")
+    templates = resources.files("sealbox.policies")
 
     def load(name: str) -> str:
         return templates.joinpath(name).read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Key, Signer
 
-from bundler.errors import FormatError, SignatureError, ThresholdError, UntrustedSignerError
+from sealbox.bundler.errors import FormatError, SignatureError, ThresholdError, UntrustedSignerError
 
 PAYLOAD_TYPE = "application/vnd.sealbox.manifest+json"
 

@@ -21,11 +21,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import Key, SSlibKey
 
-from bundler.audit_trail import record
-from bundler.blobs import write_atomically
-from bundler.errors import KeyFileError
-from bundler.keys import load_public_key
-from runtime.hostroot import HostRoot
+from sealbox.bundler.audit_trail import record
+from sealbox.bundler.blobs import write_atomically
+from sealbox.bundler.errors import KeyFileError
+from sealbox.bundler.keys import load_public_key
+from sealbox.runtime.hostroot import HostRoot
 
 THRESHOLD_FILE = "threshold"
 PUBLIC_SUFFIX = ".pub"
@@ -235,7 +235,7 @@ class TrustStore:
         (self.directory / f"{key_id}{META_SUFFIX}").unlink(missing_ok=True)
 
     def _record(self, event: str, **fields: object) -> None:
-        from bundler.releases import policy_in_force
+        from sealbox.bundler.releases import policy_in_force
 
         record(self.root, event, policy_in_force(self.root), **fields)
 

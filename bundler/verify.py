@@ -40,8 +40,8 @@ from typing import Any, Protocol
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer import Key
 
-from bundler.blobs import ByteCounter, open_part, stream_part
-from bundler.errors import (
+from sealbox.bundler.blobs import ByteCounter, open_part, stream_part
+from sealbox.bundler.errors import (
     BundleError,
     DigestMismatchError,
     ExpiredError,
@@ -51,8 +51,8 @@ from bundler.errors import (
     PathError,
     SizeMismatchError,
 )
-from bundler.manifest import BLOB_DIR, MANIFEST_FILE, BlobEntry, Manifest, format_time, manifest_digest
-from bundler.signing import SignatureCheck, parse_envelope, require_signatures
+from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, BlobEntry, Manifest, format_time, manifest_digest
+from sealbox.bundler.signing import SignatureCheck, parse_envelope, require_signatures
 
 _ALLOWED_DIRS = frozenset({"blobs", BLOB_DIR})
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024

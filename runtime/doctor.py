@@ -27,15 +27,15 @@ from enum import Enum
 from functools import cached_property
 from pathlib import Path
 
-from runtime.audit.errors import AuditFormatError
-from runtime.audit.verify import verify_directory
-from runtime.egress.allowlist import Allowlist, IPNetwork
-from runtime.egress.guard import GuardStatus, active_guard, guard_status_path
-from runtime.egress.offline_env import offline_environment_gaps
-from runtime.egress.routes import NetworkTablesError, Route, read_network
-from runtime.hostroot import HostRoot
-from runtime.memory_plan import MemoryPlanError, format_bytes, gpu_free_bytes, host_memory_bytes, plan_for_policy
-from runtime.policy import Policy, PolicyError
+from sealbox.runtime.audit.errors import AuditFormatError
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.egress.allowlist import Allowlist, IPNetwork
+from sealbox.runtime.egress.guard import GuardStatus, active_guard, guard_status_path
+from sealbox.runtime.egress.offline_env import offline_environment_gaps
+from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.memory_plan import MemoryPlanError, format_bytes, gpu_free_bytes, host_memory_bytes, plan_for_policy
+from sealbox.runtime.policy import Policy, PolicyError
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "sealbox.service"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runtime.policy import LimitsPolicy
+from sealbox.runtime.policy import LimitsPolicy
 
 if TYPE_CHECKING:
-    from runtime.models.gguf_facts import ModelFacts
+    from sealbox.runtime.models.gguf_facts import ModelFacts
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -66,7 +66,7 @@ class ModelShape:
         """Read the facts (layers, KV heads, head size; unless given) and the tensor sizes of a GGUF file."""
         import gguf
 
-        from runtime.models.gguf_facts import kv_bytes_per_token, read_facts
+        from sealbox.runtime.models.gguf_facts import kv_bytes_per_token, read_facts
 
         facts = facts or read_facts(path)
         try:
@@ -377,7 +377,7 @@ def plan_model(
     which the engine leaves off for a pool shared by all sequences on the CPU (see `LlamaBatchEngine`): there V stays
     f16, and the plan is made again with that, so that the memory the engine takes is the memory planned.
     """
-    from runtime.models.gguf_facts import KV_BLOCK, kv_bytes_per_token, read_facts
+    from sealbox.runtime.models.gguf_facts import KV_BLOCK, kv_bytes_per_token, read_facts
 
     facts = read_facts(model)
     if facts.head_dim % KV_BLOCK[kv_cache]:

@@ -147,4 +147,4 @@ class Policy(_Section):
 
 
 def default_policy_text() -> str:
-    return resources.files("policies").joinpath("default.toml").read_text(encoding="utf-8")
+    return resources.files("sealbox.policies").joinpath("default.toml").read_text(encoding="utf-8")

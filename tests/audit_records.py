@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.audit.record import Record, parse_record
-from runtime.audit.segment import list_segments
+from sealbox.runtime.audit.record import Record, parse_record
+from sealbox.runtime.audit.segment import list_segments
 
 
 def audit_records(audit_dir: Path) -> list[Record]:

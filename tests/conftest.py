@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-from testmodel import write_malformed_model, write_test_model  # noqa: E402
+from sealbox.runtime.models.synthetic import write_malformed_model, write_test_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from runtime.egress.guard import active_guard
+from sealbox.runtime.egress.guard import active_guard
 
 
 def _outcome(error: BaseException | None) -> dict[str, Any]:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bundler.blobs import BlobWriter, write_atomically
-from bundler.keys import generate_key_pair, load_signer
-from bundler.manifest import MANIFEST_FILE, Base, BlobEntry, Manifest, Target
-from bundler.signing import envelope_bytes, new_envelope, sign
-from runtime.hostroot import HostRoot
+from sealbox.bundler.blobs import BlobWriter, write_atomically
+from sealbox.bundler.keys import generate_key_pair, load_signer
+from sealbox.bundler.manifest import MANIFEST_FILE, Base, BlobEntry, Manifest, Target
+from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
+from sealbox.runtime.hostroot import HostRoot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ def audit_events(root: Path) -> list[tuple[str, dict[str, object]]]:
 
 
 def trust(root: Path, *public_keys: Path) -> HostRoot:
-    from bundler.trust import TrustStore
+    from sealbox.bundler.trust import TrustStore
 
     host = HostRoot(root)
     store = TrustStore(host)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SEALBOX = [sys.executable, "-c", "from bundler.cli import main; main()"]
+SEALBOX = [sys.executable, "-c", "from sealbox.cli import main; main()"]
 READY_LINE = "sealbox serving"
 
 

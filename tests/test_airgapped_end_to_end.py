@@ -17,7 +17,7 @@ import pytest
 from conftest import network_namespace_available
 
 REPO = Path(__file__).resolve().parents[1]
-SEALBOX = [sys.executable, "-c", "from bundler.cli import main; main()"]
+SEALBOX = [sys.executable, "-c", "from sealbox.cli import main; main()"]
 PASSPHRASE = {"SEALBOX_KEY_PASSPHRASE": "end-to-end test"}
 
 pytestmark = pytest.mark.skipif(
@@ -82,7 +82,7 @@ with ServerProcess(root, executable=[str(root / "current" / "venv" / "bin" / "se
 
 def test_the_bundle_installs_offline_and_the_releases_own_sealbox_serves_there(bundle: Path, tmp_path: Path) -> None:
     root = tmp_path / "isolated-root"
-    sealbox = f'{sys.executable} -c "from bundler.cli import main; main()"'
+    sealbox = f'{sys.executable} -c "from sealbox.cli import main; main()"'
     script = f"""
 test "$(ip -o route show | wc -l)" = 0   # no route but loopback, before anything else
 {sealbox} trust add {bundle.parent / "publisher.pub"} --root {root}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit.export import export_log
-from runtime.audit.log import AuditLog
-from runtime.audit.verify import companion_path, verify_directory, verify_export
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.export import export_log
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.verify import companion_path, verify_directory, verify_export
+from sealbox.runtime.policy import AuditPolicy
 
 DAY1 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 SEALBOX = Path(sys.executable).with_name("sealbox")

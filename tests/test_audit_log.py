@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit.checkpoint import PRIVATE_KEY_NAME, Checkpoint
-from runtime.audit.errors import AuditFieldError, AuditKeyError, AuditUnavailableError
-from runtime.audit.log import AuditLog
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import verify_directory
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.checkpoint import PRIVATE_KEY_NAME, Checkpoint
+from sealbox.runtime.audit.errors import AuditFieldError, AuditKeyError, AuditUnavailableError
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.policy import AuditPolicy
 
 REQUEST = {
     "request_id": "req-1",
@@ -200,8 +200,8 @@ def test_a_lost_key_is_not_silently_replaced_once_checkpoints_exist(tmp_path: Pa
 WRITER = """
 import sys
 from pathlib import Path
-from runtime.audit.log import AuditLog
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.policy import AuditPolicy
 with AuditLog.open(Path(sys.argv[1]), AuditPolicy(), retention=False) as log:
     sys.stdout.write("ready\\n"); sys.stdout.flush()
     sys.stdin.readline()
@@ -233,7 +233,7 @@ def test_two_processes_writing_one_log_interleave_into_one_valid_chain(tmp_path:
 
 
 def test_the_package_exports_exactly_its_public_names() -> None:
-    import runtime.audit
+    import sealbox.runtime.audit
 
     assert sorted(runtime.audit.__all__) == [
         "AuditError",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit.errors import AuditUnavailableError
-from runtime.audit.log import AuditLog
-from runtime.audit.segment import list_segments, torn_files
-from runtime.audit.verify import verify_directory
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.errors import AuditUnavailableError
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.segment import list_segments, torn_files
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.policy import AuditPolicy
 
 
 def records(directory: Path) -> list[dict]:
@@ -63,8 +63,8 @@ def test_a_torn_last_line_is_set_aside_recorded_and_the_chain_still_verifies(tmp
 DIES_WITHOUT_CLOSING = """
 import os, sys
 from pathlib import Path
-from runtime.audit.log import AuditLog
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.policy import AuditPolicy
 log = AuditLog.open(Path(sys.argv[1]), AuditPolicy())
 log.append("api.request", principal="alice")
 os._exit(0)  # no close, so no checkpoint signs this record
@@ -116,8 +116,8 @@ def test_an_edit_to_unsigned_records_made_while_the_service_was_down_is_not_sign
 CRASH_WRITER = r"""
 import os, sys, threading
 from pathlib import Path
-from runtime.audit.log import AuditLog
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.policy import AuditPolicy
 
 log = AuditLog.open(Path(sys.argv[1]), AuditPolicy(group_commit_records=int(sys.argv[2])))
 out = sys.stdout.buffer

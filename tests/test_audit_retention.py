@@ -7,10 +7,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from runtime.audit.log import AuditLog
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import verify_directory
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.policy import AuditPolicy
 
 START = datetime(2025, 1, 10, 9, 0, tzinfo=UTC)
 

@@ -14,12 +14,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from runtime.audit.checkpoint import AuditKey, Checkpoint
-from runtime.audit.log import AuditLog
-from runtime.audit.record import canonical, encode_record
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import VerificationReport, verify_directory
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.checkpoint import AuditKey, Checkpoint
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.record import canonical, encode_record
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import VerificationReport, verify_directory
+from sealbox.runtime.policy import AuditPolicy
 
 PRINCIPALS = ("alice", "bob", "carol", "dave")
 

@@ -16,12 +16,12 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bundler.blobs import FAT32_MAX_FILE, BlobWriter, parse_size
-from bundler.cli.bundle import bundle_app
-from bundler.create import WORK_DIR, parse_expiry
-from bundler.errors import InputError, MissingFileError
-from bundler.keys import generate_key_pair, load_public_key
-from bundler.manifest import Manifest
+from sealbox.bundler.blobs import FAT32_MAX_FILE, BlobWriter, parse_size
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.create import WORK_DIR, parse_expiry
+from sealbox.bundler.errors import InputError, MissingFileError
+from sealbox.bundler.keys import generate_key_pair, load_public_key
+from sealbox.bundler.manifest import Manifest
 
 app = typer.Typer()
 app.add_typer(bundle_app, name="bundle")
@@ -36,7 +36,7 @@ CRASHING_SEALBOX = f"""
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 resource.setrlimit(resource.RLIMIT_FSIZE, ({CRASH_LIMIT}, {CRASH_LIMIT}))
-from bundler.cli import main
+from sealbox.cli import main
 sys.argv[0] = "sealbox"
 main()
 """

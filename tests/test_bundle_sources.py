@@ -28,14 +28,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bundler.cli.bundle import bundle_app
-from bundler.errors import InputError
-from bundler.keys import generate_key_pair
-from bundler.manifest import BLOB_DIR, Manifest, Target
-from bundler.sbom import build_sbom
-from bundler.sources import Artifact
-from bundler.sources.huggingface import parse_hf_reference, resolve_hf_model
-from bundler.sources.wheels import collect_wheels, copy_source_tree, host_stands_in_for, wheel_license
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.errors import InputError
+from sealbox.bundler.keys import generate_key_pair
+from sealbox.bundler.manifest import BLOB_DIR, Manifest, Target
+from sealbox.bundler.sbom import build_sbom
+from sealbox.bundler.sources import Artifact
+from sealbox.bundler.sources.huggingface import parse_hf_reference, resolve_hf_model
+from sealbox.bundler.sources.wheels import collect_wheels, copy_source_tree, host_stands_in_for, wheel_license
 
 app = typer.Typer()
 app.add_typer(bundle_app, name="bundle")
@@ -296,6 +296,7 @@ def test_the_sealbox_wheel_is_built_from_a_copy_holding_only_what_the_build_read
     assert (copy / "bundler" / "sources" / "wheels.py").is_file()
     assert (copy / "runtime" / "__init__.py").is_file()
     assert (copy / "policies" / "default.toml").is_file()
+    assert (copy / "sealbox" / "cli.py").is_file()
     for absent in ("tests", "scripts", ".venv", ".git", "sealbox.egg-info"):
         assert not (copy / absent).exists(), absent
     assert not list(copy.rglob("__pycache__"))

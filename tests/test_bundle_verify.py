@@ -19,9 +19,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bundler.cli.bundle import bundle_app
-from bundler.create import CreateRequest, create_bundle
-from bundler.errors import (
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.create import CreateRequest, create_bundle
+from sealbox.bundler.errors import (
     DigestMismatchError,
     ExpiredError,
     ExtraFileError,
@@ -33,10 +33,10 @@ from bundler.errors import (
     ThresholdError,
     UntrustedSignerError,
 )
-from bundler.keys import generate_key_pair, load_public_key, load_signer
-from bundler.manifest import canonical_json
-from bundler.signing import envelope_bytes, new_envelope, sign
-from bundler.verify import verify_bundle
+from sealbox.bundler.keys import generate_key_pair, load_public_key, load_signer
+from sealbox.bundler.manifest import canonical_json
+from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
+from sealbox.bundler.verify import verify_bundle
 
 app = typer.Typer()
 app.add_typer(bundle_app, name="bundle")

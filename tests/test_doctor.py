@@ -24,11 +24,11 @@ import gguf
 import numpy as np
 import pytest
 
-from bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.install import InstallRequest, install_bundle
 from install_support import Publisher, make_keys, model_item, trust
-from runtime.doctor import CheckStatus, DoctorFailedError, Finding, run_doctor, set_manifest_verifier
-from runtime.egress.routes import read_network
-from runtime.hostroot import HostRoot
+from sealbox.runtime.doctor import CheckStatus, DoctorFailedError, Finding, run_doctor, set_manifest_verifier
+from sealbox.runtime.egress.routes import read_network
+from sealbox.runtime.hostroot import HostRoot
 
 UNIT = """\
 [Unit]
@@ -221,9 +221,9 @@ def test_doctor_on_the_test_host_reports_the_routes_it_finds(installed: Installe
 
 SERVER = """\
 import sys
-from runtime.egress.guard import guard_status_path, install_egress_guard
-from runtime.hostroot import HostRoot
-from runtime.policy import Policy
+from sealbox.runtime.egress.guard import guard_status_path, install_egress_guard
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import Policy
 guard = install_egress_guard(Policy.default().egress)
 guard.status().write(guard_status_path(HostRoot(__import__("pathlib").Path(sys.argv[1]))))
 print("ready", flush=True)
@@ -254,10 +254,10 @@ def test_doctor_reads_the_running_servers_guard_and_namespace_not_its_own(instal
 SERVE_STARTUP = """\
 import sys
 from pathlib import Path
-from runtime.doctor import Appliance, DoctorFailedError, run_doctor
-from runtime.egress.guard import install_egress_guard
-from runtime.egress.offline_env import apply_offline_environment
-from runtime.hostroot import HostRoot
+from sealbox.runtime.doctor import Appliance, DoctorFailedError, run_doctor
+from sealbox.runtime.egress.guard import install_egress_guard
+from sealbox.runtime.egress.offline_env import apply_offline_environment
+from sealbox.runtime.hostroot import HostRoot
 apply_offline_environment()
 root = HostRoot(Path(sys.argv[1]))
 install_egress_guard(Appliance(root).policy.egress)
@@ -435,8 +435,8 @@ def test_a_broken_release_policy_fails_the_release_check(installed: Installed, t
 
 
 def test_the_memory_plan_says_how_many_layers_and_sequences_fit(installed: Installed, tmp_path: Path):
-    pytest.importorskip("runtime.models.gguf_facts", reason="the GGUF facts reader (runtime/models/gguf_facts.py) has not landed")
-    from runtime.memory_plan import gpu_free_bytes
+    pytest.importorskip("sealbox.runtime.models.gguf_facts", reason="the GGUF facts reader (runtime/models/gguf_facts.py) has not landed")
+    from sealbox.runtime.memory_plan import gpu_free_bytes
 
     memory = run_checks(installed, tmp_path)["memory-plan"]
     assert memory.status is CheckStatus.PASS, memory
@@ -448,8 +448,8 @@ def test_the_memory_plan_says_how_many_layers_and_sequences_fit(installed: Insta
 
 def write_audit_log(installed: Installed, count: int) -> tuple[Path, int]:
     """Append `count` records after those the install wrote; returns the directory and the total."""
-    from runtime.audit.log import AuditLog
-    from runtime.policy import AuditPolicy
+    from sealbox.runtime.audit.log import AuditLog
+    from sealbox.runtime.policy import AuditPolicy
 
     log = AuditLog.open(installed.root / "audit", AuditPolicy())
     try:
@@ -468,7 +468,7 @@ def test_an_intact_audit_chain_passes(installed: Installed, tmp_path: Path):
 
 
 def test_an_edited_audit_record_fails_the_chain_naming_its_sequence_number(installed: Installed, tmp_path: Path):
-    from runtime.audit.segment import list_segments
+    from sealbox.runtime.audit.segment import list_segments
 
     directory, total = write_audit_log(installed, 3)
     segment = list_segments(directory)[0].path

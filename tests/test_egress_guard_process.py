@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import verify_directory
-from runtime.egress.local_names import LocalNames
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.egress.local_names import LocalNames
 
 DNS_NAME = "sealbox-probe.invalid"
 
@@ -173,10 +173,10 @@ def _guarded_process(config: dict[str, object]) -> dict[str, object]:
     import asyncio
     import socket
 
-    from runtime.audit.log import AuditLog
-    from runtime.egress.allowlist import EgressPolicyWithPorts
-    from runtime.egress.guard import EgressBlockedError, audit_log_reporter, install_egress_guard
-    from runtime.policy import AuditPolicy
+    from sealbox.runtime.audit.log import AuditLog
+    from sealbox.runtime.egress.allowlist import EgressPolicyWithPorts
+    from sealbox.runtime.egress.guard import EgressBlockedError, audit_log_reporter, install_egress_guard
+    from sealbox.runtime.policy import AuditPolicy
 
     allowed = socket.create_server(("127.0.0.1", 0))
     forbidden = socket.create_server(("127.0.0.1", 0))

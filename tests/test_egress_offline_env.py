@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.egress.offline_env import (
+from sealbox.runtime.egress.offline_env import (
     OFFLINE_VARIABLES,
     RemoteReferenceError,
     apply_offline_environment,
@@ -54,7 +54,7 @@ def run_python(code: str) -> dict[str, object]:
 def test_applied_before_import_huggingface_hub_starts_offline():
     result = run_python(
         "import json\n"
-        "from runtime.egress.offline_env import apply_offline_environment\n"
+        "from sealbox.runtime.egress.offline_env import apply_offline_environment\n"
         "applied = apply_offline_environment()\n"
         "import huggingface_hub\n"
         "print(json.dumps({'offline': huggingface_hub.is_offline_mode(), 'early': applied.imported_too_early}))\n"
@@ -68,7 +68,7 @@ def test_applied_after_import_the_cached_switches_are_set_and_the_late_module_is
         "import huggingface_hub\n"
         "from huggingface_hub import constants\n"
         "before = huggingface_hub.is_offline_mode()\n"
-        "from runtime.egress.offline_env import apply_offline_environment\n"
+        "from sealbox.runtime.egress.offline_env import apply_offline_environment\n"
         "applied = apply_offline_environment()\n"
         "print(json.dumps({'before': before, 'offline': huggingface_hub.is_offline_mode(),\n"
         "    'telemetry_off': constants.HF_HUB_DISABLE_TELEMETRY, 'early': applied.imported_too_early}))\n"

@@ -15,10 +15,10 @@ from functools import cache
 
 import pytest
 
-from runtime.egress.routes import parse_dev, parse_fib_trie, parse_ipv6_route, parse_route, read_network
+from sealbox.runtime.egress.routes import parse_dev, parse_fib_trie, parse_ipv6_route, parse_route, read_network
 
 READ = (
-    "import json; from runtime.egress.routes import read_network; v = read_network();"
+    "import json; from sealbox.runtime.egress.routes import read_network; v = read_network();"
     "print(json.dumps({'interfaces': v.interfaces, 'loopback_only': v.loopback_only,"
     " 'egress': [r.describe() for r in v.egress_routes], 'outside': [a.address for a in v.outside_addresses]}))"
 )

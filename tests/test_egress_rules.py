@@ -12,10 +12,10 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-from runtime.egress.allowlist import Allowlist, EgressPolicyWithPorts
-from runtime.egress.local_names import LocalNames
-from runtime.egress.rules import EgressRules
-from runtime.policy import Policy
+from sealbox.runtime.egress.allowlist import Allowlist, EgressPolicyWithPorts
+from sealbox.runtime.egress.local_names import LocalNames
+from sealbox.runtime.egress.rules import EgressRules
+from sealbox.runtime.policy import Policy
 
 HOSTS = """\
 127.0.0.1   localhost appliance  # the usual
@@ -156,7 +156,7 @@ def test_the_shipped_policy_gives_the_loopback_allowlist():
 
 
 def test_every_exported_name_resolves_and_the_error_is_an_oserror():
-    import runtime.egress
+    import sealbox.runtime.egress
 
     assert all(hasattr(runtime.egress, name) for name in runtime.egress.__all__)
     assert issubclass(runtime.egress.EgressBlockedError, PermissionError)
@@ -165,8 +165,8 @@ def test_every_exported_name_resolves_and_the_error_is_an_oserror():
 def test_a_refusal_survives_pickling_with_its_destination():
     import pickle
 
-    from runtime.egress.guard import EgressBlockedError
-    from runtime.egress.rules import Refusal
+    from sealbox.runtime.egress.guard import EgressBlockedError
+    from sealbox.runtime.egress.rules import Refusal
 
     error = pickle.loads(pickle.dumps(EgressBlockedError(Refusal("socket.connect", "127.0.0.1:22", "not allowed"))))
     assert (error.errno, error.destination, error.operation) == (13, "127.0.0.1:22", "socket.connect")

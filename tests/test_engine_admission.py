@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from runtime.engine.admission import Admission
-from runtime.engine.base import ContextLengthExceeded, EngineUnavailable, Overloaded
+from sealbox.runtime.engine.admission import Admission
+from sealbox.runtime.engine.base import ContextLengthExceeded, EngineUnavailable, Overloaded
 
 
 @dataclass(eq=False)

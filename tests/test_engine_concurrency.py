@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
-from runtime.engine.llama_batch import LlamaBatchEngine
+from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import metrics
-from runtime.engine.base import (
+from sealbox.runtime import metrics
+from sealbox.runtime.engine.base import (
     ContextLengthExceeded,
     EngineUnavailable,
     Finished,
@@ -20,8 +20,8 @@ from runtime.engine.base import (
     SamplingParams,
     TextDelta,
 )
-from runtime.engine.errors import GrammarError, InvalidRequest
-from runtime.engine.llama_batch import LlamaBatchEngine
+from sealbox.runtime.engine.errors import GrammarError, InvalidRequest
+from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
 GREEDY = SamplingParams(temperature=0.0)
 ENDLESS = SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
-from runtime.engine.llama_batch import LlamaBatchEngine
+from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
 GREEDY = SamplingParams(temperature=0.0)
 ENDLESS = SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root")

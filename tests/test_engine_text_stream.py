@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.engine.text_stream import TextStream
+from sealbox.runtime.engine.text_stream import TextStream
 
 
 def test_a_character_split_across_tokens_is_sent_whole() -> None:

@@ -13,10 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import bundler.cli.install  # noqa: F401  (adds install, list, rollback, gc to bundle_app)
-from bundler.cli.bundle import bundle_app
-from bundler.cli.trust import trust_app
-from bundler.errors import (
+import sealbox.bundler.cli.install  # noqa: F401  (adds install, list, rollback, gc to bundle_app)
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.cli.trust import trust_app
+from sealbox.bundler.errors import (
     DigestMismatchError,
     ExpiredError,
     SignatureError,
@@ -24,13 +24,13 @@ from bundler.errors import (
     ThresholdError,
     UntrustedSignerError,
 )
-from bundler.install import DowngradeDeclinedError, InstallRequest, RollbackError, install_bundle
-from bundler.manifest import MANIFEST_FILE
-from bundler.releases import Releases
-from bundler.trust import TrustStore
+from sealbox.bundler.install import DowngradeDeclinedError, InstallRequest, RollbackError, install_bundle
+from sealbox.bundler.manifest import MANIFEST_FILE
+from sealbox.bundler.releases import Releases
+from sealbox.bundler.trust import TrustStore
 from install_support import Item, Publisher, audit_events, make_keys, model_item, snapshot, trust, write_gguf
-from runtime.hostroot import HostRoot
-from runtime.policy import default_policy_text
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import default_policy_text
 
 app = typer.Typer()
 app.add_typer(bundle_app, name="bundle")

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from bundler.crashpoints import CRASH_ENV, POINTS
-from bundler.install import InstallRequest, install_bundle
-from bundler.releases import Releases
+from sealbox.bundler.crashpoints import CRASH_ENV, POINTS
+from sealbox.bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.releases import Releases
 from install_support import REPO, Publisher, make_keys, model_item, snapshot, trust, write_gguf
-from runtime.audit.verify import verify_directory
-from runtime.hostroot import HostRoot
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.hostroot import HostRoot
 
 PART = 8 * 1024
 BEFORE_SWITCH = [p for p in POINTS if p not in ("activated", "venv-built")]
@@ -54,7 +54,7 @@ def run_install(bundle: Path, root: Path, crash_at: str | None) -> subprocess.Co
     env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
         env[CRASH_ENV] = crash_at
-    command = [sys.executable, "-c", "import sys; from bundler.cli import main; sys.argv[0] = 'sealbox'; main()"]
+    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
     command += ["bundle", "install", str(bundle), "--root", str(root), "--json"]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 

@@ -11,15 +11,15 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import bundler.cli.install  # noqa: F401
-from bundler.cli.bundle import bundle_app
-from bundler.create import CreateRequest, create_bundle
-from bundler.delta import BaseManifest, DeltaBaseError, create_delta
-from bundler.keys import load_public_key, load_signer
-from bundler.manifest import BLOB_DIR
-from bundler.verify import verify_bundle
+import sealbox.bundler.cli.install  # noqa: F401
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.create import CreateRequest, create_bundle
+from sealbox.bundler.delta import BaseManifest, DeltaBaseError, create_delta
+from sealbox.bundler.keys import load_public_key, load_signer
+from sealbox.bundler.manifest import BLOB_DIR
+from sealbox.bundler.verify import verify_bundle
 from install_support import audit_events, make_keys, snapshot, trust
-from runtime.hostroot import HostRoot
+from sealbox.runtime.hostroot import HostRoot
 
 app = typer.Typer()
 app.add_typer(bundle_app, name="bundle")

@@ -13,10 +13,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import bundler.cli.install  # noqa: F401
-from bundler.cli.bundle import bundle_app
-from bundler.install import InstallRequest, install_bundle
-from bundler.offline_venv import VenvError
+import sealbox.bundler.cli.install  # noqa: F401
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.offline_venv import VenvError
 from install_support import REPO, Item, Publisher, audit_events, make_keys, model_item, snapshot, trust, write_gguf
 
 app = typer.Typer()
@@ -123,7 +123,7 @@ def test_a_crash_after_the_venv_is_built_leaves_the_previous_release_live_and_a_
     publisher = Publisher(keys)
     install_bundle(InstallRequest(bundle=publisher.publish(tmp_path / "b1", [model_item(model)], version=1), root=host))
     bundle = publisher.publish(tmp_path / "b2", [model_item(model), wheel_item(wheels["hello"])], version=2)
-    command = [sys.executable, "-c", "import sys; from bundler.cli import main; sys.argv[0] = 'sealbox'; main()"]
+    command = [sys.executable, "-c", "import sys; from sealbox.bundler.cli import main; sys.argv[0] = 'sealbox'; main()"]
     command += ["bundle", "install", str(bundle), "--root", str(host.path)]
     crashed = subprocess.run(command, cwd=REPO, env=os.environ | {"SEALBOX_TEST_CRASH_AT": "venv-built"}, check=False)
     assert crashed.returncode == -signal.SIGKILL

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from typer.testing import CliRunner
 
-from bundler.cli.keys import keys_app
-from bundler.errors import KeyFileError
-from bundler.keys import PASSPHRASE_ENV, load_public_key, load_signer
+from sealbox.bundler.cli.keys import keys_app
+from sealbox.bundler.errors import KeyFileError
+from sealbox.bundler.keys import PASSPHRASE_ENV, load_public_key, load_signer
 
 app = typer.Typer()
 app.add_typer(keys_app, name="keys")

@@ -10,9 +10,9 @@ import llama_cpp
 import openai
 import pytest
 
-from runtime.models.gguf_facts import NotGGUFError, chat_template, kv_bytes_per_token, read_facts
-from runtime.models.probe import probe_model
-from testmodel import CHAT_TEMPLATE, vocabulary
+from sealbox.runtime.models.gguf_facts import NotGGUFError, chat_template, kv_bytes_per_token, read_facts
+from sealbox.runtime.models.probe import probe_model
+from sealbox.runtime.models.synthetic import CHAT_TEMPLATE, vocabulary
 
 
 def test_generated_vocabulary_is_unique_and_has_full_byte_fallback() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.memory_plan import (
+from sealbox.runtime.memory_plan import (
     GiB,
     MiB,
     MemoryPlanError,
@@ -20,7 +20,7 @@ from runtime.memory_plan import (
     plan,
     plan_model,
 )
-from runtime.models.gguf_facts import kv_bytes_per_token, read_facts
+from sealbox.runtime.models.gguf_facts import kv_bytes_per_token, read_facts
 
 SEALBOX = Path(sys.executable).with_name("sealbox")
 

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from runtime.cli.serve import _listen
+from sealbox.runtime.server.startup import listen as _listen
 
 
 def nodelay_of_a_connection_served_from(listener: socket.socket) -> int:

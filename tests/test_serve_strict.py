@@ -18,10 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bundler.install import InstallRequest, install_bundle
-from bundler.manifest import MANIFEST_FILE
+from sealbox.bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.manifest import MANIFEST_FILE
 from install_support import Publisher, make_keys, model_item, trust
-from runtime.hostroot import HostRoot
+from sealbox.runtime.hostroot import HostRoot
 from server_support import ServerProcess, create_api_key, sealbox
 
 

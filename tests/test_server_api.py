@@ -152,7 +152,7 @@ def test_a_json_schema_answer_parses_and_validates_against_the_schema(client: op
 
 def test_a_schema_grammar_keeps_raw_control_characters_out_of_strings() -> None:
     """JSON forbids U+0000-U+001F unescaped in a string; llama-cpp-python's converter alone would allow them."""
-    from runtime.server.structured_output import schema_grammar
+    from sealbox.runtime.server.structured_output import schema_grammar
 
     schema = {"type": "object", "properties": {"s": {"type": "string"}, "p": {"type": "string", "pattern": "^a.b$"}},
               "required": ["s", "p"]}  # fmt: skip

@@ -21,7 +21,7 @@ from server_support import ServerProcess, create_api_key, sealbox
 
 EXIT_REFUSED = 3
 MALFORMED = ("not_gguf", "truncated", "duplicate_vocab", "bad_magic_version")
-"""`scripts/testmodel.py`'s kinds; `duplicate_vocab` passes our header parser and makes llama.cpp abort the process."""
+"""`sealbox.runtime.models.synthetic`'s kinds; `duplicate_vocab` passes our header parser and makes llama.cpp abort the process."""
 
 
 def _sha256(path: Path) -> str:

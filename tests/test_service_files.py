@@ -1,4 +1,4 @@
-"""The service files a release carries: a hardened systemd unit and an nftables egress fence, rendered from policies/."""
+"""The service files a release carries: a hardened systemd unit and an nftables egress fence, rendered from sealbox.policies/."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bundler.service_files import ServiceContext, ServiceFileError, render_nft, render_unit, write_service_files
-from runtime.policy import Policy
+from sealbox.bundler.service_files import ServiceContext, ServiceFileError, render_nft, render_unit, write_service_files
+from sealbox.runtime.policy import Policy
 
 ROOT = Path("/var/lib/sealbox")
 RELEASE = ROOT / "releases" / "demo-3"

@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from typer.testing import CliRunner
 
-from bundler.cli.trust import trust_app
-from bundler.keys import load_public_key
-from bundler.trust import TrustStore, TrustStoreError
+from sealbox.bundler.cli.trust import trust_app
+from sealbox.bundler.keys import load_public_key
+from sealbox.bundler.trust import TrustStore, TrustStoreError
 from install_support import audit_events, make_keys
-from runtime.audit.verify import verify_directory
-from runtime.hostroot import HostRoot
+from sealbox.runtime.audit.verify import verify_directory
+from sealbox.runtime.hostroot import HostRoot
 
 app = typer.Typer()
 app.add_typer(trust_app, name="trust")

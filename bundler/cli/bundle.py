@@ -16,16 +16,27 @@ from typing import Annotated, Any
 
 import typer
 
-from bundler.blobs import DEFAULT_MAX_PART_SIZE, format_size, parse_size
-from bundler.cli.keys import fail, open_signer
-from bundler.cli.progress import stderr_progress
-from bundler.errors import BundleError, InputError, KeyFileError
-from bundler.keys import load_public_key
-from bundler.manifest import Target, format_time
-from bundler.signing import check_signatures
-from bundler.verify import failure_to_dict, read_unverified, verify_bundle
+from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE, format_size, parse_size
+from sealbox.bundler.cli.keys import fail, open_signer
+from sealbox.bundler.cli.progress import stderr_progress
+from sealbox.bundler.errors import BundleError, InputError, KeyFileError
+from sealbox.bundler.keys import load_public_key
+from sealbox.bundler.manifest import Target, format_time
+from sealbox.bundler.signing import check_signatures
+from sealbox.bundler.verify import failure_to_dict, read_unverified, verify_bundle
+from sealbox.runtime.cli.lazy_group import lazy_group
 
-bundle_app = typer.Typer(help="Create, verify, co-sign and inspect signed offline bundles.", no_args_is_help=True)
+INSTALLER_COMMANDS = {
+    name: f"sealbox.bundler.cli.install:{function}"
+    for name, function in (("install", "install"), ("list", "list_releases"), ("rollback", "rollback"), ("gc", "gc"))
+}
+"""The isolated host's side of `bundle`: imported only when named (the publisher's commands never need the installer)."""
+
+bundle_app = typer.Typer(
+    help="Create, verify, co-sign and inspect signed offline bundles; install, list, roll back and collect them.",
+    no_args_is_help=True,
+    cls=lazy_group(INSTALLER_COMMANDS),
+)
 
 
 @contextmanager
@@ -122,8 +133,8 @@ def create(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Pack models, wheels, policies and files into a signed, content-addressed bundle directory."""
-    from bundler.create import CreateRequest, create_bundle, parse_expiry  # deferred: verify starts faster without
-    from bundler.delta import BaseManifest, create_delta
+    from sealbox.bundler.create import CreateRequest, create_bundle, parse_expiry  # deferred: verify starts faster without
+    from sealbox.bundler.delta import BaseManifest, create_delta
 
     now = datetime.now(timezone.utc).replace(microsecond=0)
     try:
@@ -221,7 +232,7 @@ def sign(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Co-sign a bundle offline (two-person rule) after checking every byte of it against the manifest."""
-    from bundler.cosign import cosign_bundle
+    from sealbox.bundler.cosign import cosign_bundle
 
     with _refusals(as_json):
         signers = [open_signer(path) for path in sign_key]

@@ -1,7 +1,7 @@
 """The bundle side of `sealbox doctor`: the installed release's signed manifest against the host's trust store.
 
 `runtime` never imports `bundler`, so the doctor cannot check a DSSE signature itself; the `sealbox` command registers
-`manifest_signature` with `runtime.doctor.set_manifest_verifier` (see `bundler.cli._register`). It checks what
+`manifest_signature` with `runtime.doctor.set_manifest_verifier` (see `sealbox.cli`). It checks what
 `bundle install` checked before the release went live, against the trust store as it is now: the envelope's
 signatures (threshold of distinct trusted keys, no bad signature by a trusted key), the payload's format, and that
 this manifest is the one the release was built from (`install.json`'s digest, `release.json`'s name and version).
@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bundler.errors import BundleError
-from bundler.manifest import Manifest, format_time, manifest_digest
-from bundler.releases import INSTALL_FILE, RELEASE_FILE
-from bundler.signing import parse_envelope, require_signatures
-from bundler.trust import TrustStore, TrustStoreError
-from bundler.verify import read_manifest_file
-from runtime.doctor import CheckStatus, Finding, set_manifest_verifier
-from runtime.hostroot import HostRoot
+from sealbox.bundler.errors import BundleError
+from sealbox.bundler.manifest import Manifest, format_time, manifest_digest
+from sealbox.bundler.releases import INSTALL_FILE, RELEASE_FILE
+from sealbox.bundler.signing import parse_envelope, require_signatures
+from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.bundler.verify import read_manifest_file
+from sealbox.runtime.doctor import CheckStatus, Finding, set_manifest_verifier
+from sealbox.runtime.hostroot import HostRoot
 
 
 def manifest_signature(release_dir: Path, trust_dir: Path) -> Finding:

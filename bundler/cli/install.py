@@ -1,4 +1,4 @@
-"""`sealbox bundle install | list | rollback | gc`: the isolated host's side of `bundle`, joined to `bundle_app`.
+"""`sealbox bundle install | list | rollback | gc`: the isolated host's side of `bundle`, loaded by `bundle_app` when named.
 
 Refusals print one line and exit with their class's code (20-29 for install, see `bundler.errors`); `--json` puts the
 result or the refusal on stdout.
@@ -18,20 +18,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bundler.audit_trail import AuditTrailError
-from bundler.blobs import format_size
-from bundler.cli.bundle import bundle_app
-from bundler.cli.keys import fail
-from bundler.cli.progress import stderr_progress
-from bundler.delta import DeltaBaseError
-from bundler.errors import BundleError
-from bundler.install import InstallRequest, install_bundle
-from bundler.offline_venv import VenvError
-from bundler.releases import ReleaseError, Releases, policy_in_force
-from bundler.service_files import ServiceFileError, enable
-from bundler.trust import TrustStoreError
-from runtime.hostroot import HostRoot
-from runtime.policy import PolicyError
+from sealbox.bundler.audit_trail import AuditTrailError
+from sealbox.bundler.blobs import format_size
+from sealbox.bundler.cli.keys import fail
+from sealbox.bundler.cli.progress import stderr_progress
+from sealbox.bundler.delta import DeltaBaseError
+from sealbox.bundler.errors import BundleError
+from sealbox.bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.offline_venv import VenvError
+from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
+from sealbox.bundler.service_files import ServiceFileError, enable
+from sealbox.bundler.trust import TrustStoreError
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import PolicyError
 
 _out = Console()
 _HANDLED = (BundleError, TrustStoreError, VenvError, ServiceFileError, ReleaseError, AuditTrailError, PolicyError, OSError)
@@ -63,7 +62,6 @@ def _ask(question: str) -> bool:
         return False
 
 
-@bundle_app.command("install")
 def install(
     directory: Annotated[Path, typer.Argument(help="The bundle directory (as copied from the medium).")],
     root: RootOption = None,
@@ -112,7 +110,6 @@ def install(
         typer.echo(f"  service files (not enabled): {release.directory / 'service'}")
 
 
-@bundle_app.command("list")
 def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
     """Show the installed releases, oldest first; `*` marks the live one."""
     host = HostRoot.resolve(root)
@@ -145,7 +142,6 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
     _out.print(table)
 
 
-@bundle_app.command("rollback")
 def rollback(
     release: Annotated[str | None, typer.Argument(help="Release to go back to (default: the one before current).")] = None,
     root: RootOption = None,
@@ -163,7 +159,6 @@ def rollback(
     typer.echo(f"rolled back: current is now {after.label} (was {before.label if before else 'none'})")
 
 
-@bundle_app.command("gc")
 def gc(
     root: RootOption = None,
     keep: Annotated[int | None, typer.Option("--keep", min=1, help="Releases to keep (default: policy releases.keep).")] = None,

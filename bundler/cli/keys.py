@@ -11,10 +11,15 @@ import typer
 
 from securesystemslib.signer import CryptoSigner
 
-from bundler.errors import KeyFileError
-from bundler.keys import PASSPHRASE_ENV, generate_key_pair, load_signer, private_key_is_encrypted
+from sealbox.bundler.errors import KeyFileError
+from sealbox.bundler.keys import PASSPHRASE_ENV, generate_key_pair, load_signer, private_key_is_encrypted
+from sealbox.runtime.cli.lazy_group import lazy_group
 
-keys_app = typer.Typer(help="Publisher keys (Ed25519) that sign bundles.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Publisher keys (Ed25519) that sign bundles; `keys api` for the server's API keys.",
+    no_args_is_help=True,
+    cls=lazy_group({"api": "sealbox.runtime.cli.api_keys:api_app"}),
+)
 
 
 def passphrase(prompt: str, *, confirm: bool) -> bytes:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from bundler.progress import ByteCounter, SilentProgress
+from sealbox.bundler.progress import ByteCounter, SilentProgress
 
 if TYPE_CHECKING:
     from rich.console import Console

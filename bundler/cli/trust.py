@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bundler.audit_trail import AuditTrailError
-from bundler.cli.keys import fail
-from bundler.trust import TrustStore, TrustStoreError
-from runtime.hostroot import HostRoot
+from sealbox.bundler.audit_trail import AuditTrailError
+from sealbox.bundler.cli.keys import fail
+from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.runtime.hostroot import HostRoot
 
 trust_app = typer.Typer(help="Publisher keys this host trusts to sign bundles, and how many must sign.", no_args_is_help=True)
 _out = Console()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bundler.errors import InputError
-from bundler.sources import Artifact
+from sealbox.bundler.errors import InputError
+from sealbox.bundler.sources import Artifact
 
 SCHEME = "hf://"
 DEFAULT_REVISION = "main"
@@ -139,7 +139,7 @@ def _download(ref: str, parsed: HfReference, commit: str, endpoint: str, cache_d
 
 def _check_gguf(ref: str, file: Path) -> None:
     # The same header reader as for a local --model: a wrong file is refused here, before anything is packed.
-    from runtime.models.gguf_facts import NotGGUFError, read_facts
+    from sealbox.runtime.models.gguf_facts import NotGGUFError, read_facts
 
     try:
         read_facts(file)

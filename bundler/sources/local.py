@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bundler.errors import InputError
-from bundler.sources import Artifact
-from runtime.policy import Policy, PolicyError
+from sealbox.bundler.errors import InputError
+from sealbox.bundler.sources import Artifact
+from sealbox.runtime.policy import Policy, PolicyError
 
 
 def _regular_file(path: Path, what: str) -> Path:
@@ -27,7 +27,7 @@ def model_facts(path: Path) -> dict[str, Any]:
     Raises:
         InputError: not a GGUF file (bad magic, unsupported version, truncated header).
     """
-    from runtime.models.gguf_facts import NotGGUFError, read_facts
+    from sealbox.runtime.models.gguf_facts import NotGGUFError, read_facts
 
     try:
         return read_facts(path).to_dict()

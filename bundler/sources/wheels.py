@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import fnmatch
 import json
 import os
 import re
@@ -35,9 +34,9 @@ from packaging import tags
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
-from bundler.errors import InputError
-from bundler.manifest import Target
-from bundler.sources import Artifact
+from sealbox.bundler.errors import InputError
+from sealbox.bundler.manifest import Target
+from sealbox.bundler.sources import Artifact
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SEALBOX_EXTRAS = ("engine",)
@@ -196,7 +195,7 @@ def build_sealbox_wheel(source: Path, out: Path) -> Path:
 
 
 def copy_source_tree(root: Path, into: Path) -> Path:
-    """The files a build of `root` reads: its top-level files and the package directories pyproject.toml names.
+    """The files a build of `root` reads: its top-level files and the folders pyproject.toml's `package-dir` maps.
 
     Raises:
         InputError: `root` has no pyproject.toml (sealbox was installed from a wheel, not run from its tree).
@@ -208,8 +207,7 @@ def copy_source_tree(root: Path, into: Path) -> Path:
             "pass --no-sealbox-wheel, or put a sealbox wheel in a --wheelhouse and name it with --wheel"
         )
     config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    found = config.get("tool", {}).get("setuptools", {}).get("packages", {}).get("find", {})
-    patterns = found.get("include", ["*"])
+    package_dirs = set(config.get("tool", {}).get("setuptools", {}).get("package-dir", {}).values())
     if into.exists():
         shutil.rmtree(into)
     into.mkdir(parents=True)
@@ -219,7 +217,7 @@ def copy_source_tree(root: Path, into: Path) -> Path:
             continue
         if item.is_file():
             shutil.copy2(item, into / item.name)
-        elif item.is_dir() and any(fnmatch.fnmatchcase(item.name, pattern) for pattern in patterns):
+        elif item.is_dir() and item.name in package_dirs:
             shutil.copytree(item, into / item.name, ignore=skip)
     return into
 

@@ -8,11 +8,11 @@ Layout of `<root>/audit/`: `segment-<first seq>-<date>.jsonl` (the chain), `chec
 
 from __future__ import annotations
 
-from runtime.audit.errors import AuditError, AuditFieldError, AuditFormatError, AuditKeyError, AuditUnavailableError
-from runtime.audit.export import export_log
-from runtime.audit.log import AuditLog
-from runtime.audit.report import build_report
-from runtime.audit.verify import VerificationReport, verify_directory, verify_export, verify_path
+from sealbox.runtime.audit.errors import AuditError, AuditFieldError, AuditFormatError, AuditKeyError, AuditUnavailableError
+from sealbox.runtime.audit.export import export_log
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.report import build_report
+from sealbox.runtime.audit.verify import VerificationReport, verify_directory, verify_export, verify_path
 
 __all__ = [
     "AuditError",

@@ -25,8 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from runtime.audit.errors import AuditFormatError, AuditKeyError
-from runtime.audit.record import canonical
+from sealbox.runtime.audit.errors import AuditFormatError, AuditKeyError
+from sealbox.runtime.audit.record import canonical
 
 PRIVATE_KEY_NAME = "audit-key"
 PUBLIC_KEY_NAME = "audit-key.pub"

@@ -23,11 +23,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime.audit.checkpoint import CHECKPOINTS_NAME, PUBLIC_KEY_NAME, Checkpoint, key_id, read_public_key
-from runtime.audit.errors import AuditFormatError
-from runtime.audit.record import canonical, format_time
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import CSV_COLUMNS, EXPORT_FORMAT, companion_path
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, PUBLIC_KEY_NAME, Checkpoint, key_id, read_public_key
+from sealbox.runtime.audit.errors import AuditFormatError
+from sealbox.runtime.audit.record import canonical, format_time
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import CSV_COLUMNS, EXPORT_FORMAT, companion_path
 
 ExportFormat = Literal["jsonl", "csv"]
 HASH_RULE = (

@@ -2,7 +2,7 @@
 
 The interface the server, `bundle install`, the trust store and the egress guard code against::
 
-    from runtime.audit.log import AuditLog, AuditUnavailableError
+    from sealbox.runtime.audit.log import AuditLog, AuditUnavailableError
 
     log = AuditLog.open(directory, policy.audit)   # creates the directory and host audit key if missing,
                                                    # sets aside a torn tail (recorded as `audit.torn_tail`)
@@ -45,13 +45,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from runtime.audit.checkpoint import Checkpoint
-from runtime.audit.errors import AuditUnavailableError
-from runtime.audit.record import CONTENT_FIELD, check_event_name, encode_fields
-from runtime.audit.retention import apply_retention
-from runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS
-from runtime.audit.tail import ChainTail, PendingRecord
-from runtime.policy import AuditPolicy, Policy
+from sealbox.runtime.audit.checkpoint import Checkpoint
+from sealbox.runtime.audit.errors import AuditUnavailableError
+from sealbox.runtime.audit.record import CONTENT_FIELD, check_event_name, encode_fields
+from sealbox.runtime.audit.retention import apply_retention
+from sealbox.runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS
+from sealbox.runtime.audit.tail import ChainTail, PendingRecord
+from sealbox.runtime.policy import AuditPolicy, Policy
 
 __all__ = ["AuditLog", "AuditUnavailableError"]
 

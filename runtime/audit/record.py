@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from runtime.audit.errors import AuditFieldError
+from sealbox.runtime.audit.errors import AuditFieldError
 
 GENESIS = "0" * 64
 """`prev` of record 1: there is no record before it."""

@@ -15,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from runtime.audit.record import format_time
-from runtime.audit.segment import list_segments
-from runtime.audit.verify import VerificationReport, verify_directory
+from sealbox.runtime.audit.record import format_time
+from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.audit.verify import VerificationReport, verify_directory
 
 UNSPECIFIED = "(none)"
 

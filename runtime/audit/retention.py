@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from runtime.audit.checkpoint import CHECKPOINTS_NAME, Checkpoint, fsync_directory
-from runtime.audit.record import RecordError, canonical, format_time, parse_record
-from runtime.audit.segment import Segment, list_segments, read_last_line, torn_files
-from runtime.audit.tail import ChainTail, PendingRecord, write_all
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, Checkpoint, fsync_directory
+from sealbox.runtime.audit.record import RecordError, canonical, format_time, parse_record
+from sealbox.runtime.audit.segment import Segment, list_segments, read_last_line, torn_files
+from sealbox.runtime.audit.tail import ChainTail, PendingRecord, write_all
 
 
 @dataclass(frozen=True)

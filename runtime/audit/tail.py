@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from runtime.audit.checkpoint import CHECKPOINTS_NAME, AuditKey, Checkpoint, fsync_directory
-from runtime.audit.errors import AuditUnavailableError
-from runtime.audit.record import (
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, AuditKey, Checkpoint, fsync_directory
+from sealbox.runtime.audit.errors import AuditUnavailableError
+from sealbox.runtime.audit.record import (
     GENESIS,
     Record,
     RecordError,
@@ -36,8 +36,8 @@ from runtime.audit.record import (
     parse_record,
     stated_hash,
 )
-from runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, Segment, list_segments, read_last_line
-from runtime.audit.verify import ChainVerifier
+from sealbox.runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, Segment, list_segments, read_last_line
+from sealbox.runtime.audit.verify import ChainVerifier
 
 LOCK_NAME = ".lock"
 

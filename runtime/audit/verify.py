@@ -34,7 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from runtime.audit.checkpoint import (
+from sealbox.runtime.audit.checkpoint import (
     CHECKPOINTS_NAME,
     PUBLIC_KEY_NAME,
     Checkpoint,
@@ -42,8 +42,8 @@ from runtime.audit.checkpoint import (
     load_public_key,
     read_public_key,
 )
-from runtime.audit.errors import AuditFormatError
-from runtime.audit.record import (
+from sealbox.runtime.audit.errors import AuditFormatError
+from sealbox.runtime.audit.record import (
     GENESIS,
     HASH_MEMBER,
     RecordError,
@@ -52,7 +52,7 @@ from runtime.audit.record import (
     parse_record,
     stated_hash,
 )
-from runtime.audit.segment import list_segments
+from sealbox.runtime.audit.segment import list_segments
 
 EXPORT_FORMAT = "sealbox-audit-export"
 MAX_PROBLEMS = 100

@@ -1,1 +1,1 @@
-"""Appliance-side commands (`doctor`, …): registered on the root `sealbox` app by `bundler.cli._register`."""
+"""Appliance-side commands (`doctor`, …): registered on the root `sealbox` app by `sealbox.cli`."""

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.api_keys import ApiKeyError, ApiKeyStore
-from runtime.hostroot import HostRoot
+from sealbox.runtime.api_keys import ApiKeyError, ApiKeyStore
+from sealbox.runtime.hostroot import HostRoot
 
 api_app = typer.Typer(help="API keys for `sealbox serve` (only their hashes are stored).", no_args_is_help=True)
 _err = Console(stderr=True)

@@ -13,14 +13,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.audit.checkpoint import PUBLIC_KEY_NAME
-from runtime.audit.errors import AuditFormatError, AuditUnavailableError
-from runtime.audit.export import export_log
-from runtime.audit.log import AuditLog
-from runtime.audit.report import ProcessingReport, Usage, build_report
-from runtime.audit.verify import VerificationReport, verify_path
-from runtime.hostroot import HostRoot
-from runtime.policy import AuditPolicy
+from sealbox.runtime.audit.checkpoint import PUBLIC_KEY_NAME
+from sealbox.runtime.audit.errors import AuditFormatError, AuditUnavailableError
+from sealbox.runtime.audit.export import export_log
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.audit.report import ProcessingReport, Usage, build_report
+from sealbox.runtime.audit.verify import VerificationReport, verify_path
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import AuditPolicy
 
 audit_app = typer.Typer(
     help="Export, verify and summarise the tamper-evident audit log.", no_args_is_help=True

@@ -11,10 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.doctor import Appliance, CheckStatus, DoctorReport, run_doctor
-from runtime.egress.guard import install_egress_guard
-from runtime.egress.offline_env import apply_offline_environment
-from runtime.hostroot import HostRoot
+from sealbox.runtime.doctor import Appliance, CheckStatus, DoctorReport, run_doctor
+from sealbox.runtime.egress.guard import install_egress_guard
+from sealbox.runtime.egress.offline_env import apply_offline_environment
+from sealbox.runtime.hostroot import HostRoot
 
 _STYLE = {
     CheckStatus.PASS: "[bold green]PASS[/]",

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from runtime.memory_plan import (
+from sealbox.runtime.memory_plan import (
     DEFAULT_MEMORY_FRACTION,
     MemoryPlan,
     MemoryPlanError,
@@ -20,7 +20,7 @@ from runtime.memory_plan import (
     parse_size,
     plan_model,
 )
-from runtime.policy import LimitsPolicy
+from sealbox.runtime.policy import LimitsPolicy
 
 KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
 KV_CACHE_TYPES = get_args(LimitsPolicy.model_fields["kv_cache"].annotation)

@@ -6,8 +6,8 @@ imports anything else; the systemd unit and nftables rules (docs/lockdown.md) ho
 
 from __future__ import annotations
 
-from runtime.egress.allowlist import Allowlist, EgressPolicyWithPorts
-from runtime.egress.guard import (
+from sealbox.runtime.egress.allowlist import Allowlist, EgressPolicyWithPorts
+from sealbox.runtime.egress.guard import (
     EgressBlockedError,
     EgressGuard,
     EgressGuardError,
@@ -17,14 +17,14 @@ from runtime.egress.guard import (
     guard_status_path,
     install_egress_guard,
 )
-from runtime.egress.offline_env import (
+from sealbox.runtime.egress.offline_env import (
     OfflineEnvironment,
     RemoteReferenceError,
     apply_offline_environment,
     offline_environment_gaps,
     require_local_reference,
 )
-from runtime.egress.routes import NetworkTablesError, NetworkView, read_network
+from sealbox.runtime.egress.routes import NetworkTablesError, NetworkView, read_network
 
 __all__ = [
     "Allowlist",

@@ -23,11 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from runtime.egress.allowlist import Allowlist
-from runtime.egress.local_names import LocalNames
-from runtime.egress.rules import WATCHED_EVENTS, EgressRules, Refusal
-from runtime.hostroot import HostRoot
-from runtime.policy import EgressPolicy
+from sealbox.runtime.egress.allowlist import Allowlist
+from sealbox.runtime.egress.local_names import LocalNames
+from sealbox.runtime.egress.rules import WATCHED_EVENTS, EgressRules, Refusal
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.policy import EgressPolicy
 
 OnBlock = Callable[[str, str], None]
 """Called as on_block(destination, operation) for each refusal, in the refused thread, before the error is raised."""

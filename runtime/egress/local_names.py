@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.egress.allowlist import IPAddress, literal_address, unmapped
+from sealbox.runtime.egress.allowlist import IPAddress, literal_address, unmapped
 
 HOSTS = Path("/etc/hosts")
 NSSWITCH = Path("/etc/nsswitch.conf")

@@ -16,8 +16,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from runtime.egress.allowlist import Allowlist, IPAddress, literal_address
-from runtime.egress.local_names import LocalNames
+from sealbox.runtime.egress.allowlist import Allowlist, IPAddress, literal_address
+from sealbox.runtime.egress.local_names import LocalNames
 
 SEND_EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg"})
 FORWARD_LOOKUP_EVENTS = frozenset({"socket.getaddrinfo", "socket.gethostbyname"})

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from runtime.engine.base import ContextLengthExceeded, EngineUnavailable, Overloaded
+from sealbox.runtime.engine.base import ContextLengthExceeded, EngineUnavailable, Overloaded
 
 DEFAULT_SERVICE_S = 2.0
 """Assumed time a request holds a sequence before any has finished; only feeds the first Retry-After estimates."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.engine.base import EngineError
+from sealbox.runtime.engine.base import EngineError
 
 
 class InvalidRequest(EngineError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
-from runtime.engine.base import Finished, GenerationEvent
-from runtime.engine.task import Failed, GenerationTask
+from sealbox.runtime.engine.base import Finished, GenerationEvent
+from sealbox.runtime.engine.task import Failed, GenerationTask
 
 
 class EventStream(AsyncIterator[GenerationEvent]):

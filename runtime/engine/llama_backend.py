@@ -17,7 +17,7 @@ import gguf
 import llama_cpp as llama
 import numpy as np
 
-from runtime.engine.base import EngineError, EngineUnavailable
+from sealbox.runtime.engine.base import EngineError, EngineUnavailable
 
 log = logging.getLogger("sealbox.llama")
 
@@ -156,7 +156,7 @@ class Model:
         Raises:
             InvalidRequest: a token id is outside 0 .. n_vocab - 1.
         """
-        from runtime.engine.errors import InvalidRequest
+        from sealbox.runtime.engine.errors import InvalidRequest
 
         if any(token < 0 or token >= self.n_vocab for token in tokens):
             raise InvalidRequest(f"{what} holds a token id outside the vocabulary (0..{self.n_vocab - 1})")

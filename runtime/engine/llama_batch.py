@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from pathlib import Path
 
-from runtime import metrics
-from runtime.engine.admission import Admission
-from runtime.engine.base import (
+from sealbox.runtime import metrics
+from sealbox.runtime.engine.admission import Admission
+from sealbox.runtime.engine.base import (
     ContextLengthExceeded,
     Embeddings,
     EngineStats,
@@ -29,12 +29,12 @@ from runtime.engine.base import (
     ModelCard,
     Overloaded,
 )
-from runtime.engine.errors import InvalidRequest
-from runtime.engine.event_stream import EventStream
-from runtime.engine.llama_backend import Context, ContextSettings, Model, ModelLoadError
-from runtime.engine.sampling import SamplerChain
-from runtime.engine.scheduler import EmbeddingJob, Scheduler
-from runtime.engine.task import GenerationTask
+from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.engine.event_stream import EventStream
+from sealbox.runtime.engine.llama_backend import Context, ContextSettings, Model, ModelLoadError
+from sealbox.runtime.engine.sampling import SamplerChain
+from sealbox.runtime.engine.scheduler import EmbeddingJob, Scheduler
+from sealbox.runtime.engine.task import GenerationTask
 
 DEFAULT_BATCH = 512
 """Tokens decoded per step at most (prompt chunks and one token per running stream)."""

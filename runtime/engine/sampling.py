@@ -6,9 +6,9 @@ import random
 
 import llama_cpp as llama
 
-from runtime.engine.base import SamplingParams
-from runtime.engine.errors import GrammarError
-from runtime.engine.llama_backend import Context, Model
+from sealbox.runtime.engine.base import SamplingParams
+from sealbox.runtime.engine.errors import GrammarError
+from sealbox.runtime.engine.llama_backend import Context, Model
 
 PENALTY_WINDOW = 64
 """Tokens the repeat penalty looks back over (llama.cpp's default)."""

@@ -24,12 +24,12 @@ from collections import defaultdict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from runtime.engine.admission import Admission
-from runtime.engine.base import EngineError, EngineUnavailable, Finished, GenerationEvent, TextDelta
-from runtime.engine.llama_backend import BatchBuffer, Context, KVCacheFullError, Model
-from runtime.engine.slots import Slot, SlotState
-from runtime.engine.task import Failed, GenerationTask
-from runtime.metrics import EngineMetrics
+from sealbox.runtime.engine.admission import Admission
+from sealbox.runtime.engine.base import EngineError, EngineUnavailable, Finished, GenerationEvent, TextDelta
+from sealbox.runtime.engine.llama_backend import BatchBuffer, Context, KVCacheFullError, Model
+from sealbox.runtime.engine.slots import Slot, SlotState
+from sealbox.runtime.engine.task import Failed, GenerationTask
+from sealbox.runtime.metrics import EngineMetrics
 
 log = logging.getLogger("sealbox.engine")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from runtime.engine.task import GenerationTask
-from runtime.engine.text_stream import TextStream
+from sealbox.runtime.engine.task import GenerationTask
+from sealbox.runtime.engine.text_stream import TextStream
 
 
 class SlotState(enum.Enum):

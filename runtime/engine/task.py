@@ -10,8 +10,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from runtime.engine.base import EngineError, GenerationEvent, GenerationRequest
-from runtime.engine.sampling import SamplerChain
+from sealbox.runtime.engine.base import EngineError, GenerationEvent, GenerationRequest
+from sealbox.runtime.engine.sampling import SamplerChain
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.models.gguf_facts import ModelFacts, ModelFileError, read_facts
+from sealbox.runtime.models.gguf_facts import ModelFacts, ModelFileError, read_facts
 
 PROBE_TEXT = "sealbox probe: hello world"
 CPU_FAULTS = frozenset({"SIGSEGV", "SIGILL", "SIGBUS"})
@@ -62,7 +62,7 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
 def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s: float) -> tuple[ProbeResult, str | None]:
     """The child's verdict, and the name of the signal that killed it (None when it exited by itself)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
+    command = [sys.executable, "-m", "sealbox.runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
     try:
         child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
     except subprocess.TimeoutExpired:
@@ -89,7 +89,7 @@ def _last_line(stderr: str) -> str:
 
 def _child(path: str, *, extra_buffers: bool) -> None:
     # Imported only in the child: the parent never touches llama.cpp for an unproven file.
-    from runtime.engine.llama_backend import BatchBuffer, Context, ContextSettings, Model
+    from sealbox.runtime.engine.llama_backend import BatchBuffer, Context, ContextSettings, Model
 
     model = Model(Path(path), extra_buffers=extra_buffers)
     tokens = model.tokenize(PROBE_TEXT, add_bos=True, special=False)

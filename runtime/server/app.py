@@ -21,19 +21,19 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from runtime.api_keys import Authenticator
-from runtime.audit.log import AuditLog
-from runtime.engine.base import EngineError
-from runtime.engine.errors import InvalidRequest
-from runtime.metrics import render_latest
-from runtime.policy import Policy
-from runtime.server import generation
-from runtime.server.authentication import Authentication
-from runtime.server.body_limit import BodyLimit
-from runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
-from runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
-from runtime.server.request_record import RequestRecord, RequestRecorder, current_record
-from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from sealbox.runtime.api_keys import Authenticator
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.engine.base import EngineError
+from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.metrics import render_latest
+from sealbox.runtime.policy import Policy
+from sealbox.runtime.server import generation
+from sealbox.runtime.server.authentication import Authentication
+from sealbox.runtime.server.body_limit import BodyLimit
+from sealbox.runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
+from sealbox.runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
+from sealbox.runtime.server.request_record import RequestRecord, RequestRecorder, current_record
+from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger("sealbox.server")
 

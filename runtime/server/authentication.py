@@ -9,9 +9,9 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runtime.api_keys import ApiKeyError, Authenticator
-from runtime.server.errors import ApiError
-from runtime.server.request_record import API_PREFIX, PURPOSE_HEADER, current_record
+from sealbox.runtime.api_keys import ApiKeyError, Authenticator
+from sealbox.runtime.server.errors import ApiError
+from sealbox.runtime.server.request_record import API_PREFIX, PURPOSE_HEADER, current_record
 
 MAX_PURPOSE = 200
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.server.errors import ApiError
+from sealbox.runtime.server.errors import ApiError
 
 
 class BodyLimit:

@@ -15,10 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable, Overloaded
-from runtime.engine.errors import InvalidRequest
-from runtime.server import schemas
-from runtime.server.schemas import UNENCODABLE_TEXT
+from sealbox.runtime.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable, Overloaded
+from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.server import schemas
+from sealbox.runtime.server.schemas import UNENCODABLE_TEXT
 
 log = logging.getLogger("sealbox.server")
 

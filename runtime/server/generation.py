@@ -18,8 +18,8 @@ from typing import Any
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
-from runtime.audit.errors import AuditError
-from runtime.engine.base import (
+from sealbox.runtime.audit.errors import AuditError
+from sealbox.runtime.engine.base import (
     EngineError,
     Finished,
     GenerationEvent,
@@ -27,12 +27,12 @@ from runtime.engine.base import (
     SamplingParams,
     TextDelta,
 )
-from runtime.server.chat_template import ChatTemplate, ChatTemplateError
-from runtime.server.errors import ApiError, from_engine_error
-from runtime.server.model_registry import ServedModel
-from runtime.server.request_record import RequestRecord
-from runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
+from sealbox.runtime.server.chat_template import ChatTemplate, ChatTemplateError
+from sealbox.runtime.server.errors import ApiError, from_engine_error
+from sealbox.runtime.server.model_registry import ServedModel
+from sealbox.runtime.server.request_record import RequestRecord
+from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from sealbox.runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
 
 CLIENT_CLOSED_REQUEST = 499
 """Status recorded for a request whose client hung up before its answer (nginx's convention; never sent)."""

@@ -14,12 +14,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.engine.base import Engine, ModelCard
-from runtime.hostroot import HostRoot
-from runtime.memory_plan import MemoryPlanError, plan_for_policy
-from runtime.models.gguf_facts import ModelFileError, chat_template, read_facts
-from runtime.models.probe import probe_model
-from runtime.policy import LimitsPolicy, Policy
+from sealbox.runtime.engine.base import Engine, ModelCard
+from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
+from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, read_facts
+from sealbox.runtime.models.probe import probe_model
+from sealbox.runtime.policy import LimitsPolicy, Policy
 
 log = logging.getLogger("sealbox.models")
 
@@ -141,8 +141,8 @@ def file_sha256(path: Path) -> str:
 async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: int | None) -> Engine:
     import asyncio
 
-    from runtime.engine.llama_batch import LlamaBatchEngine
-    from runtime.engine.llama_backend import ModelLoadError
+    from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+    from sealbox.runtime.engine.llama_backend import ModelLoadError
 
     source = served.source
     try:

@@ -17,10 +17,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runtime.audit.errors import AuditError
-from runtime.audit.log import AuditLog
-from runtime.metrics import HTTP_RESPONSES
-from runtime.server.errors import ApiError
+from sealbox.runtime.audit.errors import AuditError
+from sealbox.runtime.audit.log import AuditLog
+from sealbox.runtime.metrics import HTTP_RESPONSES
+from sealbox.runtime.server.errors import ApiError
 
 log = logging.getLogger("sealbox.audit")
 

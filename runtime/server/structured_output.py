@@ -22,8 +22,8 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from runtime.server.errors import ApiError
-from runtime.server.schemas import ChatCompletionRequest, ResponseFormat, ToolDefinition
+from sealbox.runtime.server.errors import ApiError
+from sealbox.runtime.server.schemas import ChatCompletionRequest, ResponseFormat, ToolDefinition
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_REPEAT = 1024
