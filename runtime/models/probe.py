@@ -61,10 +61,10 @@ def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
 
 def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s: float) -> tuple[ProbeResult, str | None]:
     """The child's verdict, and the name of the signal that killed it (None when it exited by itself)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "sealbox.runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
+    # -P: the working directory never goes on the child's sys.path (a `sealbox/` there would shadow the installed one).
+    command = [sys.executable, "-P", "-m", "sealbox.runtime.models.probe", str(path)] + ([] if extra_buffers else ["--no-extra-buffers"])
     try:
-        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env, check=False)
+        child = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return ProbeResult(False, f"{path}: llama.cpp did not finish loading within {timeout_s:.0f} s", facts), None
     if child.returncode < 0:
