@@ -158,8 +158,8 @@ def test_the_shipped_policy_gives_the_loopback_allowlist():
 def test_every_exported_name_resolves_and_the_error_is_an_oserror():
     import sealbox.runtime.egress
 
-    assert all(hasattr(runtime.egress, name) for name in runtime.egress.__all__)
-    assert issubclass(runtime.egress.EgressBlockedError, PermissionError)
+    assert all(hasattr(sealbox.runtime.egress, name) for name in sealbox.runtime.egress.__all__)
+    assert issubclass(sealbox.runtime.egress.EgressBlockedError, PermissionError)
 
 
 def test_a_refusal_survives_pickling_with_its_destination():
