@@ -25,7 +25,6 @@ import math
 import mmap
 import os
 import queue
-import re
 import stat
 import threading
 from collections.abc import Callable
@@ -54,29 +53,6 @@ readahead and in 1.5 s with this; warm reads are unchanged (1.35 s)."""
 Buffer = bytearray | mmap.mmap
 
 ByteCounter = Callable[[int], None]
-_SIZE = re.compile(r"\s*(\d+)\s*([KMGT]?)(i?B?)?\s*", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """`4G` → 4 GiB, `512M`, `64K`, `1000` (bytes). Suffixes are binary. Raises ValueError."""
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ValueError(f"{text!r} is not a size like 4G, 512M, 64K or a number of bytes")
-    value = int(match.group(1)) * _UNITS[match.group(2).upper()]
-    if value < 1:
-        raise ValueError(f"{text!r} is not a positive size")
-    return value
-
-
-def format_size(value: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

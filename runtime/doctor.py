@@ -34,7 +34,8 @@ from sealbox.runtime.egress.guard import GuardStatus, active_guard, guard_status
 from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.memory_plan import MemoryPlanError, format_bytes, gpu_free_bytes, host_memory_bytes, plan_for_policy
+from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, host_memory_bytes, plan_for_policy
+from sealbox.runtime.sizes import format_size
 from sealbox.runtime.policy import Policy, PolicyError
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
@@ -447,7 +448,7 @@ def check_memory_plan(appliance: Appliance) -> Finding:
         where = f"{memory.gpu_layers} of {shape.layers + 1} layers (blocks + output) on the GPU" if gpu is not None else "no GPU: all layers on the CPU"
         lines.append(
             f"{name}: {where}; {min(memory.sequences_that_fit, memory.users)} of {memory.users} sequences of {memory.context} tokens "
-            f"fit at once in {format_bytes(memory.kv_budget_bytes)} of KV budget"
+            f"fit at once in {format_size(memory.kv_budget_bytes)} of KV budget"
         )
         if not memory.fits and worst is CheckStatus.PASS:
             worst = CheckStatus.WARN  # admission makes the rest wait; never an OOM

@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sealbox.runtime.policy import LimitsPolicy
+from sealbox.runtime.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
     from sealbox.runtime.models.gguf_facts import ModelFacts
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
 
 DEFAULT_BATCH = 512
 """Tokens per decode step; sizes the compute buffers (kept equal to the engine's default)."""
@@ -176,8 +174,8 @@ class MemoryPlan:
         if cells < self.context:
             raise MemoryPlanError(
                 f"not even one sequence of {self.context} tokens fits: the KV budget is "
-                f"{format_bytes(max(0, self.kv_budget_bytes))} and one sequence needs "
-                f"{format_bytes(self.kv_bytes_per_sequence)}; lower the context or give the model more memory"
+                f"{format_size(max(0, self.kv_budget_bytes))} and one sequence needs "
+                f"{format_size(self.kv_bytes_per_sequence)}; lower the context or give the model more memory"
             )
         return EngineSizing(
             n_seq_max=self.users,
@@ -305,30 +303,6 @@ def gpu_free_bytes(device: int = 0) -> int | None:
             pynvml.nvmlShutdown()
         except Exception:
             pass
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
-          "KI": KiB, "MI": MiB, "GI": GiB, "TI": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """'24GiB', '512MiB', '1.5G', '4096' → bytes (KiB/MiB/GiB are powers of 1024; K/M/G of 1000)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise MemoryPlanError(f"not a size: {text!r} (expected e.g. 24GiB, 512MiB, 8G)")
-    number, unit = match.groups()
-    unit = (unit or "").upper().removesuffix("B")
-    return int(float(number) * _UNITS[unit])
-
-
-def format_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def plan_for_policy(

@@ -16,7 +16,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from sealbox.bundler.blobs import FAT32_MAX_FILE, BlobWriter, parse_size
+from sealbox.bundler.blobs import FAT32_MAX_FILE, BlobWriter
 from sealbox.bundler.cli.bundle import bundle_app
 from sealbox.bundler.create import WORK_DIR, parse_expiry
 from sealbox.bundler.errors import InputError, MissingFileError
@@ -268,21 +268,8 @@ def test_manifest_keeps_fields_it_does_not_know() -> None:
     assert again == data
 
 
-@pytest.mark.parametrize(
-    ("text", "size"), [("4G", 4 * 1024**3), ("512M", 512 * 1024**2), ("64K", 65536), ("1000", 1000), ("64KiB", 65536)]
-)
-def test_max_part_size_parses_binary_suffixes(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
 def test_the_default_part_size_fits_fat32() -> None:
     assert FAT32_MAX_FILE == 4 * 1024**3 - 1
-
-
-@pytest.mark.parametrize("text", ["0", "-1G", "4X", "lots"])
-def test_max_part_size_refuses_nonsense(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_size(text)
 
 
 def test_expiry_takes_durations_and_dates() -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE, format_size, parse_size
+from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE
 from sealbox.bundler.cli.keys import fail, open_signer
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.errors import BundleError, InputError, KeyFileError
@@ -25,6 +25,8 @@ from sealbox.bundler.manifest import Target, format_time
 from sealbox.bundler.signing import check_signatures
 from sealbox.bundler.verify import failure_to_dict, read_unverified, verify_bundle
 from sealbox.runtime.cli.lazy_group import lazy_group
+from sealbox.runtime.sizes import HELP as SIZE_HELP
+from sealbox.runtime.sizes import format_size, parse_size
 
 INSTALLER_COMMANDS = {
     name: f"sealbox.bundler.cli.install:{function}"
@@ -122,7 +124,7 @@ def create(
             "--max-part-size",
             parser=_size_option,
             metavar="SIZE",
-            help="Split blobs above this size (4G, 512M, 64K; default 4 GiB - 1 byte, the FAT32 limit).",
+            help=f"Split blobs above this size, e.g. 512M ({SIZE_HELP}; default 4 GiB - 1 byte, the FAT32 limit).",
         ),
     ] = DEFAULT_MAX_PART_SIZE,
     hf_cache: Annotated[Path | None, typer.Option("--hf-cache", help="Hugging Face cache directory.")] = None,

@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.bundler.audit_trail import AuditTrailError
-from sealbox.bundler.blobs import format_size
 from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.delta import DeltaBaseError
@@ -31,6 +30,7 @@ from sealbox.bundler.service_files import ServiceFileError, enable
 from sealbox.bundler.trust import TrustStoreError
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
+from sealbox.runtime.sizes import format_size
 
 _out = Console()
 _HANDLED = (BundleError, TrustStoreError, VenvError, ServiceFileError, ReleaseError, AuditTrailError, PolicyError, OSError)

@@ -14,13 +14,13 @@ from sealbox.runtime.memory_plan import (
     DEFAULT_MEMORY_FRACTION,
     MemoryPlan,
     MemoryPlanError,
-    format_bytes,
     gpu_free_bytes,
     host_memory_bytes,
-    parse_size,
     plan_model,
 )
 from sealbox.runtime.policy import LimitsPolicy
+from sealbox.runtime.sizes import HELP as SIZE_HELP
+from sealbox.runtime.sizes import SizeError, format_size, parse_size
 
 KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
 KV_CACHE_TYPES = get_args(LimitsPolicy.model_fields["kv_cache"].annotation)
@@ -31,11 +31,11 @@ def plan(
     ctx: Annotated[int, typer.Option("--ctx", min=1, help="Tokens one sequence holds (prompt + completion).")] = 4096,
     users: Annotated[int, typer.Option("--users", min=1, help="Sequences served at once.")] = 16,
     memory: Annotated[
-        str | None, typer.Option("--memory", help="Host memory for the model, e.g. 24GiB (default: available now).")
+        str | None, typer.Option("--memory", help=f"Host memory for the model, e.g. 24G ({SIZE_HELP}; default: available now).")
     ] = None,
     gpu_memory: Annotated[
         str | None,
-        typer.Option("--gpu-memory", help="GPU memory for the model, e.g. 80GiB (default: free memory via NVML, if any)."),
+        typer.Option("--gpu-memory", help=f"GPU memory for the model, e.g. 80G ({SIZE_HELP}; default: free memory via NVML, if any)."),
     ] = None,
     fraction: Annotated[
         float, typer.Option("--fraction", min=0.05, max=1.0, help="Share of that memory to plan with (headroom).")
@@ -54,7 +54,7 @@ def plan(
         gpu_bytes = parse_size(gpu_memory) if gpu_memory is not None else gpu_free_bytes()
         result = plan_model(model, kv_cache=kv_cache, memory_bytes=memory_bytes, context=ctx, users=users,
                             fraction=fraction, gpu_memory_bytes=gpu_bytes)  # fmt: skip
-    except MemoryPlanError as exc:
+    except (MemoryPlanError, SizeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     except (OSError, ValueError) as exc:
@@ -96,17 +96,17 @@ def render(model: Path, result: MemoryPlan, console: Console) -> None:
     table = Table(title=f"sealbox plan — {model.name}", show_header=False)
     table.add_column("", no_wrap=True)
     table.add_column("", justify="right")
-    table.add_row("weights", f"{format_bytes(shape.weight_bytes)} ({shape.layers} layers)")
-    table.add_row(f"KV cache per token (K {shape.type_k}, V {shape.type_v})", format_bytes(shape.kv_bytes_per_token))
-    table.add_row(f"KV cache per sequence ({result.context} tokens)", format_bytes(result.kv_bytes_per_sequence))
-    table.add_row("compute buffers (estimate)", format_bytes(result.compute_bytes))
+    table.add_row("weights", f"{format_size(shape.weight_bytes)} ({shape.layers} layers)")
+    table.add_row(f"KV cache per token (K {shape.type_k}, V {shape.type_v})", format_size(shape.kv_bytes_per_token))
+    table.add_row(f"KV cache per sequence ({result.context} tokens)", format_size(result.kv_bytes_per_sequence))
+    table.add_row("compute buffers (estimate)", format_size(result.compute_bytes))
     where = "GPU" if result.gpu_layers > shape.layers else "host"
     budget_of = result.gpu_memory_bytes if where == "GPU" else result.memory_bytes
     table.add_row(
-        f"memory planned ({where}, {result.fraction:.0%} of {format_bytes(budget_of or 0)})",
-        format_bytes(int((budget_of or 0) * result.fraction)),
+        f"memory planned ({where}, {result.fraction:.0%} of {format_size(budget_of or 0)})",
+        format_size(int((budget_of or 0) * result.fraction)),
     )
-    table.add_row("KV budget", f"{format_bytes(max(0, result.kv_budget_bytes))} ({result.kv_cells_budget} tokens)")
+    table.add_row("KV budget", f"{format_size(max(0, result.kv_budget_bytes))} ({result.kv_cells_budget} tokens)")
     table.add_row(f"sequences that fit at {result.context} tokens", str(result.sequences_that_fit))
     table.add_row(f"largest context for {result.users} users", str(result.context_for_users))
     gpu = "no GPU" if result.gpu_memory_bytes is None else f"{result.gpu_layers} of {shape.layers + 1}"

@@ -7,12 +7,13 @@ pieces. Sizes run from ~0.5 MB (tests) to hundreds of MB (benchmarks); the same 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+
+from sealbox.runtime.sizes import parse_size
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -95,14 +96,6 @@ def shape_for_size(target_bytes: int, *, bytes_per_weight: float, vocab: int) ->
             return Shape(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff)
     return Shape(n_embd=2048, n_layer=max(1, int(target_bytes // (20 * 2048 * 2048 * bytes_per_weight))),
                  n_head=64, n_head_kv=32, n_ff=4096)
-
-
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)i?B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 1MB, 150MB, 2G)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    return int(number * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit])
 
 
 def write_test_model(
