@@ -123,7 +123,7 @@ def test_a_crash_after_the_venv_is_built_leaves_the_previous_release_live_and_a_
     publisher = Publisher(keys)
     install_bundle(InstallRequest(bundle=publisher.publish(tmp_path / "b1", [model_item(model)], version=1), root=host))
     bundle = publisher.publish(tmp_path / "b2", [model_item(model), wheel_item(wheels["hello"])], version=2)
-    command = [sys.executable, "-c", "import sys; from sealbox.bundler.cli import main; sys.argv[0] = 'sealbox'; main()"]
+    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
     command += ["bundle", "install", str(bundle), "--root", str(host.path)]
     crashed = subprocess.run(command, cwd=REPO, env=os.environ | {"SEALBOX_TEST_CRASH_AT": "venv-built"}, check=False)
     assert crashed.returncode == -signal.SIGKILL
