@@ -54,6 +54,7 @@ from sealbox.bundler.errors import (
 )
 from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, BlobEntry, Manifest, format_time, manifest_digest
 from sealbox.bundler.signing import SignatureCheck, parse_envelope, require_signatures
+from sealbox.runtime.regular_file import file_kind
 
 _ALLOWED_DIRS = frozenset({"blobs", BLOB_DIR})
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -193,7 +194,7 @@ def list_bundle(directory: Path) -> set[str]:
                 elif stat.S_ISREG(mode):
                     found.add(name)
                 else:
-                    raise PathError(f"{name}: is not a regular file or directory")
+                    raise PathError(f"{name}: is {file_kind(mode)}, not a regular file or directory")
     return found
 
 

@@ -22,7 +22,8 @@ class NotRegularFileError(OSError):
     """The path is a symlink, FIFO, socket, device or directory where a regular file belongs."""
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """How a refusal names what a path is: `a FIFO`, `a symlink`, `a device`..."""
     if stat.S_ISLNK(mode):
         return "a symlink"
     if stat.S_ISFIFO(mode):
@@ -45,7 +46,7 @@ def open_regular(path: Path) -> tuple[int, os.stat_result]:
     """
     mode = os.lstat(path).st_mode
     if not stat.S_ISREG(mode):
-        raise NotRegularFileError(errno.EINVAL, f"{path}: is {_kind(mode)}, not a regular file")
+        raise NotRegularFileError(errno.EINVAL, f"{path}: is {file_kind(mode)}, not a regular file")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -55,7 +56,7 @@ def open_regular(path: Path) -> tuple[int, os.stat_result]:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        raise NotRegularFileError(errno.EINVAL, f"{path}: is {_kind(info.st_mode)}, not a regular file")
+        raise NotRegularFileError(errno.EINVAL, f"{path}: is {file_kind(info.st_mode)}, not a regular file")
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd, info
 
