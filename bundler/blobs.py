@@ -27,13 +27,15 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealbox.bundler.errors import DigestMismatchError, InputError, PathError, SizeMismatchError
+from sealbox.bundler.digests import ExpectedBytes
+from sealbox.bundler.errors import InputError, PathError
 from sealbox.bundler.manifest import BLOB_DIR, BlobEntry, Part, part_file_names
+from sealbox.runtime.regular_file import NotRegularFileError, open_regular
 
 FAT32_MAX_FILE = 4 * 1024**3 - 1
 DEFAULT_MAX_PART_SIZE = FAT32_MAX_FILE
@@ -61,11 +63,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes, *, temp_dir: Path | None = None) -> None:
-    """Write a whole file so that readers see the old file or the new one, never a torn one."""
+def write_atomically(path: Path, data: bytes, *, temp_dir: Path | None = None, mode: int = 0o644) -> None:
+    """Write a whole file so that readers see the old file or the new one, never a torn one.
+
+    The file gets `mode` exactly, whatever the caller's umask (a umask of 000 must not make a trust store or a
+    version floor world-writable)."""
     temp = (temp_dir or path.parent) / f".{path.name}.tmp"
     try:
-        with open(temp, "wb") as out:
+        temp.unlink(missing_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with open(fd, "wb") as out:
+            os.fchmod(fd, mode)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -394,23 +402,16 @@ class ReadAhead:
 
 
 def open_part(path: Path) -> tuple[int, os.stat_result]:
-    """Open a bundle file for reading without following a symlink; refuse anything but a regular file.
+    """Open a bundle or store file for reading: never following a symlink, never blocking on a FIFO, regular files only.
 
     Raises:
-        PathError: the file is a symlink or not a regular file.
+        PathError: the file is a symlink, FIFO, device, socket or directory.
         FileNotFoundError: it vanished.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a symlink
-            raise PathError(f"{path}: is a symlink; a bundle holds plain files only") from exc
-        raise
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise PathError(f"{path}: not a regular file")
-    return fd, info
+        return open_regular(path)
+    except NotRegularFileError as exc:
+        raise PathError(f"{exc.strerror}; a bundle holds plain files only") from exc
 
 
 def stream_part(
@@ -446,6 +447,38 @@ def stream_part(
     return total
 
 
+def feed_part(fd: int, expected: ExpectedBytes, *, consumers: Sequence[Callable[[memoryview], Any]] = (),
+              on_bytes: ByteCounter | None = None, stop: threading.Event | None = None) -> int:
+    """Stream one opened file into `expected` (and `consumers`) and judge it; returns bytes read, -1 when stopped.
+
+    Raises SizeMismatchError, DigestMismatchError (see `digests.ExpectedBytes`)."""
+    got = stream_part(fd, limit=expected.size, consumers=[expected.update, *consumers], on_bytes=on_bytes, stop=stop)
+    if got >= 0:
+        expected.finish()
+    return got
+
+
+def check_file(path: Path, expected: ExpectedBytes, *, consumers: Sequence[Callable[[memoryview], Any]] = (),
+               on_bytes: ByteCounter | None = None, stop: threading.Event | None = None) -> int:
+    """Open `path` as a regular file, refuse it by size, then hash every byte into `expected`.
+
+    Raises PathError, SizeMismatchError, DigestMismatchError; FileNotFoundError."""
+    fd, info = open_part(path)
+    try:
+        expected.check_size(info.st_size)
+        return feed_part(fd, expected, consumers=consumers, on_bytes=on_bytes, stop=stop)
+    finally:
+        os.close(fd)
+
+
+def check_store_blob(store: Path, entry: BlobEntry, on_bytes: ByteCounter | None = None) -> None:
+    """The store's copy of `entry` holds exactly the signed bytes (re-hashed: a size match proves nothing).
+
+    Raises PathError, SizeMismatchError, DigestMismatchError; FileNotFoundError."""
+    check_file(store / entry.sha256, ExpectedBytes.of_blob(entry, str(store / entry.sha256), what="the store's copy"),
+               on_bytes=on_bytes)  # fmt: skip
+
+
 def assemble(bundle_dir: Path, entry: BlobEntry, dest: Path, on_bytes: ByteCounter | None = None) -> None:
     """Join a blob's parts into `dest` (atomically), checking every part and the whole digest in the same pass.
 
@@ -455,7 +488,7 @@ def assemble(bundle_dir: Path, entry: BlobEntry, dest: Path, on_bytes: ByteCount
         SizeMismatchError, DigestMismatchError: named to the part (or to the whole blob, part -1).
         PathError: a part is a symlink or not a regular file.
     """
-    whole = hashlib.sha256()
+    whole = ExpectedBytes.of_blob(entry, entry.part_files()[0])
     temp = dest.parent / f".{dest.name}.tmp"
     try:
         with open(temp, "wb", buffering=0) as out:
@@ -464,41 +497,10 @@ def assemble(bundle_dir: Path, entry: BlobEntry, dest: Path, on_bytes: ByteCount
                 while view:
                     view = view[out.write(view) :]
 
-            for index, (name, part) in enumerate(zip(entry.part_files(), entry.parts, strict=True)):
-                fd, info = open_part(bundle_dir / name)
-                try:
-                    if info.st_size != part.size:
-                        raise SizeMismatchError(
-                            f"{name}: part {index} of {entry.path} is {info.st_size} bytes, the manifest says {part.size}",
-                            file=name,
-                            blob=entry.path,
-                            part=index,
-                        )
-                    hasher = hashlib.sha256()
-                    got = stream_part(fd, limit=part.size, consumers=[hasher.update, whole.update, write], on_bytes=on_bytes)
-                finally:
-                    os.close(fd)
-                if got != part.size:
-                    raise SizeMismatchError(
-                        f"{name}: part {index} of {entry.path} changed size while being read",
-                        file=name,
-                        blob=entry.path,
-                        part=index,
-                    )
-                if hasher.hexdigest() != part.sha256:
-                    raise DigestMismatchError(
-                        f"{name}: part {index} of {entry.path}: sha256 {hasher.hexdigest()} is not the signed {part.sha256}",
-                        file=name,
-                        blob=entry.path,
-                        part=index,
-                    )
-            if whole.hexdigest() != entry.sha256:
-                raise DigestMismatchError(
-                    f"{entry.path}: the joined parts hash to {whole.hexdigest()}, not the signed {entry.sha256}",
-                    file=entry.part_files()[0],
-                    blob=entry.path,
-                    part=-1,
-                )
+            for index, name in enumerate(entry.part_files()):
+                check_file(bundle_dir / name, ExpectedBytes.of_part(entry, index), consumers=[whole.update, write],
+                           on_bytes=on_bytes)  # fmt: skip
+            whole.finish()
             os.fsync(out.fileno())
         os.replace(temp, dest)
     except BaseException:

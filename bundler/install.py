@@ -35,32 +35,31 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sealbox.bundler.audit_trail import record
-from sealbox.bundler.blobs import assemble, fsync_dir
+from sealbox.bundler.blobs import assemble, check_store_blob, fsync_dir
+from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.crashpoints import crash_point
 from sealbox.bundler.delta import require_base_blobs
-from sealbox.bundler.errors import BundleError, SizeMismatchError
+from sealbox.bundler.errors import BundleError, IntegrityError, PathError
 from sealbox.bundler.manifest import BlobEntry, Manifest
 from sealbox.bundler.offline_venv import VenvError, WheelFile, build_offline_venv, wheel_identity
 from sealbox.bundler.progress import Progress, SilentProgress
-from sealbox.bundler.releases import (
-    INSTALL_FILE,
-    MANIFEST_FILE,
-    POLICY_FILE,
-    RELEASE_FILE,
-    GcResult,
-    InstallRecord,
-    ModelLink,
-    Release,
-    ReleaseRecord,
-    Releases,
-    policy_in_force,
-    release_dir_name,
-)
+from sealbox.bundler.releases import GcResult, InstallRecord, Release, Releases, policy_in_force, release_dir_name
 from sealbox.bundler.service_files import ServiceContext, ServiceFileError, write_service_files
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
+from sealbox.runtime.regular_file import read_regular
+from sealbox.runtime.release import (
+    INSTALL_FILE,
+    MANIFEST_FILE,
+    POLICY_FILE,
+    RELEASE_FILE,
+    ModelLink,
+    ReleaseRecord,
+    store_link_target,
+)
+from sealbox.runtime.sizes import format_size
 
 STAGE_PREFIX = "install-"
 RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service"})
@@ -76,6 +75,20 @@ class DowngradeDeclinedError(RollbackError):
     """`--allow-downgrade` was given but the operator did not confirm it."""
 
     exit_code = 28
+
+
+class NameChangeError(RollbackError):
+    """The bundle's name is not the one this appliance runs: replacing it is `--replace-name`, confirmed, not an install."""
+
+
+class NameChangeDeclinedError(DowngradeDeclinedError):
+    """`--replace-name` was given but the operator did not confirm it (no terminal to answer on, or no)."""
+
+
+class FreeSpaceError(BundleError):
+    """The store's filesystem has less free space than the blobs to copy need; nothing was written."""
+
+    exit_code = 29
 
 
 class ReleaseContentError(BundleError):
@@ -95,6 +108,10 @@ class InstallRequest:
     allow_downgrade: bool = False
     confirm: Confirm | None = None
     """Asked (with a one-line question) before a downgrade; None refuses every downgrade that needs confirming."""
+    replace_name: bool = False
+    """Install a bundle whose name differs from the one this appliance runs (asks `confirm_name`; recorded)."""
+    confirm_name: Confirm | None = None
+    """Asked before the appliance's bundle name is replaced; None refuses the replacement."""
     now: datetime | None = None
     keep: int | None = None
     """Releases kept after the install (default: the installed policy's `releases.keep`)."""
@@ -198,27 +215,39 @@ def plan_release(manifest: Manifest) -> ReleasePlan:
 def check_sizes(directory: Path, manifest: Manifest) -> None:
     """Every carried part has its signed size (by `stat`): a truncated copy is refused before anything is written."""
     for entry in manifest.carried():
-        for index, (name, part) in enumerate(zip(entry.part_files(), entry.parts, strict=True)):
-            size = os.lstat(directory / name).st_size
-            if size != part.size:
-                raise SizeMismatchError(
-                    f"{name}: part {index} of {len(entry.parts)} of {entry.path} is {size} bytes, the manifest says "
-                    f"{part.size}" + (" (truncated)" if size < part.size else ""),
-                    file=name,
-                    blob=entry.path,
-                    part=index,
-                )
+        for index, name in enumerate(entry.part_files()):
+            ExpectedBytes.of_part(entry, index).check_size(os.lstat(directory / name).st_size)
 
 
 def _unique(entries: list[BlobEntry]) -> list[BlobEntry]:
     return list({entry.sha256: entry for entry in entries}.values())
 
 
-def _in_store(store: Path, entry: BlobEntry) -> bool:
+def _store_holds(store: Path, entry: BlobEntry, on_bytes: Callable[[int], None] | None = None) -> bool:
+    """Whether the store's copy of `entry` is exactly the signed bytes: every byte re-hashed, never trusted by size
+    (a local user who flips a byte of a store blob must not get it into the next release)."""
     try:
-        return os.lstat(store / entry.sha256).st_size == entry.size
-    except FileNotFoundError:
+        check_store_blob(store, entry, on_bytes)
+    except (FileNotFoundError, IntegrityError, PathError):
         return False
+    return True
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _seal_modes(tree: Path) -> None:
+    """Modes set explicitly, whatever the umask: directories 0755, files 0644 (0755 when executable), symlinks as is."""
+    for directory, dirs, files in os.walk(tree):
+        os.chmod(directory, 0o755)
+        for name in files:
+            path = Path(directory) / name
+            info = path.lstat()
+            if not os.path.islink(path):
+                os.chmod(path, 0o755 if info.st_mode & 0o111 else 0o644)
 
 
 def _now_text(now: datetime) -> str:
@@ -295,10 +324,16 @@ class Installer:
         check_sizes(self.directory, manifest)
         return verified, plan_release(manifest)
 
-    def check_version(self, verified: VerifiedManifest) -> tuple[Release | None, bool]:
-        """(the release of this very bundle if one is already placed, whether this is a confirmed downgrade).
+    def check_version(self, verified: VerifiedManifest) -> tuple[Release | None, bool, str | None]:
+        """(the release of this very bundle if one is already placed, whether this is a confirmed downgrade, the
+        bundle name this install replaces when `--replace-name` was confirmed).
+
+        Rollback protection is appliance-wide: the bundle must carry the name this appliance runs (another name is a
+        deliberate, confirmed replacement, never a side effect), and a version above every version of its name.
 
         Raises:
+            NameChangeError: another name than the appliance runs, without `--replace-name`.
+            NameChangeDeclinedError: `--replace-name` was given, the operator did not confirm.
             RollbackError: the version is not above the highest installed, or the same version holds another bundle.
             DowngradeDeclinedError: `--allow-downgrade` was given, the operator did not confirm.
         """
@@ -312,11 +347,13 @@ class Installer:
                     f"(manifest {placed.install.manifest_sha256[:16]}, this one {verified.sha256[:16]}); "
                     "a version is installed once"
                 )
-        highest = self.releases.highest(manifest.name)
+        floor = self.releases.floor()
+        replaces = self._check_name(floor.name, manifest.name, manifest.version)
+        highest = floor.highest(manifest.name)
         # Re-running the install of the newest version (after a crash) is not a downgrade; activating an older
         # release that is still on disk is, and needs the same confirmation as installing one.
         if highest is None or manifest.version > highest or (placed is not None and manifest.version == highest):
-            return placed, False
+            return placed, False, replaces
         question = (
             f"{manifest.name} version {manifest.version} is not above version {highest}, already installed here; "
             "install it anyway (downgrade)?"
@@ -330,18 +367,55 @@ class Installer:
             raise DowngradeDeclinedError(
                 f"downgrade of {manifest.name} to version {manifest.version} (from {highest}) was not confirmed"
             )
-        return placed, True
+        return placed, True, replaces
+
+    def _check_name(self, running: str | None, name: str, version: int) -> str | None:
+        if running is None or running == name:
+            return None
+        if not self.request.replace_name:
+            raise NameChangeError(
+                f"rollback protection: this appliance runs bundles named {running}; {name} version {version} would "
+                f"replace it (use --replace-name to replace the appliance's bundle on purpose: asked and recorded)"
+            )
+        question = f"replace the bundle this appliance runs, {running}, with {name} version {version}?"
+        if self.request.confirm_name is None or not self.request.confirm_name(question):
+            raise NameChangeDeclinedError(f"replacing {running} with {name} version {version} was not confirmed")
+        return running
 
     # -- 2. stage ------------------------------------------------------------------------------------------------
 
-    def stage_blobs(self, stage: _Stage, manifest: Manifest) -> tuple[int, int]:
-        """Copy new blobs into staging, checking every byte; hash the bundle's copy of blobs the store holds.
+    def stage_blobs(self, stage: _Stage, manifest: Manifest) -> int:
+        """Copy into staging every blob the store does not hold exactly (absent, or not the signed bytes), checking
+        every byte; re-hash the store's copy of the others, and of a delta's base blobs; check the bundle's copy of
+        every carried blob either way. Returns the number of carried blobs the store already held.
 
-        Returns (blobs present in the store, bytes hashed for them)."""
+        Raises:
+            IntegrityError, PathError: a part of the bundle, or a base blob the bundle does not carry, is not the
+                signed bytes.
+            FreeSpaceError: the blobs to copy do not fit on the store's filesystem (checked before copying).
+        """
         carried = _unique(manifest.carried())
-        new = [entry for entry in carried if not _in_store(self.root.store, entry)]
-        present = [entry for entry in carried if _in_store(self.root.store, entry)]
+        stored = [entry for entry in carried if os.path.lexists(self.root.store / entry.sha256)]
+        base = [entry for entry in _unique(manifest.blobs) if entry.in_base and entry.sha256 not in {e.sha256 for e in carried}]
+        reused: list[BlobEntry] = []
+        with self.progress.bytes(f"re-checking {len(stored) + len(base)} blob(s) in the store",
+                                 sum(e.size for e in stored + base)) as advance:  # fmt: skip
+            for entry in stored:
+                if _store_holds(self.root.store, entry, advance):
+                    reused.append(entry)
+                else:
+                    self.notes.append(f"the store's copy of {entry.path} was not the signed bytes: replaced")
+            for entry in base:
+                check_store_blob(self.root.store, entry, advance)  # a delta cannot replace what it does not carry
+        kept = {entry.sha256 for entry in reused}
+        new = [entry for entry in carried if entry.sha256 not in kept]
         total = sum(entry.size for entry in new)
+        free = _free_bytes(self.root.store)
+        if total > free:
+            raise FreeSpaceError(
+                f"the store needs {total} bytes ({format_size(total)}) for {len(new)} new blob(s); its filesystem has "
+                f"{free} bytes ({format_size(free)}) free at {self.root.path}"
+            )
         with self.progress.bytes(f"copying {len(new)} blob(s) into the store", total) as advance:
             for entry in new:
                 started = [False]
@@ -354,12 +428,12 @@ class Installer:
 
                 assemble(self.directory, entry, stage.blobs / entry.sha256, on_bytes)
                 stage.copied.append(entry)
-        if present:
+        if reused:
             # Already in the store: not copied again, but the bundle is still verified completely.
-            with self.progress.bytes(f"checking {len(present)} blob(s) already in the store", 0) as advance:
-                check_parts(self.directory, replace(manifest, blobs=tuple(present)), on_bytes=advance)
+            with self.progress.bytes(f"checking {len(reused)} blob(s) already in the store", 0) as advance:
+                check_parts(self.directory, replace(manifest, blobs=tuple(reused)), on_bytes=advance)
         fsync_dir(stage.blobs)
-        return len(present), sum(entry.size for entry in present)
+        return len(reused)
 
     def build_release(
         self, stage: _Stage, verified: VerifiedManifest, plan: ReleasePlan, *, downgrade: bool, final: Path
@@ -367,7 +441,7 @@ class Installer:
         manifest = verified.manifest
         release = stage.release
         (release / MANIFEST_FILE).write_bytes(self.manifest_bytes)  # the signed envelope exactly as it arrived
-        policy_text = stage.blob(plan.policy).read_text(encoding="utf-8") if plan.policy else default_policy_text()
+        policy_text = self._policy_text(stage, plan.policy) if plan.policy else default_policy_text()
         try:
             policy = Policy.from_toml(policy_text, source=plan.policy.path if plan.policy else "policies/default.toml")
         except PolicyError as exc:
@@ -407,21 +481,36 @@ class Installer:
         )
         _write_json(release / INSTALL_FILE, install.to_dict())
         _write_json(release / RELEASE_FILE, ReleaseRecord(manifest.name, manifest.version, tuple(models)).to_dict())
+        _seal_modes(release)
         return policy
+
+    def _policy_text(self, stage: _Stage, entry: BlobEntry) -> str:
+        """The policy's bytes as read for the release, checked against the signed digest (the bytes that go live)."""
+        path = stage.blob(entry)
+        data = read_regular(path, limit=max(entry.size, 1))
+        expected = ExpectedBytes.of_blob(entry, str(path), what="the policy")
+        expected.update(data)
+        expected.finish()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ReleaseContentError(f"{entry.path}: the policy is not UTF-8 text: {exc}") from exc
 
     def _link(self, release: Path, path: str, entry: BlobEntry) -> None:
         # Relative, so `<root>` can be moved or mounted elsewhere: releases/<label>/<path> → store/sha256/<digest>.
         link = release / path
         link.parent.mkdir(parents=True, exist_ok=True)
-        up = "../" * (len(PurePosixPath(path).parts) + 1)
-        os.symlink(f"{up}{self.root.store.relative_to(self.root.path)}/{entry.sha256}", link)
+        os.symlink(store_link_target(self.root, path, entry.sha256), link)
 
     # -- 3. commit -----------------------------------------------------------------------------------------------
 
     def fill_store(self, stage: _Stage) -> None:
         if not stage.copied:
             return
-        self.root.store.mkdir(parents=True, exist_ok=True)
+        if not self.root.store.exists():
+            self.root.store.mkdir(parents=True)
+            os.chmod(self.root.store.parent, 0o755)
+            os.chmod(self.root.store, 0o755)
         for index, entry in enumerate(stage.copied):
             staged = stage.blobs / entry.sha256
             os.chmod(staged, 0o444)  # shared by every release that uses it: nobody edits a blob in place
@@ -436,36 +525,38 @@ class Installer:
         manifest = verified.manifest
         label = release_dir_name(manifest.name, manifest.version)
         with self.releases.lock():
-            placed, downgrade = self.check_version(verified)
+            placed, downgrade, replaces = self.check_version(verified)
             require_base_blobs(manifest, self.root.store)
             crash_point("verified")
-            copied = bytes_copied = present = 0
             resumed = placed is not None
-            if placed is None:
-                stage = _Stage(self.root, label)
-                stage.open()
-                try:
-                    present, _ = self.stage_blobs(stage, manifest)
-                    copied, bytes_copied = len(stage.copied), sum(entry.size for entry in stage.copied)
-                    crash_point("blobs-staged")
-                    final = self.root.releases / label
+            stage = _Stage(self.root, label)
+            stage.open()
+            try:
+                present = self.stage_blobs(stage, manifest)
+                copied, bytes_copied = len(stage.copied), sum(entry.size for entry in stage.copied)
+                crash_point("blobs-staged")
+                final = self.root.releases / label
+                if placed is None:
                     self.build_release(stage, verified, plan, downgrade=downgrade, final=final)
                     crash_point("release-staged")
-                except BaseException:
-                    stage.discard()
-                    raise
-                self.fill_store(stage)
-                crash_point("store-filled")
+                else:
+                    self.progress.step(f"{label} is already on disk; checked the bundle and the store, activating it")
+            except BaseException:
+                stage.discard()
+                raise
+            self.fill_store(stage)
+            crash_point("store-filled")
+            if placed is None:
+                if not self.root.releases.exists():
+                    self.root.releases.mkdir(parents=True)
+                    os.chmod(self.root.releases, 0o755)
                 self.releases.place(stage.release, label)
                 crash_point("release-placed")
-                stage.discard()
+            stage.discard()
+            if placed is None:
                 placed = self.releases.load(final)
                 assert placed is not None, f"{final} was placed whole"
-            else:
-                self.progress.step(f"{label} is already on disk; checking the bundle and activating it")
-                present = len(_unique(manifest.carried()))
-                check_parts(self.directory, manifest)
-            return self.activate(placed, verified, downgrade, resumed, started, copied, bytes_copied, present)
+            return self.activate(placed, verified, downgrade, resumed, started, copied, bytes_copied, present, replaces)
 
     def activate(
         self,
@@ -477,10 +568,14 @@ class Installer:
         copied: int,
         bytes_copied: int,
         present: int,
+        replaces: str | None,
     ) -> InstallResult:
         manifest = verified.manifest
-        self.releases.raise_floor(manifest.name, manifest.version)
         policy = release.policy()
+        if replaces is not None:
+            record(self.root, "bundle.replace_name", policy, **{"from": replaces, "to": manifest.name},
+                   version=manifest.version, manifest_sha256=verified.sha256)  # fmt: skip
+        self.releases.raise_floor(manifest.name, manifest.version)
         fields = dict(
             name=manifest.name,
             version=manifest.version,
@@ -490,7 +585,7 @@ class Installer:
             downgrade=downgrade,
             base_manifest_sha256=manifest.base.manifest_sha256 if manifest.base else None,
         )
-        record(self.root, "bundle.install", policy, **fields, resumed=resumed)
+        record(self.root, "bundle.install", policy, **fields, resumed=resumed, replaces_name=replaces)
         previous = self.releases.current()
         activated = previous is None or previous.label != release.label
         if activated:
@@ -560,6 +655,7 @@ def _record_refusal(installer: Installer, error: Exception) -> None:
     fields: dict[str, Any] = {
         "bundle": str(installer.directory),
         "error": type(error).__name__,
+        "exit_code": getattr(error, "exit_code", 1),
         "reason": str(error),
     }
     if installer.verified is not None:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from sealbox.bundler.errors import KeyFileError
+from sealbox.runtime.regular_file import NotRegularFileError, read_regular
 
 PASSPHRASE_ENV = "SEALBOX_KEY_PASSPHRASE"
 PRIVATE_SUFFIX = ".key"
@@ -77,7 +78,9 @@ def generate_key_pair(name: str, out_dir: Path, *, passphrase: bytes | None) -> 
     for path in (private_path, public_path):
         if path.exists() or path.is_symlink():
             raise KeyFileError(f"{path} already exists; refusing to overwrite a key (move it away first)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.exists():
+        out_dir.mkdir(parents=True)
+        os.chmod(out_dir, 0o755)  # not the umask's choice: nobody else may swap a key in
 
     private = Ed25519PrivateKey.generate()
     encryption: serialization.KeySerializationEncryption = (
@@ -96,9 +99,15 @@ def generate_key_pair(name: str, out_dir: Path, *, passphrase: bytes | None) -> 
     return KeyPairFiles(private_path, public_path, key_id(private.public_key()), passphrase is not None)
 
 
+MAX_KEY_FILE_BYTES = 64 * 1024
+
+
 def _read(path: Path, what: str) -> bytes:
+    """A key file's bytes: a regular file only (a FIFO or a device never blocks us, a symlink is not followed)."""
     try:
-        return path.read_bytes()
+        return read_regular(path, limit=MAX_KEY_FILE_BYTES)
+    except NotRegularFileError as exc:
+        raise KeyFileError(f"{exc.strerror}; a {what} must be a plain file") from exc
     except FileNotFoundError as exc:
         raise KeyFileError(f"{path}: no such {what} file") from exc
     except OSError as exc:

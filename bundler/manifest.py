@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal, get_args
 
 from sealbox.bundler.errors import FormatError
+from sealbox.runtime.strict_json import DuplicateKeyError, loads_unique
 
 FORMAT = "sealbox-bundle"
 FORMAT_VERSION = 1
@@ -312,7 +313,9 @@ class Manifest:
     def from_bytes(cls, payload: bytes) -> Manifest:
         """Parse signed payload bytes; raises FormatError."""
         try:
-            data = json.loads(payload)
+            data = loads_unique(payload)
+        except DuplicateKeyError as exc:
+            raise FormatError(f"manifest: the signed payload is ambiguous: {exc}") from exc
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise FormatError(f"manifest: the signed payload is not JSON: {exc}") from exc
         return cls.from_dict(data)

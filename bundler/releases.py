@@ -5,8 +5,14 @@ directory there is whole. `current` is a relative symlink (`releases/<name>-<ver
 link under a temporary name, then `os.replace` over the old one. What the server reads is `release.json`; what the
 installer keeps about how a release arrived (manifest digest, signers, downgrade) is `install.json` beside it.
 
-Rollback protection needs a memory that outlives the releases gc removes: `releases/.highest.json` keeps, per bundle
-name, the highest version ever installed, and only grows.
+Rollback protection needs a memory that outlives the releases gc removes, and it is appliance-wide:
+`releases/.highest.json` keeps the bundle name this appliance runs and, per bundle name, the highest version ever
+installed (only grows). A bundle under another name is not a way around the floor: replacing the name is its own
+confirmed, recorded act (`bundle install --replace-name`), never a side effect of installing.
+
+`bundle rollback` goes back only to a release that the trust store, as it is now, would accept: its signed manifest
+must carry signatures of `threshold` currently trusted keys (a key removed since is no longer trusted), unless the
+operator overrides that on purpose, which is recorded.
 """
 
 from __future__ import annotations
@@ -25,15 +31,25 @@ from typing import Any
 from sealbox.bundler.audit_trail import record
 from sealbox.bundler.blobs import fsync_dir, write_atomically
 from sealbox.bundler.crashpoints import crash_point
-from sealbox.bundler.manifest import Manifest
-from sealbox.bundler.signing import parse_envelope
+from sealbox.bundler.errors import BundleError
+from sealbox.bundler.manifest import Manifest, manifest_digest
+from sealbox.bundler.signing import SignatureCheck, parse_envelope, require_signatures
+from sealbox.bundler.trust import TrustPolicy
+from sealbox.bundler.verify import MAX_MANIFEST_BYTES
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy
+from sealbox.runtime.regular_file import read_regular
+from sealbox.runtime.release import (
+    INSTALL_FILE,
+    MANIFEST_FILE,
+    POLICY_FILE,
+    RELEASE_FILE,
+    ReleaseFileError,
+    ReleaseRecord,
+    read_json,
+    read_record,
+)
 
-RELEASE_FILE = "release.json"
-INSTALL_FILE = "install.json"
-MANIFEST_FILE = "manifest.json"
-POLICY_FILE = "policy.toml"
 HIGHEST_FILE = ".highest.json"
 CURRENT_TEMP = ".current.new"
 TRASH_DIR = "trash"
@@ -45,43 +61,29 @@ class ReleaseError(Exception):
     exit_code = 23
 
 
+class UntrustedReleaseError(ReleaseError):
+    """`bundle rollback` refuses a release that no longer carries the signatures the trust store requires."""
+
+    exit_code = 30
+
+
 def release_dir_name(name: str, version: int) -> str:
     return f"{name}-{version}"
 
 
 @dataclass(frozen=True)
-class ModelLink:
-    name: str
-    """The file stem: the model name clients ask for."""
-    path: str
-    """`models/<file>`, relative to the release directory: a symlink into the store."""
-    sha256: str
+class VersionFloor:
+    """Rollback protection for the whole appliance: the bundle name it runs, and the highest version of every name."""
 
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "path": self.path, "sha256": self.sha256}
+    name: str | None
+    """The bundle name installs must carry (None before the first install)."""
+    versions: dict[str, int]
 
-
-@dataclass(frozen=True)
-class ReleaseRecord:
-    """`release.json`: the contract the server reads to know which models and which policy are in force."""
-
-    name: str
-    version: int
-    models: tuple[ModelLink, ...]
-    policy: str = POLICY_FILE
+    def highest(self, name: str) -> int | None:
+        return self.versions.get(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "models": [model.to_dict() for model in self.models],
-            "policy": self.policy,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ReleaseRecord:
-        models = tuple(ModelLink(str(m["name"]), str(m["path"]), str(m["sha256"])) for m in data["models"])
-        return cls(str(data["name"]), int(data["version"]), models, str(data.get("policy", POLICY_FILE)))
+        return {"name": self.name, "versions": dict(sorted(self.versions.items()))}
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ class Release:
 
     def manifest(self) -> Manifest:
         """The manifest this release was installed from (its signatures were checked at install)."""
-        envelope = parse_envelope((self.directory / MANIFEST_FILE).read_bytes())
+        envelope = parse_envelope(read_regular(self.directory / MANIFEST_FILE, limit=MAX_MANIFEST_BYTES))
         return Manifest.from_bytes(envelope.payload)
 
     def blob_digests(self) -> set[str]:
@@ -183,9 +185,9 @@ class Releases:
     def load(self, directory: Path) -> Release | None:
         """The release in `directory`, or None when it is not a whole release."""
         try:
-            release = ReleaseRecord.from_dict(json.loads((directory / RELEASE_FILE).read_bytes()))
-            install = InstallRecord.from_dict(json.loads((directory / INSTALL_FILE).read_bytes()))
-        except (OSError, ValueError, KeyError, TypeError):
+            release = read_record(directory)
+            install = InstallRecord.from_dict(read_json(directory / INSTALL_FILE))
+        except (ReleaseFileError, ValueError, KeyError, TypeError, AttributeError):
             return None
         return Release(directory, release, install)
 
@@ -220,21 +222,41 @@ class Releases:
         return self.load((self.root.path / target) if not os.path.isabs(target) else Path(target))
 
     def highest(self, name: str) -> int | None:
-        """The highest version of `name` ever installed here (the floor for rollback protection)."""
-        versions = [r.release.version for r in self.all() if r.release.name == name]
-        floor = self._highest_map().get(name)
-        if floor is not None:
-            versions.append(floor)
-        return max(versions) if versions else None
+        """The highest version of `name` ever installed here."""
+        return self.floor().highest(name)
 
-    def _highest_map(self) -> dict[str, int]:
+    def floor(self) -> VersionFloor:
+        """The appliance's version floor: the recorded one, raised by whatever releases are on disk.
+
+        Raises:
+            ReleaseError: the floor file is unreadable (never guessed: restore it).
+        """
+        path = self.root.releases / HIGHEST_FILE
+        name: str | None = None
+        versions: dict[str, int] = {}
         try:
-            data = json.loads((self.root.releases / HIGHEST_FILE).read_bytes())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            raise ReleaseError(f"{self.root.releases / HIGHEST_FILE}: unreadable ({exc}); restore it from a backup") from exc
-        return {str(k): int(v) for k, v in data.items()}
+            data = read_json(path) if os.path.lexists(path) else None
+            if isinstance(data, dict) and "versions" in data:
+                name = None if data.get("name") is None else str(data["name"])
+                versions = {str(k): int(v) for k, v in data["versions"].items()}
+            elif data is not None:  # the first format: {name: version}
+                versions = {str(k): int(v) for k, v in data.items()}
+        except (ReleaseFileError, ValueError, TypeError, AttributeError) as exc:
+            raise ReleaseError(f"{path}: unreadable ({exc}); restore it from a backup") from exc
+        releases = self.all()
+        for release in releases:
+            versions[release.release.name] = max(versions.get(release.release.name, -1), release.release.version)
+        if name is None:
+            current = self.current()
+            if current is not None:
+                name = current.release.name
+            elif releases:
+                name = releases[-1].release.name
+            elif len(versions) == 1:
+                name = next(iter(versions))
+        return VersionFloor(name, versions)
+
+    # -- changing ------------------------------------------------------------------------------------------------
 
     # -- changing ------------------------------------------------------------------------------------------------
 
@@ -245,7 +267,9 @@ class Releases:
         Raises:
             ReleaseError: another sealbox holds the lock.
         """
-        self.root.path.mkdir(parents=True, exist_ok=True)
+        if not self.root.path.exists():
+            self.root.path.mkdir(parents=True)
+            os.chmod(self.root.path, 0o755)  # not the umask's choice
         fd = os.open(self.root.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             try:
@@ -257,12 +281,37 @@ class Releases:
             os.close(fd)
 
     def raise_floor(self, name: str, version: int) -> None:
-        """Record that `name` reached `version` (never lowers it)."""
-        current = self._highest_map()
-        if current.get(name, -1) >= version:
+        """Record that the appliance now runs `name` and that `name` reached `version` (a version never lowers)."""
+        floor = self.floor()
+        versions = dict(floor.versions)
+        versions[name] = max(versions.get(name, version), version)
+        updated = VersionFloor(name, versions)
+        if updated == floor and os.path.lexists(self.root.releases / HIGHEST_FILE):
             return
-        current[name] = version
-        write_atomically(self.root.releases / HIGHEST_FILE, (json.dumps(current, sort_keys=True, indent=2) + "\n").encode())
+        write_atomically(self.root.releases / HIGHEST_FILE, (json.dumps(updated.to_dict(), indent=2) + "\n").encode())
+
+    def require_trusted(self, release: Release, trust: TrustPolicy) -> SignatureCheck:
+        """The release's signed manifest, checked against the trust store as it is now.
+
+        Raises:
+            UntrustedReleaseError: the manifest is unreadable, not the one the release was installed from, or not
+                signed by `threshold` currently trusted keys.
+        """
+        path = release.directory / MANIFEST_FILE
+        try:
+            envelope = parse_envelope(read_regular(path, limit=MAX_MANIFEST_BYTES))
+            check = require_signatures(envelope, trust.keys, trust.threshold)
+        except (BundleError, OSError) as exc:
+            raise UntrustedReleaseError(
+                f"{release.label} is not signed as the trust store now requires: {exc}; "
+                "use --allow-untrusted to roll back to it anyway (recorded)"
+            ) from exc
+        if manifest_digest(envelope.payload) != release.install.manifest_sha256:
+            raise UntrustedReleaseError(
+                f"{path} is not the manifest {release.label} was installed from ({INSTALL_FILE} records "
+                f"{release.install.manifest_sha256[:16]})"
+            )
+        return check
 
     def place(self, staged: Path, label: str) -> Path:
         """Rename a release built in staging into `releases/<label>` (one atomic rename)."""
@@ -281,11 +330,17 @@ class Releases:
         os.replace(temp, self.root.current)
         fsync_dir(self.root.path)
 
-    def rollback(self, label: str | None = None) -> tuple[Release | None, Release]:
+    def rollback(
+        self, label: str | None = None, *, trust: TrustPolicy, allow_untrusted: bool = False
+    ) -> tuple[Release | None, Release]:
         """Switch `current` back to `label`, or to the release installed before the current one.
 
-        Returns (from, to). Raises ReleaseError when there is nothing to go back to; AuditTrailError when the
-        switch cannot be recorded (then `current` is switched back).
+        The target must be signed by `trust.threshold` keys of `trust` (the host's trust store now), unless
+        `allow_untrusted`, which the audit record says.
+
+        Returns (from, to). Raises ReleaseError when there is nothing to go back to; UntrustedReleaseError when the
+        target is not signed as required; AuditTrailError when the switch cannot be recorded (then `current` is
+        switched back).
         """
         releases = self.all()
         current = self.current()
@@ -301,6 +356,14 @@ class Releases:
             if index == 0:
                 raise ReleaseError(f"{current.label} is the oldest installed release; there is nothing to roll back to")
             target = releases[index - 1]
+        signed_by: list[str] = []
+        untrusted_reason: str | None = None
+        try:
+            signed_by = list(self.require_trusted(target, trust).valid)
+        except UntrustedReleaseError as exc:
+            if not allow_untrusted:
+                raise
+            untrusted_reason = str(exc)
         self.switch(target)
         try:
             record(
@@ -311,6 +374,8 @@ class Releases:
                 name=target.release.name,
                 version=target.release.version,
                 manifest_sha256=target.install.manifest_sha256,
+                signed_by=signed_by,
+                untrusted_override=untrusted_reason,
             )
         except BaseException:
             if current is not None:

@@ -20,6 +20,7 @@ from securesystemslib.exceptions import UnverifiedSignatureError, VerificationEr
 from securesystemslib.signer import Key, Signer
 
 from sealbox.bundler.errors import FormatError, SignatureError, ThresholdError, UntrustedSignerError
+from sealbox.runtime.strict_json import DuplicateKeyError, loads_unique
 
 PAYLOAD_TYPE = "application/vnd.sealbox.manifest+json"
 
@@ -36,11 +37,16 @@ def sign(envelope: Envelope, signer: Signer) -> None:
 def parse_envelope(data: bytes) -> Envelope:
     """Raises FormatError when `data` is not a DSSE envelope carrying a sealbox manifest."""
     try:
-        raw = json.loads(data)
+        raw = loads_unique(data)
+    except DuplicateKeyError as exc:
+        raise FormatError(f"manifest.json: {exc} (parsers disagree on which one counts: refused)") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"manifest.json is not JSON: {exc}") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("signatures"), list):
         raise FormatError("manifest.json is not a DSSE envelope (payload, payloadType, signatures)")
+    keyids = [item.get("keyid") if isinstance(item, dict) else None for item in raw["signatures"]]
+    if len(set(map(str, keyids))) != len(keyids):
+        raise FormatError("manifest.json: two signatures name the same keyid (only one could count: refused)")
     try:
         envelope = Envelope.from_dict(raw)
     except Exception as exc:  # securesystemslib raises KeyError, ValueError, binascii.Error, its FormatError…

@@ -26,6 +26,8 @@ from sealbox.bundler.blobs import write_atomically
 from sealbox.bundler.errors import KeyFileError
 from sealbox.bundler.keys import load_public_key
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.regular_file import read_regular
+from sealbox.runtime.strict_json import loads_unique
 
 THRESHOLD_FILE = "threshold"
 PUBLIC_SUFFIX = ".pub"
@@ -91,7 +93,7 @@ class TrustStore:
 
     def _meta(self, key_id: str) -> tuple[str, str]:
         try:
-            data = json.loads((self.directory / f"{key_id}{META_SUFFIX}").read_bytes())
+            data = loads_unique(read_regular(self.directory / f"{key_id}{META_SUFFIX}", limit=64 * 1024))
             return str(data["name"]), str(data["added"])
         except (OSError, ValueError, KeyError, TypeError):
             return key_id, ""  # the key itself is what is trusted; a lost label only costs its name
@@ -104,7 +106,7 @@ class TrustStore:
         """
         path = self.directory / THRESHOLD_FILE
         try:
-            text = path.read_text(encoding="ascii").strip()
+            text = read_regular(path, limit=64).decode("ascii").strip()
         except FileNotFoundError:
             return 1
         except (OSError, UnicodeDecodeError) as exc:
@@ -170,12 +172,11 @@ class TrustStore:
             if item.name == label:
                 raise TrustStoreError(f"the name {label!r} is taken by key {item.key_id}; choose another with --name")
         added = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         meta = {"key_id": key.keyid, "name": label, "added": added, "source": str(public_key.absolute())}
         write_atomically(self.directory / f"{key.keyid}{META_SUFFIX}", (json.dumps(meta, indent=2) + "\n").encode())
         pub = self.directory / f"{key.keyid}{PUBLIC_SUFFIX}"
-        write_atomically(pub, _pem(key))
-        os.chmod(pub, 0o644)
+        write_atomically(pub, _pem(key), mode=0o644)
         trusted = TrustedKey(key.keyid, label, added, key)
         try:
             self._record("trust.add", key_id=key.keyid, name=label)
@@ -229,6 +230,13 @@ class TrustStore:
             write_atomically(path, f"{previous}\n".encode())
             raise
         return threshold
+
+    def _make_directory(self) -> None:
+        """`<root>/trust/` (and `<root>`) with modes set here, not by the umask: nobody else may add a key."""
+        for directory in (self.root.path, self.directory):
+            if not directory.exists():
+                directory.mkdir(parents=True)
+                os.chmod(directory, 0o755)
 
     def _delete(self, key_id: str) -> None:
         (self.directory / f"{key_id}{PUBLIC_SUFFIX}").unlink(missing_ok=True)  # the commitment goes first

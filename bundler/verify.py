@@ -40,7 +40,8 @@ from typing import Any, Protocol
 from securesystemslib.dsse import Envelope
 from securesystemslib.signer import Key
 
-from sealbox.bundler.blobs import ByteCounter, open_part, stream_part
+from sealbox.bundler.blobs import ByteCounter, check_file, open_part
+from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.errors import (
     BundleError,
     DigestMismatchError,
@@ -53,6 +54,7 @@ from sealbox.bundler.errors import (
 )
 from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, BlobEntry, Manifest, format_time, manifest_digest
 from sealbox.bundler.signing import SignatureCheck, parse_envelope, require_signatures
+from sealbox.runtime.regular_file import file_kind
 
 _ALLOWED_DIRS = frozenset({"blobs", BLOB_DIR})
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -192,7 +194,7 @@ def list_bundle(directory: Path) -> set[str]:
                 elif stat.S_ISREG(mode):
                     found.add(name)
                 else:
-                    raise PathError(f"{name}: is not a regular file or directory")
+                    raise PathError(f"{name}: is {file_kind(mode)}, not a regular file or directory")
     return found
 
 
@@ -267,49 +269,17 @@ def _check_job(
         return None
     entry = job.entry
     names = entry.part_files()
-    whole_hash = hashlib.sha256() if whole else None
+    whole_bytes = ExpectedBytes.of_blob(entry, names[0]) if whole else None
     total = 0
     for index in job.indices:
-        name, part = names[index], entry.parts[index]
-        fd, info = open_part(directory / name)
-        try:
-            if info.st_size != part.size:
-                raise SizeMismatchError(
-                    f"{name}: {_part_label(entry, index)} is {info.st_size} bytes, the manifest says {part.size}",
-                    file=name,
-                    blob=entry.path,
-                    part=index,
-                )
-            hasher = hashlib.sha256()
-            consumers = [hasher.update] + ([whole_hash.update] if whole_hash else [])
-            got = stream_part(fd, limit=part.size, consumers=consumers, on_bytes=on_bytes, stop=stop)
-        finally:
-            os.close(fd)
+        consumers = [whole_bytes.update] if whole_bytes else []
+        got = check_file(directory / names[index], ExpectedBytes.of_part(entry, index), consumers=consumers,
+                         on_bytes=on_bytes, stop=stop)  # type: ignore[arg-type]  # fmt: skip
         if got < 0:
             return None
-        if got != part.size:
-            raise SizeMismatchError(
-                f"{name}: {_part_label(entry, index)} changed size while being read ({got} bytes, expected {part.size})",
-                file=name,
-                blob=entry.path,
-                part=index,
-            )
-        if hasher.hexdigest() != part.sha256:
-            raise DigestMismatchError(
-                f"{name}: {_part_label(entry, index)} is corrupt: sha256 {hasher.hexdigest()} is not the signed "
-                f"{part.sha256}",
-                file=name,
-                blob=entry.path,
-                part=index,
-            )
         total += got
-    if whole_hash is not None and whole_hash.hexdigest() != entry.sha256:
-        raise DigestMismatchError(
-            f"{names[0]}: the parts of {entry.path} join to sha256 {whole_hash.hexdigest()}, not the signed {entry.sha256}",
-            file=names[0],
-            blob=entry.path,
-            part=-1,
-        )
+    if whole_bytes is not None:
+        whole_bytes.finish()
     return total
 
 
@@ -337,16 +307,8 @@ def check_parts(
         if entry.sha256 in seen:
             continue
         seen.add(entry.sha256)
-        for index, (name, part) in enumerate(zip(entry.part_files(), entry.parts, strict=True)):
-            size = os.lstat(directory / name).st_size
-            if size != part.size:
-                raise SizeMismatchError(
-                    f"{name}: {_part_label(entry, index)} is {size} bytes, the manifest says {part.size}"
-                    + (" (truncated)" if size < part.size else ""),
-                    file=name,
-                    blob=entry.path,
-                    part=index,
-                )
+        for index, name in enumerate(entry.part_files()):
+            ExpectedBytes.of_part(entry, index).check_size(os.lstat(directory / name).st_size)
         if full_digests and len(entry.parts) > 1:
             jobs.append(_Job(len(jobs), entry, tuple(range(len(entry.parts)))))
         else:

@@ -11,11 +11,8 @@ process without one reports the signature as unknown rather than guessing at the
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -35,8 +32,17 @@ from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, host_memory_bytes, plan_for_policy
+from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
+from sealbox.runtime.regular_file import sha256_regular
+from sealbox.runtime.release import (
+    ReleaseFileError,
+    check_release_file,
+    current_directory,
+    read_record,
+    release_files,
+    signed_payload,
+)
 from sealbox.runtime.sizes import format_size
-from sealbox.runtime.policy import Policy, PolicyError
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "sealbox.service"
@@ -147,49 +153,34 @@ class Appliance:
 
     @cached_property
     def release_dir(self) -> Path | None:
-        current = self.root.current
-        if not current.is_symlink() and not current.exists():
-            self.problems["release"] = f"no active release: {current} does not exist"
+        try:
+            return current_directory(self.root)
+        except ReleaseFileError as exc:
+            self.problems["release"] = str(exc)
             return None
-        target = current.resolve()
-        if not target.is_dir():
-            self.problems["release"] = f"{current} points at {target}, which is not a directory"
-            return None
-        if target.parent != self.root.releases.resolve():
-            self.problems["release"] = f"{current} points at {target}, outside {self.root.releases}"
-            return None
-        return target
 
     @cached_property
     def release_record(self) -> dict[str, object]:
         """release.json, or {} (with the reason in `problems`)."""
         if self.release_dir is None:
             return {}
-        path = self.release_dir / "release.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            self.problems["release.json"] = f"{path}: unreadable: {exc}"
+            return read_record(self.release_dir).to_dict()
+        except ReleaseFileError as exc:
+            self.problems["release.json"] = str(exc)
             return {}
-        if not isinstance(data, dict):
-            self.problems["release.json"] = f"{path}: not a JSON object"
-            return {}
-        return data
 
     @cached_property
     def manifest_digests(self) -> frozenset[str] | None:
-        """Every sha256 the release's signed manifest names (a DSSE envelope's payload is opened first)."""
+        """Every sha256 the release's signed manifest names (the payload of its DSSE envelope)."""
         if self.release_dir is None:
             return None
-        path = self.release_dir / "manifest.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and "payload" in data and "payloadType" in data:
-                data = json.loads(base64.b64decode(data["payload"]))
-        except (OSError, ValueError) as exc:
-            self.problems["manifest.json"] = f"{path}: unreadable: {exc}"
+            payload = signed_payload(self.release_dir)
+        except ReleaseFileError as exc:
+            self.problems["manifest.json"] = str(exc)
             return None
-        return frozenset(_sha256_values(data))
+        return frozenset(_sha256_values(payload))
 
     @cached_property
     def policy(self) -> Policy:
@@ -267,6 +258,21 @@ def check_models(appliance: Appliance) -> Finding:
     if bad:
         return Finding(CheckStatus.FAIL, f"{bad} problem(s) in {len(models)} model(s)", tuple(details))
     return Finding(CheckStatus.PASS, f"{len(models)} model(s) match the signed manifest", tuple(details))
+
+
+def check_release_files(appliance: Appliance) -> Finding:
+    """Every file of the release (policy, models, plain files, wheels), every byte, against the signed digests."""
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.FAIL, "no active release")
+    try:
+        files = release_files(appliance.root, appliance.release_dir, default_policy=default_policy_text().encode())
+    except ReleaseFileError as exc:
+        return Finding(CheckStatus.FAIL, str(exc))
+    problems = [problem for file in files if (problem := check_release_file(file)) is not None]
+    if problems:
+        return Finding(CheckStatus.FAIL, f"{len(problems)} of {len(files)} file(s) are not the signed bytes", tuple(problems))
+    roles = ", ".join(sorted({file.role for file in files}))
+    return Finding(CheckStatus.PASS, f"{len(files)} file(s) ({roles}) match the signed manifest")
 
 
 def check_trust_store(appliance: Appliance) -> Finding:
@@ -464,6 +470,7 @@ CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("release", "Active release", check_release),
     ("manifest-signature", "Manifest signature", check_manifest_signature),
     ("models", "Model files", check_models),
+    ("release-files", "Release files", check_release_files),
     ("trust-store", "Trust store", check_trust_store),
     ("audit-chain", "Audit chain", check_audit_chain),
     ("egress-guard", "Egress guard (this process)", check_egress_guard),
@@ -503,8 +510,7 @@ def _check_model(release_dir: Path, entry: object, signed: frozenset[str] | None
     name, expected = entry.get("name", entry["path"]), entry["sha256"].lower()
     path = release_dir / entry["path"]
     try:
-        with path.open("rb") as stream:
-            actual = hashlib.file_digest(stream, "sha256").hexdigest()
+        actual, _ = sha256_regular(path.resolve())
     except OSError as exc:
         return f"{name}: {path}: cannot read: {exc.strerror}", False
     if actual != expected:

@@ -10,17 +10,16 @@ Expiry is not judged: it bounds when a bundle may be installed, not how long an 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sealbox.bundler.errors import BundleError
 from sealbox.bundler.manifest import Manifest, format_time, manifest_digest
-from sealbox.bundler.releases import INSTALL_FILE, RELEASE_FILE
 from sealbox.bundler.signing import parse_envelope, require_signatures
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.bundler.verify import read_manifest_file
 from sealbox.runtime.doctor import CheckStatus, Finding, set_manifest_verifier
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.release import INSTALL_FILE, RELEASE_FILE, ReleaseFileError, read_json, read_record
 
 
 def manifest_signature(release_dir: Path, trust_dir: Path) -> Finding:
@@ -60,15 +59,15 @@ def manifest_signature(release_dir: Path, trust_dir: Path) -> Finding:
 def _release_mismatch(release_dir: Path, manifest: Manifest, digest: str) -> str | None:
     """Why the signed manifest is not the one this release was built from, or None."""
     try:
-        install = json.loads((release_dir / INSTALL_FILE).read_text(encoding="utf-8"))
-        release = json.loads((release_dir / RELEASE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        install = read_json(release_dir / INSTALL_FILE)
+        record = read_record(release_dir)
+    except ReleaseFileError as exc:
         return f"{release_dir}: {INSTALL_FILE} or {RELEASE_FILE} unreadable: {exc}"
     if not isinstance(install, dict) or install.get("manifest_sha256") != digest:
         recorded = install.get("manifest_sha256") if isinstance(install, dict) else None
         return (f"manifest.json (sha256 {digest[:16]}…) is not the manifest this release was installed from "
                 f"({INSTALL_FILE} records {recorded})")  # fmt: skip
-    named = (release.get("name"), release.get("version")) if isinstance(release, dict) else (None, None)
+    named = (record.name, record.version)
     if named != (manifest.name, manifest.version):
         return (f"{RELEASE_FILE} names {named[0]} version {named[1]}; the signed manifest is {manifest.name} "
                 f"version {manifest.version}")  # fmt: skip

@@ -27,7 +27,7 @@ from sealbox.bundler.install import InstallRequest, install_bundle
 from sealbox.bundler.offline_venv import VenvError
 from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
-from sealbox.bundler.trust import TrustStoreError
+from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
 from sealbox.runtime.sizes import format_size
@@ -57,8 +57,8 @@ def _refusals(as_json: bool) -> Iterator[None]:
 
 def _ask(question: str) -> bool:
     try:
-        return typer.confirm(question, default=False)
-    except click.Abort:  # no terminal to answer on: a script must say --yes
+        return typer.confirm(question, default=False, err=True)
+    except (click.Abort, typer.Abort, EOFError):  # nothing to answer on: declined (a script must say --yes)
         return False
 
 
@@ -69,6 +69,14 @@ def install(
         bool, typer.Option("--allow-downgrade", help="Install a version not above the installed one (asks; recorded).")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade question (for scripts).")] = False,
+    replace_name: Annotated[
+        bool,
+        typer.Option(
+            "--replace-name",
+            help="Install a bundle under another name than the one this appliance runs (always asked, never by "
+            "--yes; recorded).",
+        ),
+    ] = False,
     enable_service: Annotated[
         bool, typer.Option("--enable", help="Also load the egress rules and enable and start the service (root).")
     ] = False,
@@ -78,7 +86,12 @@ def install(
     host = HostRoot.resolve(root)
     with _refusals(as_json):
         request = InstallRequest(
-            bundle=directory, root=host, allow_downgrade=allow_downgrade, confirm=(lambda _q: True) if yes else _ask
+            bundle=directory,
+            root=host,
+            allow_downgrade=allow_downgrade,
+            confirm=(lambda _q: True) if yes else _ask,
+            replace_name=replace_name,
+            confirm_name=_ask,
         )
         with stderr_progress() as progress:
             result = install_bundle(request, progress)
@@ -145,14 +158,22 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
 def rollback(
     release: Annotated[str | None, typer.Argument(help="Release to go back to (default: the one before current).")] = None,
     root: RootOption = None,
+    allow_untrusted: Annotated[
+        bool,
+        typer.Option(
+            "--allow-untrusted",
+            help="Go back to a release the trust store no longer accepts (a removed key signed it); recorded.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Switch `current` back to an earlier release (atomic; recorded in the audit log)."""
+    """Switch `current` back to an earlier release that the trust store accepts (atomic; recorded in the audit log)."""
     host = HostRoot.resolve(root)
     with _refusals(as_json):
         releases = Releases(host)
         with releases.lock():
-            before, after = releases.rollback(release)
+            trust = TrustStore(host).policy()
+            before, after = releases.rollback(release, trust=trust, allow_untrusted=allow_untrusted)
     if as_json:
         typer.echo(json.dumps({"ok": True, "from": before.label if before else None, "to": after.label}))
         return

@@ -9,7 +9,6 @@ at least one sequence. A model that fails is listed in `/ready` with the reason;
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
 from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, read_facts
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
+from sealbox.runtime.release import ReleaseFileError, current_directory, read_record
 
 log = logging.getLogger("sealbox.models")
 
@@ -57,18 +57,13 @@ class ActiveRelease:
         Raises:
             ReleaseError: no active release, or an unreadable release record.
         """
-        if not root.current.exists():
-            raise ReleaseError(f"no active release: {root.current} does not exist (install a bundle, or pass --model)")
-        directory = root.current.resolve()
-        record = directory / "release.json"
         try:
-            data = json.loads(record.read_text(encoding="utf-8"))
-            models = tuple(
-                ModelSource(str(m["name"]), directory / str(m["path"]), str(m["sha256"])) for m in data["models"]
-            )
-            return cls(directory, str(data["name"]), int(data["version"]), models, directory / str(data["policy"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ReleaseError(f"{record}: not a readable release record: {exc}") from exc
+            directory = current_directory(root)
+            record = read_record(directory)
+        except ReleaseFileError as exc:
+            raise ReleaseError(f"{exc} (install a bundle, or pass --model)") from exc
+        models = tuple(ModelSource(m.name, directory / m.path, m.sha256) for m in record.models)
+        return cls(directory, record.name, record.version, models, directory / record.policy)
 
 
 @dataclass
