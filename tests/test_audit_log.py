@@ -235,7 +235,7 @@ def test_two_processes_writing_one_log_interleave_into_one_valid_chain(tmp_path:
 def test_the_package_exports_exactly_its_public_names() -> None:
     import sealbox.runtime.audit
 
-    assert sorted(runtime.audit.__all__) == [
+    assert sorted(sealbox.runtime.audit.__all__) == [
         "AuditError",
         "AuditFieldError",
         "AuditFormatError",
@@ -249,7 +249,7 @@ def test_the_package_exports_exactly_its_public_names() -> None:
         "verify_export",
         "verify_path",
     ]
-    assert all(hasattr(runtime.audit, name) for name in runtime.audit.__all__)
+    assert all(hasattr(sealbox.runtime.audit, name) for name in sealbox.runtime.audit.__all__)
 
 
 def test_a_closed_log_refuses_appends(tmp_path: Path) -> None:
