@@ -4,8 +4,8 @@ the disk has room again it returns to service by itself, with a record of the ou
 The disk fails for real, two ways, each after the server has started and written its `server.start` record:
 - file-size-limit: the server runs under RLIMIT_FSIZE of one page, so the write that would take the segment past it
   fails with EFBIG (CPython ignores SIGXFSZ, so the write fails instead of the signal killing the process). The limit
-  binds every file the process writes, its own bytecode caches included: the child writes none
-  (`sys.dont_write_bytecode`), or it would leave truncated `.pyc` files that break every later server test.
+  binds every file the process and its children write, bytecode caches included: they write none
+  (PYTHONDONTWRITEBYTECODE), or they would leave truncated `.pyc` files that break every later server test.
   Room comes back by raising the running process's limit (prlimit);
 - full-disk: `<root>/audit` is a 64 KiB tmpfs, and once the server is up a filler file takes every free page, so the
   segment can grow only within the page it already has; then ENOSPC. Needs the right to mount (else skipped).
@@ -22,7 +22,7 @@ import subprocess
 import time
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -43,7 +43,12 @@ RECOVERY_DEADLINE_S = 60
 
 @dataclass
 class FileSizeLimitedServer(ServerProcess):
-    """`sealbox serve` whose process may not make any file larger than one page (and no child may either)."""
+    """`sealbox serve` whose process may not make any file larger than one page (and no child may either).
+
+    Nor it nor its children (the model probe) write bytecode: the limit would cut the checkout's `.pyc` files to
+    one page, and every later process importing them would fail."""
+
+    env: dict[str, str] = field(default_factory=lambda: {"PYTHONDONTWRITEBYTECODE": "1"})
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", LIMITED, *super().command()[len(SEALBOX):]]
