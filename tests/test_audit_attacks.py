@@ -22,6 +22,7 @@ from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.audit.record import canonical, encode_record
 from sealbox.runtime.audit.segment import list_segments
 from sealbox.runtime.policy import AuditPolicy
+from server_support import ServerProcess
 
 SEALBOX = [sys.executable, "-c", "from sealbox.cli import main; main()"]
 START = datetime(2025, 6, 2, 9, 0, tzinfo=UTC)
@@ -283,3 +284,15 @@ def test_a_tail_within_the_bound_left_by_a_crashed_writer_verifies_and_is_signed
     assert verify("--root", str(root), "--pubkey", str(pubkey)).returncode == 0
     AuditLog.open(root / "audit", POLICY, retention=False).close()
     assert json.loads(verify("--root", str(root), "--pubkey", str(pubkey)).stdout)["signed_through"] == 30
+
+
+def test_sealbox_serve_refuses_to_start_over_a_log_whose_checkpoints_were_deleted(
+    root: Path, tiny_model: Path
+) -> None:
+    path, lines = log_lines(root)
+    path.write_bytes(b"\n".join(edit_and_rechain(lines, 4, "0" * 64)) + b"\n")
+    (root / "audit" / "checkpoints.jsonl").unlink()
+    done = ServerProcess(root=root, models=[tiny_model], no_auth=True).run_to_exit()
+    assert done.returncode != 0, done.stderr
+    assert "holds no checkpoint" in done.stderr and "sealbox serving" not in done.stderr
+    assert (root / "audit" / "checkpoints.jsonl").read_bytes() == b""  # nothing signed over the forged chain
