@@ -62,6 +62,27 @@ class AuditPolicy(_Section):
     checkpoint_every_seconds: float = Field(60, gt=0)
     group_commit_records: int = Field(64, ge=1)
     group_commit_ms: float = Field(5, ge=0)
+    max_unsigned_records: int = Field(2000, ge=1)
+    """Records a checkpoint may trail by (the live tail) before verify fails and a writer refuses to sign over them:
+    bounds what someone could rewrite unseen after deleting the newest checkpoints."""
+    max_unsigned_seconds: float = Field(300, gt=0)
+    """… and the time the tail may span since the last checkpoint stopped covering the log (first to last record)."""
+    recovery_retry_seconds: float = Field(1, gt=0)
+    """How often a log that failed to write (disk full) tries again; requests are refused (503) meanwhile."""
+
+    @model_validator(mode="after")
+    def _tail_bound_leaves_room_for_checkpoints(self) -> "AuditPolicy":
+        # A healthy writer trails by up to one checkpoint interval plus one group: the bound must leave that room.
+        if self.max_unsigned_records < self.checkpoint_every_records + self.group_commit_records:
+            raise ValueError(
+                f"max_unsigned_records ({self.max_unsigned_records}) must be at least checkpoint_every_records + "
+                f"group_commit_records ({self.checkpoint_every_records + self.group_commit_records})"
+            )
+        if self.max_unsigned_seconds < 2 * self.checkpoint_every_seconds:
+            raise ValueError(
+                f"max_unsigned_seconds ({self.max_unsigned_seconds}) must be at least twice checkpoint_every_seconds"
+            )
+        return self
 
 
 class EgressPolicy(_Section):

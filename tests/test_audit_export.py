@@ -8,10 +8,12 @@ import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from sealbox.runtime.audit.checkpoint import AuditKey
 from sealbox.runtime.audit.export import export_log
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.audit.verify import companion_path, verify_directory, verify_export
@@ -64,6 +66,10 @@ def pinned(root: Path, tmp_path: Path) -> Path:
     return copy
 
 
+def host_signer(root: Path) -> Callable[[dict[str, object]], str]:
+    return AuditKey.load_or_create(root / "audit", may_create=False, owner=None).sign_statement
+
+
 def sealbox(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(SEALBOX), "audit", *args], capture_output=True, text=True, timeout=120)
 
@@ -71,7 +77,7 @@ def sealbox(*args: str) -> subprocess.CompletedProcess[str]:
 def test_an_export_of_a_window_runs_on_to_the_next_checkpoint_and_verifies_alone(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "day2-morning.jsonl"
     result = export_log(
-        root / "audit", out, since=DAY1 + timedelta(days=1), until=DAY1 + timedelta(days=1, hours=3)
+        root / "audit", out, sign=host_signer(root), since=DAY1 + timedelta(days=1), until=DAY1 + timedelta(days=1, hours=3)
     )
     header = json.loads(out.read_bytes().splitlines()[0])
     # Records 6-8 are in the window; the day's segment closed under a checkpoint at 10, so 9-10 ride along.
@@ -171,7 +177,7 @@ def test_cli_report_counts_requests_by_purpose_principal_model_and_day(root: Pat
 
 def test_verify_directory_and_a_full_export_agree_on_the_signed_head(root: Path, tmp_path: Path) -> None:
     out = tmp_path / "x.jsonl"
-    export_log(root / "audit", out)
+    export_log(root / "audit", out, sign=host_signer(root))
     assert verify_export(out).signed_through == verify_directory(root / "audit").signed_through == 16
 
 

@@ -66,8 +66,9 @@ from pathlib import Path
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.policy import AuditPolicy
 log = AuditLog.open(Path(sys.argv[1]), AuditPolicy())
-log.append("api.request", principal="alice")
-os._exit(0)  # no close, so no checkpoint signs this record
+for _ in range(int(sys.argv[2]) if len(sys.argv) > 2 else 1):
+    log.append("api.request", principal="alice")
+os._exit(0)  # no close, so no checkpoint signs these records
 """
 
 
@@ -102,8 +103,8 @@ def test_bytes_that_would_take_a_signed_record_with_them_are_refused_as_damage(t
 def test_an_edit_to_unsigned_records_made_while_the_service_was_down_is_not_signed_over(tmp_path: Path) -> None:
     directory = tmp_path / "audit"
     write_log(directory, 5)
-    subprocess.run([sys.executable, "-c", DIES_WITHOUT_CLOSING, str(directory)], check=True)  # seq 6, unsigned
-    subprocess.run([sys.executable, "-c", DIES_WITHOUT_CLOSING, str(directory)], check=True)  # seq 7, unsigned
+    # Seqs 6 and 7, unsigned (a writer signs a tail it adopts at open, so they come from one crashed writer).
+    subprocess.run([sys.executable, "-c", DIES_WITHOUT_CLOSING, str(directory), "2"], check=True)
     path = last_segment(directory)
     lines = path.read_bytes().splitlines(keepends=True)
     lines[5] = lines[5].replace(b"alice", b"bobby")  # record 6 edited; record 7 after it is still intact

@@ -87,7 +87,8 @@ def test_nothing_is_removed_where_no_signed_checkpoint_anchors_the_boundary(tmp_
     directory = tmp_path / "audit"
     clock = Clock(START)
     fill(directory, clock, 12)
-    (directory / "checkpoints.jsonl").write_bytes(b"")  # no anchor for any boundary
+    genesis = (directory / "checkpoints.jsonl").read_bytes().splitlines(keepends=True)[0]
+    (directory / "checkpoints.jsonl").write_bytes(genesis)  # no anchor for any boundary
     clock.now = START + timedelta(days=400)
     open_log(directory, clock).close()
     assert first_seqs(directory)[0] == 1

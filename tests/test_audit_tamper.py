@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sealbox.runtime.audit.checkpoint import AuditKey, Checkpoint
+from sealbox.runtime.audit.errors import AuditUnavailableError
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.audit.record import canonical, encode_record
 from sealbox.runtime.audit.segment import list_segments
@@ -85,7 +86,7 @@ def first_broken(report: VerificationReport) -> int:
 def test_the_untouched_log_verifies(log_dir: Path, pubkey: Path) -> None:
     report = verify_directory(log_dir, pubkey=pubkey)
     assert report.ok, report.problems
-    assert report.summary() == "40/40 records valid, 8/8 checkpoints valid"
+    assert report.summary() == "40/40 records valid, 9/9 checkpoints valid"  # genesis, then every 5
     assert report.signed_through == 40 and report.warnings == []
 
 
@@ -220,7 +221,7 @@ def test_altering_a_checkpoint_names_the_seq_it_covers(log_dir: Path, pubkey: Pa
     assert first_broken(report) == 25
 
 
-def test_verifying_with_the_wrong_key_fails_at_the_first_checkpoint(log_dir: Path, tmp_path: Path) -> None:
+def test_verifying_with_the_wrong_key_fails_at_the_genesis_checkpoint(log_dir: Path, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.pub"
     wrong.write_bytes(
         Ed25519PrivateKey.generate()
@@ -228,18 +229,18 @@ def test_verifying_with_the_wrong_key_fails_at_the_first_checkpoint(log_dir: Pat
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     report = verify_directory(log_dir, pubkey=wrong)
-    assert first_broken(report) == 5
+    assert first_broken(report) == 0
     assert "wrong public key" in report.first_problem.reason
     assert report.checkpoints_valid == 0 and report.valid == 40
 
 
-def test_a_log_resigned_with_another_key_passes_only_without_a_pinned_key(log_dir: Path, pubkey: Path) -> None:
-    # A root attacker who replaces key and checkpoints fools a verifier that trusts the key shipped with the log:
-    # that is why the report warns when the key was not pinned, and why auditors keep their own copy.
+def test_a_log_whose_key_and_checkpoints_were_deleted_is_never_signed_again(log_dir: Path, pubkey: Path) -> None:
+    # A root attacker who replaces key and checkpoints cannot have the next writer re-sign the log with a fresh key:
+    # every log is signed at genesis, so records without any checkpoint lost theirs, and the writer refuses.
     (log_dir / "audit-key").unlink()
     (log_dir / "audit-key.pub").unlink()
     (log_dir / "checkpoints.jsonl").unlink()
-    AuditLog.open(log_dir, AuditPolicy(), retention=False).close()  # a fresh key signs the head
-    unpinned = verify_directory(log_dir)
-    assert unpinned.ok and any("--pubkey" in warning for warning in unpinned.warnings)
-    assert first_broken(verify_directory(log_dir, pubkey=pubkey)) == 40
+    with pytest.raises(AuditUnavailableError, match="holds no checkpoint"):
+        AuditLog.open(log_dir, AuditPolicy(), retention=False)
+    assert first_broken(verify_directory(log_dir)) == 1
+    assert first_broken(verify_directory(log_dir, pubkey=pubkey)) == 1

@@ -1,10 +1,15 @@
-"""When the audit log cannot write, a real `sealbox serve` fails closed: 503, and nothing is served unrecorded.
+"""When the audit log cannot write, a real `sealbox serve` fails closed: 503, and nothing is served unrecorded; once
+the disk has room again it returns to service by itself, with a record of the outage.
 
 The disk fails for real, two ways, each after the server has started and written its `server.start` record:
 - file-size-limit: the server runs under RLIMIT_FSIZE of one page, so the write that would take the segment past it
-  fails with EFBIG (CPython ignores SIGXFSZ, so the write fails instead of the signal killing the process);
+  fails with EFBIG (CPython ignores SIGXFSZ, so the write fails instead of the signal killing the process). The limit
+  binds every file the process and its children write, bytecode caches included: they write none
+  (PYTHONDONTWRITEBYTECODE), or they would leave truncated `.pyc` files that break every later server test.
+  Room comes back by raising the running process's limit (prlimit);
 - full-disk: `<root>/audit` is a 64 KiB tmpfs, and once the server is up a filler file takes every free page, so the
   segment can grow only within the page it already has; then ENOSPC. Needs the right to mount (else skipped).
+  Room comes back by deleting the filler.
 Either way the log has room for a few records; the test then sends requests until one is refused.
 """
 
@@ -12,10 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -26,12 +33,22 @@ from server_support import SEALBOX, ServerProcess, create_api_key, sealbox
 
 PAGE = 4096
 MAX_ATTEMPTS = 64  # the log has room for fewer than a dozen records: far fewer requests than this reach the failure
-LIMITED = f"import resource; resource.setrlimit(resource.RLIMIT_FSIZE, ({PAGE}, {PAGE})); " + SEALBOX[2]
+LIMITED = (
+    "import resource, sys; sys.dont_write_bytecode = True; "  # the limit would truncate the checkout's .pyc files
+    # Soft limit only: the hard one stays open, so the test can give room back without privileges (prlimit).
+    f"resource.setrlimit(resource.RLIMIT_FSIZE, ({PAGE}, resource.RLIM_INFINITY)); " + SEALBOX[2]
+)
+RECOVERY_DEADLINE_S = 60
 
 
 @dataclass
 class FileSizeLimitedServer(ServerProcess):
-    """`sealbox serve` whose process may not make any file larger than one page (and no child may either)."""
+    """`sealbox serve` whose process may not make any file larger than one page (and no child may either).
+
+    Nor it nor its children (the model probe) write bytecode: the limit would cut the checkout's `.pyc` files to
+    one page, and every later process importing them would fail."""
+
+    env: dict[str, str] = field(default_factory=lambda: {"PYTHONDONTWRITEBYTECODE": "1"})
 
     def command(self) -> list[str]:
         return [sys.executable, "-c", LIMITED, *super().command()[len(SEALBOX):]]
@@ -46,6 +63,15 @@ class FailingDisk:
     @property
     def audit(self) -> Path:
         return self.server.root / "audit"
+
+    def make_room(self) -> None:
+        """Give the disk room again, without touching the server: what an operator freeing space does."""
+        if self.mode == "full-disk":
+            (self.audit / "filler").unlink()
+        else:
+            assert self.server.process is not None
+            unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+            resource.prlimit(self.server.process.pid, resource.RLIMIT_FSIZE, unlimited)  # raising soft to hard
 
     def http(self, **headers: str) -> httpx.Client:
         return httpx.Client(base_url=self.server.url, timeout=60,
@@ -66,8 +92,7 @@ def _file_size_limit(server: ServerProcess) -> int:
     assert server.process is not None
     limits = Path(f"/proc/{server.process.pid}/limits").read_text(encoding="ascii")
     (line,) = [line for line in limits.splitlines() if line.startswith("Max file size")]
-    soft, hard = line.split()[3:5]
-    assert soft == hard
+    soft = line.split()[3]
     return int(soft)
 
 
@@ -196,3 +221,47 @@ def test_the_records_written_before_the_failure_verify_after_the_server_stops(fa
 
 def _segment_lines(audit: Path) -> list[bytes]:
     return [line for path in sorted(audit.glob("segment-*.jsonl")) for line in path.read_bytes().splitlines()]
+
+
+def _wait_until_ready(http: httpx.Client) -> httpx.Response:
+    """Poll /ready (the condition itself, not a guessed delay) until it answers 200 or the deadline passes."""
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while True:
+        ready = http.get("/ready")
+        if ready.status_code == 200 or time.monotonic() > deadline:
+            return ready
+        time.sleep(0.05)
+
+
+def test_the_server_returns_to_service_by_itself_once_the_disk_has_room_and_records_the_outage(failing: FailingDisk):
+    refused = 0
+    with failing.http() as http:
+        for _ in range(MAX_ATTEMPTS):
+            answer = http.post("/v1/chat/completions", json=chat())
+            if answer.status_code != 200:
+                break
+        assert is_audit_refusal(answer), answer.text
+        refused += 1
+        failed_at = len(audit_records(failing.audit))
+        for _ in range(3):  # still full: still refused, however long it lasts
+            assert is_audit_refusal(http.post("/v1/chat/completions", json=chat()))
+            refused += 1
+        assert http.get("/ready").status_code == 503
+        failing.make_room()
+        ready = _wait_until_ready(http)
+        assert ready.status_code == 200 and ready.json()["audit"] == "ok", ready.text
+        answer = http.post("/v1/chat/completions", json=chat())
+        assert answer.status_code == 200, answer.text
+        assert failing.server.alive
+    records = audit_records(failing.audit)
+    assert len(records) == failed_at + 2  # the outage, then the request served after it
+    outage, served = records[-2:]
+    assert outage.event == "audit.outage"
+    assert outage.fields["refused_requests"] == refused
+    assert outage.fields["started"] <= outage.fields["ended"]
+    cause = "File too large" if failing.mode == "file-size-limit" else "No space left on device"
+    assert cause in outage.fields["error"]
+    assert served.event == "api.request" and served.fields["request_id"] == answer.headers["x-request-id"]
+    failing.server.stop()
+    done = sealbox("audit", "verify", "--json", root=failing.server.root, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

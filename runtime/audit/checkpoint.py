@@ -3,8 +3,14 @@
 A checkpoint commits to the log as it stood: the number of records (`size`, the last seq) and the hash of record
 `size` (`head`), signed with the host's Ed25519 audit key. Because every record hash covers the one before it, a
 valid checkpoint authenticates every record up to `size` and every anchor hash in front of them: rewriting any of
-them changes `head`. The signed message is `sealbox-audit-checkpoint-v1\\n` + the canonical JSON of
-`{"head", "size", "time"}`, so a signature cannot be replayed as anything else.
+them changes `head`. A new log starts with a checkpoint at size 0 over the genesis hash, so a log whose
+checkpoints are all gone is never anchored again.
+
+The signed message is the body of a C2SP signed note in the tlog-checkpoint format (c2sp.org/tlog-checkpoint):
+the origin line `sealbox.audit/<first 16 hex of the key id>`, the tree size (= `size`), the "root hash" in base64
+(here the chain head: the hash of record `size`, which commits to every record before it, not a Merkle root), and
+one extension line, the signing time. So a stored checkpoint can be printed as a standard note for an operator to
+keep off the host (`sealbox audit anchor`), signature and all, and checked later with the public key alone.
 
 The key is generated on first open: `audit-key` (PKCS#8 PEM, mode 0600, never leaves the host) and `audit-key.pub`
 (SubjectPublicKeyInfo PEM), which every export carries and auditors should keep a copy of, obtained independently.
@@ -31,7 +37,9 @@ from sealbox.runtime.audit.record import canonical
 PRIVATE_KEY_NAME = "audit-key"
 PUBLIC_KEY_NAME = "audit-key.pub"
 CHECKPOINTS_NAME = "checkpoints.jsonl"
-_DOMAIN = b"sealbox-audit-checkpoint-v1\n"
+ORIGIN_PREFIX = "sealbox.audit/"
+_ED25519_NOTE_TYPE = b"\x01"  # the signature-type byte of an Ed25519 note key (c2sp.org/signed-note)
+_STATEMENT_DOMAIN = b"sealbox-audit-export-statement-v1\n"
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -72,7 +80,14 @@ class Checkpoint:
     sig: str
 
     def message(self) -> bytes:
-        return signed_message(self.size, self.head, self.time)
+        return signed_message(self.size, self.head, self.time, self.key)
+
+    def to_note(self, public: Ed25519PublicKey) -> str:
+        """The checkpoint as a C2SP signed note: body, blank line, `— <name> <base64(key hash + signature)>`."""
+        name = origin_for(self.key)
+        signature = base64.b64decode(self.sig)
+        line = base64.b64encode(note_key_hash(name, public) + signature).decode("ascii")
+        return f"{self.message().decode()}\n\u2014 {name} {line}\n"
 
     def to_dict(self) -> dict[str, object]:
         return {"size": self.size, "head": self.head, "time": self.time, "key": self.key, "sig": self.sig}
@@ -108,8 +123,39 @@ class Checkpoint:
         return True
 
 
-def signed_message(size: int, head: str, time: str) -> bytes:
-    return _DOMAIN + canonical({"head": head, "size": size, "time": time})
+def origin_for(key: str) -> str:
+    """The log's origin line: names the log by its key, so checkpoints of another host's log never pass for this one."""
+    return ORIGIN_PREFIX + key[:16]
+
+
+def signed_message(size: int, head: str, time: str, key: str) -> bytes:
+    """The note body a checkpoint signs: origin, size, base64 head, time (an extension line), each ending in a newline."""
+    try:
+        root = base64.b64encode(bytes.fromhex(head)).decode("ascii")
+    except ValueError:
+        root = "!" + head  # not hex: the message still differs from any real one, so the signature cannot hold
+    return f"{origin_for(key)}\n{size}\n{root}\n{time}\n".encode()
+
+
+def note_key_hash(name: str, public: Ed25519PublicKey) -> bytes:
+    """The 4-byte key hash that prefixes a note signature: SHA-256(name, newline, type 0x01, raw key)[:4]."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(name.encode() + b"\n" + _ED25519_NOTE_TYPE + raw).digest()[:4]
+
+
+def statement_message(statement: dict[str, object]) -> bytes:
+    """What an export statement's signature covers: a domain line and the canonical JSON of the statement."""
+    return _STATEMENT_DOMAIN + canonical(statement)
+
+
+def statement_holds(statement: dict[str, object], sig: object, public: Ed25519PublicKey) -> bool:
+    if not isinstance(sig, str):
+        return False
+    try:
+        public.verify(base64.b64decode(sig, validate=True), statement_message(statement))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    return True
 
 
 class AuditKey:
@@ -121,8 +167,12 @@ class AuditKey:
         self.id = key_id(self.public)
 
     def sign(self, size: int, head: str, time: str) -> Checkpoint:
-        sig = base64.b64encode(self._private.sign(signed_message(size, head, time))).decode("ascii")
+        sig = base64.b64encode(self._private.sign(signed_message(size, head, time, self.id))).decode("ascii")
         return Checkpoint(size, head, time, self.id, sig)
+
+    def sign_statement(self, statement: dict[str, object]) -> str:
+        """Base64 Ed25519 signature over an export statement (see `statement_message`)."""
+        return base64.b64encode(self._private.sign(statement_message(statement))).decode("ascii")
 
     def public_pem(self) -> str:
         return public_key_pem(self.public)

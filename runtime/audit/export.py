@@ -10,6 +10,11 @@ prefixed with `'` where a spreadsheet would read a formula) and the same header 
 A linear hash chain can only be checked against a checkpoint at or after its last record, so when the window ends
 between two checkpoints the export runs on to the next checkpoint (`last_seq` in the header; `window_last_seq` is
 where the window itself ends). `sealbox audit export` signs a checkpoint first, so the next one always exists.
+
+Checkpoints alone cannot show where an export was meant to start or end: records dropped from the front (with the
+unsigned anchor moved) or from the end (with their checkpoints) leave a chain that still verifies. So the header
+carries a `statement` signed with the host key: the window, the anchor, first and last seq, the record count and the
+head hash (`verify.export_statement`); the verifier holds the file to it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,16 +31,17 @@ from typing import Any, Literal
 
 from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, PUBLIC_KEY_NAME, Checkpoint, key_id, read_public_key
 from sealbox.runtime.audit.errors import AuditFormatError
-from sealbox.runtime.audit.record import canonical, format_time
+from sealbox.runtime.audit.record import canonical, format_time, stated_hash
 from sealbox.runtime.audit.segment import list_segments
-from sealbox.runtime.audit.verify import CSV_COLUMNS, EXPORT_FORMAT, companion_path
+from sealbox.runtime.audit.verify import CSV_COLUMNS, EXPORT_FORMAT, companion_path, export_statement
 
 ExportFormat = Literal["jsonl", "csv"]
 HASH_RULE = (
     "Each record line is the canonical JSON (sorted keys, no whitespace, UTF-8) of the record without 'hash', with "
     ',"hash":"<hex>" inserted before the final }; hash = SHA-256 of those canonical bytes. prev = the hash of the '
-    "record before (the anchor for the first). A checkpoint signs, with Ed25519, the bytes "
-    "'sealbox-audit-checkpoint-v1\\n' + canonical JSON of {head, size, time}; head is the hash of record seq = size."
+    "record before (the anchor for the first). A checkpoint signs, with Ed25519, the body of a C2SP tlog checkpoint "
+    "note: 'sealbox.audit/<16 hex of key>\\n<size>\\n<base64 head>\\n<time>\\n'; head is the hash of record seq = size. "
+    "The statement signs 'sealbox-audit-export-statement-v1\\n' + canonical JSON of the statement."
 )
 _SPREADSHEET_FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
@@ -134,6 +141,7 @@ def export_log(
     directory: Path,
     out: Path,
     *,
+    sign: Callable[[dict[str, Any]], str],
     since: datetime | None = None,
     until: datetime | None = None,
     fmt: ExportFormat = "jsonl",
@@ -141,7 +149,8 @@ def export_log(
 ) -> ExportResult:
     """Write the window `[since, until)` to `out` (and its companion for CSV), atomically and readable only by owner.
 
-    `through_seq` caps the export at a checkpointed head, so records appended meanwhile do not trail unsigned.
+    `through_seq` caps the export at a checkpointed head, so records appended meanwhile do not trail unsigned;
+    `sign` signs the export statement with the host audit key (`AuditLog.sign_statement`).
 
     Raises:
         AuditFormatError: `directory` holds no audit log or its public key; OSError: `out` cannot be written.
@@ -153,12 +162,17 @@ def export_log(
     lines, anchor, window_last, checkpoints = select(directory, since, until, through_seq)
     first_seq = anchor[0] + 1 if lines else None
     last_seq = _seq_of(lines[-1]) if lines else None
+    window = {"since": format_time(since) if since else None, "until": format_time(until) if until else None}
+    statement = export_statement(
+        window=window, anchor=anchor, first_seq=first_seq, last_seq=last_seq, records=len(lines),
+        head=stated_hash(lines[-1]) or "" if lines else anchor[1], key=key_id(public),
+    )  # fmt: skip
     header: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": 1,
         "exported_at": format_time(datetime.now().astimezone()),
         "source": str(directory),
-        "window": {"since": format_time(since) if since else None, "until": format_time(until) if until else None},
+        "window": window,
         "records": len(lines),
         "first_seq": first_seq,
         "last_seq": last_seq,
@@ -168,6 +182,8 @@ def export_log(
         "public_key": pub_path.read_text(encoding="ascii"),
         "key_id": key_id(public),
         "hash_rule": HASH_RULE,
+        "statement": statement,
+        "statement_sig": sign(statement),
     }
     companion = None
     if fmt == "jsonl":

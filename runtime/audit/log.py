@@ -13,9 +13,11 @@ The interface the server, `bundle install`, the trust store and the egress guard
 
 `append` is thread-safe and returns only when the record is durable; it raises `AuditUnavailableError` when the
 log cannot write (disk full, I/O error, closed, failed before), and from then on the log refuses every append:
-callers fail closed. Events: `api.request`, `auth.failure`, `api.rate_limited`, `server.start` (config_digest,
+callers fail closed. The outage ends by itself: every `recovery_retry_seconds` the writer thread reloads the tail and
+tries to write an `audit.outage` record (started, ended, refused_requests, error); once that is durable the log
+accepts appends again. `refusal()` is the server's per-request check, and counts the requests it refuses. Events: `api.request`, `auth.failure`, `api.rate_limited`, `server.start` (config_digest,
 models), `server.stop`, `bundle.install`, `bundle.activate`, `bundle.rollback`, `bundle.refused`, `trust.add`,
-`trust.remove`, `egress.blocked`; the log itself writes `audit.torn_tail`, `audit.retention`, and the export
+`trust.remove`, `egress.blocked`; the log itself writes `audit.torn_tail`, `audit.retention`, `audit.outage`, and the export
 command `audit.export`. Fields are any JSON; the field `content` (prompt/completion text) is dropped unless
 `policy.log_content` is true, and while it is, every record carries `"content_logged": true`.
 
@@ -47,10 +49,11 @@ from typing import Any
 
 from sealbox.runtime.audit.checkpoint import Checkpoint
 from sealbox.runtime.audit.errors import AuditUnavailableError
-from sealbox.runtime.audit.record import CONTENT_FIELD, check_event_name, encode_fields
+from sealbox.runtime.audit.record import CONTENT_FIELD, canonical, check_event_name, encode_fields, format_time
 from sealbox.runtime.audit.retention import apply_retention
 from sealbox.runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS
 from sealbox.runtime.audit.tail import ChainTail, PendingRecord
+from sealbox.runtime.audit.verify import TailBound
 from sealbox.runtime.policy import AuditPolicy, Policy
 
 __all__ = ["AuditLog", "AuditUnavailableError"]
@@ -82,6 +85,8 @@ class AuditLog:
         self._queue: list[_Waiter] = []
         self._unsynced = 0  # queued + being written: never above group_commit_records
         self._failure: AuditUnavailableError | None = None
+        self._outage_started: str | None = None  # when the current failure began
+        self._refused = 0  # requests and appends refused since then
         self._leading = False  # a thread is writing a group now
         self._writer_idle = False  # the writer thread sleeps with no timer set
         self._closing = False
@@ -111,7 +116,11 @@ class AuditLog:
         if isinstance(policy, Policy):  # accept the whole policy too: only its [audit] section matters here
             policy = policy.audit
         tail = ChainTail.open(
-            directory, clock=clock, segment_max_bytes=segment_max_bytes, segment_max_records=segment_max_records
+            directory,
+            clock=clock,
+            segment_max_bytes=segment_max_bytes,
+            segment_max_records=segment_max_records,
+            bound=TailBound(policy.max_unsigned_records, policy.max_unsigned_seconds),
         )
         try:
             tail.write([])  # records a torn tail found at open now, not with the first append
@@ -171,7 +180,10 @@ class AuditLog:
 
     def _refuse_if_unavailable(self) -> None:
         if self._failure is not None:
-            raise AuditUnavailableError(f"{self._failure} (earlier failure; reopen the log once the cause is fixed)")
+            self._refused += 1
+            raise AuditUnavailableError(
+                f"{self._failure} (earlier failure; the log retries every {self._policy.recovery_retry_seconds:g} s)"
+            )
         if self._closing:
             raise AuditUnavailableError(f"audit log {self._tail.directory} is closed")
 
@@ -239,7 +251,10 @@ class AuditLog:
                 self._work.notify()
 
     def _fail_locked(self, error: AuditUnavailableError, batch: list[_Waiter]) -> None:
+        if self._failure is None:
+            self._outage_started = format_time(self._tail.clock())
         self._failure = error
+        self._refused += len(batch) + len(self._queue)
         failed, self._queue = batch + self._queue, []
         for waiter in failed:
             waiter.error = error
@@ -261,7 +276,10 @@ class AuditLog:
                 if self._closing and not self._queue and not self._leading:
                     return
                 if self._failure is not None:
-                    return
+                    self._work.wait(self._policy.recovery_retry_seconds)
+                    if self._failure is not None and not self._closing and not self._leading:
+                        self._recover_locked()
+                    continue
                 if self._maintenance_due() and not self._leading:
                     self._lock.release()
                     try:
@@ -280,6 +298,31 @@ class AuditLog:
                 self._writer_idle = timeout is None
                 self._work.wait(timeout)
                 self._writer_idle = False
+
+    def _recover_locked(self) -> None:
+        """Try to end the outage: reload the tail (setting aside what a failed write left) and make an `audit.outage`
+        record durable. Holds the log's lock throughout, so no request is refused uncounted between the record and
+        the reopening; a failed try costs one refused write, and the log stays closed."""
+        failure = self._failure
+        fields = {
+            "started": self._outage_started,
+            "ended": format_time(self._tail.clock()),
+            "refused_requests": self._refused,
+            "error": str(failure),
+        }
+        record = PendingRecord(canonical("audit.outage"), canonical(fields), False)
+        try:
+            with self._tail.locked():
+                self._tail.reload()
+                self._tail.write([record])
+        except AuditUnavailableError as exc:
+            self._failure = exc
+            return
+        except BaseException as exc:  # a bug keeps the log closed rather than kill the thread that would retry
+            self._failure = AuditUnavailableError(f"audit log {self._tail.directory}: recovery failed: {exc!r}")
+            return
+        self._failure, self._outage_started, self._refused = None, None, 0
+        self._done.notify_all()
 
     def _checkpoint_due_in(self) -> float | None:
         """Seconds until a checkpoint falls due by time (<= 0: due now); None while the head is signed."""
@@ -328,6 +371,20 @@ class AuditLog:
     def failure(self) -> AuditUnavailableError | None:
         """Why the log refuses appends, or None while it accepts them (the server's health check reads this)."""
         return self._failure
+
+    def refusal(self) -> AuditUnavailableError | None:
+        """Why a request must be refused now (fail closed), or None; each refusal is counted for the outage record."""
+        if self._failure is None:
+            return None
+        with self._lock:
+            failure = self._failure
+            if failure is not None:
+                self._refused += 1
+            return failure
+
+    def sign_statement(self, statement: dict[str, Any]) -> str:
+        """Sign an export statement with the host audit key (see `runtime.audit.export`)."""
+        return self._tail.key.sign_statement(statement)
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the head now (for an export that must be covered). Returns the checkpoint, or None if already signed.

@@ -41,6 +41,7 @@ EVENTS = frozenset(
         "audit.torn_tail",
         "audit.retention",
         "audit.export",
+        "audit.outage",
     }
 )
 """The events sealbox writes. Other dotted lower-case names are accepted, so a new event needs no change here."""

@@ -37,7 +37,7 @@ from sealbox.runtime.audit.record import (
     stated_hash,
 )
 from sealbox.runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, Segment, list_segments, read_last_line
-from sealbox.runtime.audit.verify import ChainVerifier
+from sealbox.runtime.audit.verify import ChainVerifier, TailBound
 
 LOCK_NAME = ".lock"
 
@@ -102,6 +102,7 @@ class ChainTail:
     _generation: bytes = b""
     _torn: list[TornTail] = field(default_factory=list)
     _newest_checkpoint: Checkpoint | None = None
+    bound: TailBound = field(default_factory=TailBound)
 
     @classmethod
     def open(
@@ -111,11 +112,14 @@ class ChainTail:
         clock: Callable[[], datetime],
         segment_max_bytes: int = SEGMENT_MAX_BYTES,
         segment_max_records: int = SEGMENT_MAX_RECORDS,
+        bound: TailBound | None = None,
     ) -> "ChainTail":
-        """Create the directory, lock file and host key if missing, then recover and load the head.
+        """Create the directory, lock file and host key if missing, then recover and load the head; sign a new log at
+        genesis, and a tail a crashed writer left unsigned once it checks out (so each writer starts covered).
 
         Raises:
-            AuditUnavailableError: the directory, lock, key or a segment cannot be opened or recovered.
+            AuditUnavailableError: the directory, lock, key or a segment cannot be opened or recovered, or records
+                lie beyond the newest checkpoint that no writer may sign (see `_check_unsigned_tail`).
         """
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -125,6 +129,7 @@ class ChainTail:
         except OSError as exc:
             raise AuditUnavailableError(f"audit log {directory}: cannot open: {exc.strerror or exc}") from exc
         tail = cls(directory, None, clock, segment_max_bytes, segment_max_records, owner)  # type: ignore[arg-type]
+        tail.bound = bound or TailBound()
         tail._lock_fd = lock_fd
         try:
             with tail.locked():
@@ -135,6 +140,10 @@ class ChainTail:
                 tail.key = AuditKey.load_or_create(directory, may_create=not has_checkpoints, owner=owner)
                 tail._reload()
                 tail._check_unsigned_tail()
+                if tail._newest_checkpoint is None:
+                    tail._sign_genesis()
+                elif tail.head.seq > tail.checkpointed:
+                    tail._checkpoint_locked()
                 tail._claim()
         except OSError as exc:
             tail.close()
@@ -274,13 +283,21 @@ class ChainTail:
         self._torn.append(TornTail(path.name, cut, len(torn), hashlib.sha256(torn).hexdigest(), name, lines))
 
     def _check_unsigned_tail(self) -> None:
-        """Refuse to sign what no signature covers yet unless it chains from the newest checkpoint: otherwise an edit
-        made while the service was down would be signed, and so laundered, by the next checkpoint."""
+        """Refuse to sign what no signature covers yet unless it chains from the newest checkpoint and is no more than
+        a crashed writer can leave (the policy's tail bound): otherwise an edit made while the service was down, with
+        the checkpoints after it deleted, would be signed, and so laundered, by the next checkpoint."""
         newest = self._newest_checkpoint
+        where = f"audit log {self.directory}"
+        if newest is None and self.head.seq > 0:
+            # A log is signed at genesis before its first record: records with no checkpoint at all lost theirs.
+            raise AuditUnavailableError(
+                f"{where}: records 1..{self.head.seq} exist but {CHECKPOINTS_NAME} holds no checkpoint, and every log "
+                "is signed at genesis before its first record: its checkpoints were deleted; nothing will be signed "
+                "over these records (restore checkpoints.jsonl from backup; run `sealbox audit verify`)"
+            )
         anchor_seq, anchor_hash = (newest.size, newest.head) if newest else (0, GENESIS)
         if self.head.seq <= anchor_seq:
             return
-        where = f"audit log {self.directory}"
         if newest is not None and not (newest.key == self.key.id and newest.signature_holds(self.key.public)):
             raise AuditUnavailableError(
                 f"{where}: the newest checkpoint (seq {anchor_seq}) is not signed by this host's audit key; "
@@ -305,6 +322,24 @@ class ChainTail:
                 f"{where}: the records after the newest checkpoint (seq {anchor_seq}) do not verify, so none will be "
                 f"signed: {first}; run `sealbox audit verify`"
             )
+        # Torn records are set aside before this check, so they do not count against the bound.
+        why = self.bound.excess(self.head.seq - anchor_seq, chain.time_after.get(anchor_seq), chain.last_time)
+        if why is not None:
+            raise AuditUnavailableError(
+                f"{where}: records {anchor_seq + 1}..{self.head.seq} are not covered by a checkpoint and are more than "
+                f"a crashed writer leaves: {why}; the checkpoints that must have covered them are missing, so none "
+                "will be signed (restore checkpoints.jsonl from backup; run `sealbox audit verify`)"
+            )
+
+    def _sign_genesis(self) -> None:
+        """A new log's first checkpoint: size 0 over the genesis hash, written before any record."""
+        checkpoint = self.key.sign(0, GENESIS, format_time(self.clock()))
+        line = checkpoint.to_line()
+        write_all(self._cp_fd, line)
+        os.fsync(self._cp_fd)
+        self._cp_offset += len(line)
+        self.checkpointed = 0
+        self._newest_checkpoint = checkpoint
 
     # -- writing -------------------------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sealbox.runtime.audit.anchor import Anchor
 from sealbox.runtime.audit.checkpoint import (
     CHECKPOINTS_NAME,
     PUBLIC_KEY_NAME,
@@ -41,6 +42,7 @@ from sealbox.runtime.audit.checkpoint import (
     key_id,
     load_public_key,
     read_public_key,
+    statement_holds,
 )
 from sealbox.runtime.audit.errors import AuditFormatError
 from sealbox.runtime.audit.record import (
@@ -50,6 +52,7 @@ from sealbox.runtime.audit.record import (
     canonical,
     encode_record,
     parse_record,
+    parse_time,
     stated_hash,
 )
 from sealbox.runtime.audit.segment import list_segments
@@ -58,6 +61,31 @@ EXPORT_FORMAT = "sealbox-audit-export"
 MAX_PROBLEMS = 100
 _SEQ = re.compile(rb'"seq":(\d+)')
 _SCAN = json.JSONDecoder().scan_once  # the C scanner itself: json.loads' wrappers cost a third of verification
+
+
+@dataclass(frozen=True)
+class TailBound:
+    """How far the live tail (records after the newest valid checkpoint) may run: the `[audit]` policy's
+    `max_unsigned_records` and `max_unsigned_seconds` (these defaults are the policy's)."""
+
+    records: int = 2000
+    seconds: float = 300.0
+
+    def excess(self, count: int, first_time: str | None, last_time: str | None) -> str | None:
+        """Why a tail of `count` records spanning first..last time is beyond the bound, or None."""
+        if count > self.records:
+            return f"{count} records follow the last valid checkpoint, more than the {self.records} allowed"
+        if first_time is not None and last_time is not None:
+            try:
+                span = (parse_time(last_time) - parse_time(first_time)).total_seconds()
+            except ValueError:
+                return None  # the record itself is reported as not intact
+            if span > self.seconds:
+                return (
+                    f"the records after the last valid checkpoint span {span:.0f} s ({first_time} to {last_time}), "
+                    f"more than the {self.seconds:g} s allowed"
+                )
+        return None
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,8 @@ class VerificationReport:
     first_seq: int | None = None
     last_seq: int | None = None
     anchor: str = ""
+    anchor_checked: str = ""
+    statement: dict[str, Any] | None = None
     checkpoints: int = 0
     checkpoints_valid: int = 0
     signed_through: int = 0
@@ -117,6 +147,8 @@ class VerificationReport:
             "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "anchor": self.anchor,
+            "anchor_checked": self.anchor_checked or None,
+            "statement": self.statement,
             "checkpoints": self.checkpoints,
             "checkpoints_valid": self.checkpoints_valid,
             "signed_through": self.signed_through,
@@ -145,8 +177,17 @@ class ChainVerifier:
         self.valid = 0
         self.first_seq: int | None = None
         self.last_seq: int | None = None
+        self.last_time: str | None = None
+        # seq -> time of the record after it, for the anchor and the kept seqs: where an unsigned tail starts.
+        self.time_after: dict[int, str] = {}
+        self._mark = True  # the next record follows the anchor or a kept seq
         self.problems: list[Problem] = []
         self._link_breaks: list[tuple[int, str]] = []
+
+    @property
+    def head(self) -> str | None:
+        """The stated hash of the last record fed (the anchor hash before any)."""
+        return self._prev
 
     def _problem(self, seq: int, reason: str, where: str) -> None:
         self.problems.append(Problem(seq, reason, where))
@@ -158,8 +199,9 @@ class ChainVerifier:
         JSON parse, a few comparisons. Anything else goes through `feed`, which says what is wrong.
         """
         sha256, scan, keep, member = hashlib.sha256, _SCAN, self._keep, HASH_MEMBER
-        expected, prev = self._expected, self._prev
+        expected, prev, mark, time_after = self._expected, self._prev, self._mark, self.time_after
         fast = 0
+        last_data = None
         for offset, line in enumerate(lines):
             data = None
             if line[-75:-66] == member and line[-2:] == b'"}':
@@ -186,9 +228,14 @@ class ChainVerifier:
                 intact = False
             if intact:
                 fast += 1
+                last_data = data
                 prev = data["hash"]  # type: ignore[index]
+                if mark:
+                    time_after[expected - 1] = data["time"]  # type: ignore[index]
+                    mark = False
                 if expected in keep:
                     self.hashes[expected] = prev
+                    mark = True
                 if data["event"] == "audit.retention":  # type: ignore[index]
                     through = data["fields"].get("removed_through_seq")  # type: ignore[index]
                     if type(through) is int:
@@ -196,14 +243,17 @@ class ChainVerifier:
                 expected += 1
                 continue
             # Not the common case: hand the state to the careful path and take it back.
-            self._sync(expected, prev, fast)
+            self._mark = mark
+            self._sync(expected, prev, fast, last_data)
             fast = 0
             self.feed(line, f"{source}:{first_number + offset}")
-            expected, prev = self._expected, self._prev
-        self._sync(expected, prev, fast)
+            expected, prev, mark = self._expected, self._prev, self._mark
+        self._mark = mark
+        self._sync(expected, prev, fast, last_data)
 
-    def _sync(self, expected: int, prev: str | None, fast: int) -> None:
+    def _sync(self, expected: int, prev: str | None, fast: int, last: Any) -> None:
         if fast:
+            self.last_time = last["time"]
             if self.first_seq is None:
                 self.first_seq = expected - fast  # a fast run is consecutive seqs ending at expected - 1
             self.records += fast
@@ -231,6 +281,10 @@ class ChainVerifier:
         seq = record.seq
         if self.first_seq is None:
             self.first_seq = seq
+        self.last_time = record.time
+        if self._mark:
+            self.time_after[seq - 1] = record.time
+            self._mark = False
         if seq != expected:
             if seq == self._prev_seq:
                 self._problem(seq, f"a second record with seq {seq}: a record was inserted or duplicated", where)
@@ -262,6 +316,7 @@ class ChainVerifier:
         self.last_seq = max(self.last_seq or 0, seq)
         if seq in self._keep:
             self.hashes[seq] = record.hash
+            self._mark = True
         if record.event == "audit.retention":
             through = record.fields.get("removed_through_seq")
             if type(through) is int:
@@ -391,6 +446,90 @@ def check_checkpoints(
     return vouched
 
 
+def check_start(report: VerificationReport, chain: ChainVerifier, vouched: set[int], where: str) -> None:
+    """The first record must hang from a signed checkpoint: genesis (size 0) for a log from seq 1. A new log is
+    signed at genesis before its first record, so a log without that checkpoint had its checkpoints removed."""
+    if chain.anchor_seq == 0 and 0 not in vouched and chain.last_seq is not None:
+        report.problems.append(
+            Problem(
+                1,
+                "no valid signed genesis checkpoint (size 0) anchors the log: every log is signed at genesis before "
+                "its first record, so its checkpoints were deleted or forged",
+                where,
+            )
+        )
+
+
+def check_coverage(
+    report: VerificationReport, chain: ChainVerifier, bound: TailBound | None, where: str
+) -> None:
+    """Every record must be covered by a valid checkpoint, but for a live tail within `bound`; with no bound
+    (an export), to the very last record."""
+    last = chain.last_seq
+    signed = report.signed_through
+    if last is None or last <= signed:
+        return
+    if bound is None:
+        report.problems.append(
+            Problem(
+                signed + 1,
+                f"records {signed + 1}..{last} are not covered by a valid signed checkpoint: an export is covered to "
+                "its last record, so its checkpoints were removed or the records were changed",
+                where,
+            )
+        )
+        return
+    why = bound.excess(last - signed, chain.time_after.get(signed), chain.last_time)
+    if why is not None:
+        report.problems.append(
+            Problem(
+                signed + 1,
+                f"records {signed + 1}..{last} are not covered by a valid signed checkpoint and are no live tail: "
+                f"{why} (checkpoints that must have existed are missing)",
+                where,
+            )
+        )
+
+
+def check_anchor(
+    report: VerificationReport,
+    chain: ChainVerifier,
+    checkpoints: list[_LoadedCheckpoint],
+    anchor: Anchor,
+    public: Ed25519PublicKey,
+    where: str,
+) -> None:
+    """The log (or export) must extend `anchor`: hold, at its size, the record whose hash it signed."""
+    report.anchor_checked = f"size {anchor.size} head {anchor.head}"
+    why = anchor.check(public)
+    size, head = anchor.size, anchor.head
+    if why is None:
+        last = chain.last_seq if chain.last_seq is not None else chain.anchor_seq
+        if size > last:
+            why = (
+                f"the anchor covers {size} records but the log ends at seq {last}: the log was rolled back or wiped "
+                "and restarted"
+            )
+        elif size == chain.anchor_seq:
+            if chain.anchor_hash != head:
+                why = f"the hash before seq {size + 1} is not the one the anchor signed: not the log anchored"
+        elif size > chain.anchor_seq:
+            if chain.hashes.get(size) != head:
+                why = (
+                    f"record {size} is not the one the anchor signed: the log was rewritten, or wiped and restarted"
+                )
+        elif not any(
+            item.checkpoint is not None
+            and item.checkpoint.size == size
+            and item.checkpoint.head == head
+            and item.checkpoint.signature_holds(public)
+            for item in checkpoints
+        ):
+            why = f"the log starts after seq {size} and no checkpoint in it matches the anchor: cannot show it extends it"
+    if why is not None:
+        report.problems.append(Problem(min(size + 1, (chain.last_seq or 0) + 1), f"anchor: {why}", where))
+
+
 def _finish(report: VerificationReport, chain: ChainVerifier) -> VerificationReport:
     report.records, report.valid = chain.records, chain.valid
     report.first_seq, report.last_seq = chain.first_seq, chain.last_seq
@@ -438,19 +577,33 @@ def _segment_lines(path: Path) -> tuple[list[bytes], bytes]:
     return lines[:-1], lines[-1]
 
 
-def verify_directory(directory: Path, *, pubkey: Path | None = None) -> VerificationReport:
-    """Verify a host's audit directory: every segment, every checkpoint, from seq 1 or the retention anchor.
+def verify_directory(
+    directory: Path, *, pubkey: Path | None = None, bound: TailBound | None = None, anchor: Path | None = None
+) -> VerificationReport:
+    """Verify a host's audit directory: every segment, every checkpoint, from seq 1 or the retention anchor; every
+    record but a live tail within `bound` covered by a valid checkpoint; and, given an `anchor` note, that the log
+    extends it.
 
     Raises:
-        AuditFormatError: the directory, a file in it or the public key cannot be read.
+        AuditFormatError: the directory, a file in it, the public key or the anchor cannot be read.
     """
     try:
-        return _verify_directory(directory, pubkey)
+        return _verify_directory(directory, pubkey, bound or TailBound(), _read_anchor(anchor))
     except OSError as exc:
         raise AuditFormatError(f"{exc.filename or directory}: cannot read: {exc.strerror or exc}") from exc
 
 
-def _verify_directory(directory: Path, pubkey: Path | None) -> VerificationReport:
+def _read_anchor(path: Path | None) -> Anchor | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AuditFormatError(f"{path}: cannot read the anchor: {exc}") from exc
+    return Anchor.parse(text, source=str(path))
+
+
+def _verify_directory(directory: Path, pubkey: Path | None, bound: TailBound, anchor: Anchor | None) -> VerificationReport:
     if not directory.is_dir():
         raise AuditFormatError(f"{directory}: not an audit directory")
     report = VerificationReport(source=str(directory))
@@ -478,6 +631,8 @@ def _verify_directory(directory: Path, pubkey: Path | None) -> VerificationRepor
         if first is not None and first.seq > 1:
             anchor_seq, anchor_hash = first.seq - 1, first.prev
     sizes = {item.checkpoint.size for item in checkpoints if item.checkpoint}
+    if anchor is not None:
+        sizes.add(anchor.size)
     chain = ChainVerifier(anchor_seq=anchor_seq, anchor_hash=anchor_hash, keep_hashes=sizes)
     for segment in segments:
         lines, rest = _segment_lines(segment.path)
@@ -485,7 +640,12 @@ def _verify_directory(directory: Path, pubkey: Path | None) -> VerificationRepor
         chain.feed_lines(lines, name)
         if rest:
             chain.incomplete(len(rest), f"{name}:{len(lines) + 1}")
-    chain.settle_link_breaks(check_checkpoints(report, chain, checkpoints, public))
+    vouched = check_checkpoints(report, chain, checkpoints, public)
+    chain.settle_link_breaks(vouched)
+    check_start(report, chain, vouched, CHECKPOINTS_NAME)
+    check_coverage(report, chain, bound, CHECKPOINTS_NAME)
+    if anchor is not None:
+        check_anchor(report, chain, checkpoints, anchor, public, "--anchor")
     if anchor_seq == 0:
         report.anchor = "genesis (the log starts at seq 1)"
     else:
@@ -558,12 +718,14 @@ def companion_path(csv_path: Path) -> Path:
     return csv_path.with_name(csv_path.name + ".verify.json")
 
 
-def verify_export(path: Path, *, pubkey: Path | None = None) -> VerificationReport:
-    """Verify a JSONL export, or a CSV export with its `.verify.json` companion, offline.
+def verify_export(path: Path, *, pubkey: Path | None = None, anchor: Path | None = None) -> VerificationReport:
+    """Verify a JSONL export, or a CSV export with its `.verify.json` companion, offline: the chain, its checkpoints
+    to the last record, the signed statement of what the export is, and, given an `anchor` note, that it extends it.
 
     Raises:
-        AuditFormatError: the file is not an export, its companion is missing, or the key cannot be read.
+        AuditFormatError: the file is not an export, its companion is missing, or the key or anchor cannot be read.
     """
+    note = _read_anchor(anchor)
     try:
         if path.suffix.lower() == ".csv":
             companion = companion_path(path)
@@ -591,6 +753,8 @@ def verify_export(path: Path, *, pubkey: Path | None = None) -> VerificationRepo
     )
     anchor_seq, anchor_hash = header.anchor
     sizes = {item.checkpoint.size for item in checkpoints if item.checkpoint}
+    if note is not None:
+        sizes.add(note.size)
     chain = ChainVerifier(anchor_seq=anchor_seq, anchor_hash=anchor_hash, keep_hashes=sizes)
     if lines is None:
         chain.feed_lines(parts[:-1], path.name, first_number=2)
@@ -601,13 +765,69 @@ def verify_export(path: Path, *, pubkey: Path | None = None) -> VerificationRepo
         chain.incomplete(len(rest), f"{path.name}: end of file")
     chain.settle_link_breaks(check_checkpoints(report, chain, checkpoints, public))
     report.anchor = "genesis (the export starts at seq 1)" if anchor_seq == 0 else f"seq {anchor_seq} hash {anchor_hash}"
-    declared = header.data.get("last_seq")
-    if type(declared) is int and chain.last_seq is not None and declared > chain.last_seq:
-        report.problems.append(
-            Problem(chain.last_seq + 1, f"the header declares records up to seq {declared}; the file ends at seq "
-                    f"{chain.last_seq} (truncated)", path.name)
-        )
+    check_coverage(report, chain, None, path.name)
+    check_statement(report, chain, header, public, path.name)
+    if note is not None:
+        check_anchor(report, chain, checkpoints, note, public, "--anchor")
     return _finish(report, chain)
+
+
+STATEMENT_FIELDS = ("anchor", "first_seq", "head", "key", "last_seq", "records", "window")
+
+
+def export_statement(
+    *, window: dict[str, Any], anchor: tuple[int, str], first_seq: int | None, last_seq: int | None, records: int,
+    head: str, key: str,
+) -> dict[str, Any]:
+    """What an export is, as the host signs it: the window asked for, the anchor it hangs from, the first and last
+    seq, the record count and the hash of its last record. Cutting either end changes one of them."""
+    return {
+        "anchor": {"seq": anchor[0], "hash": anchor[1]},
+        "first_seq": first_seq,
+        "head": head,
+        "key": key,
+        "last_seq": last_seq,
+        "records": records,
+        "window": window,
+    }
+
+
+def check_statement(
+    report: VerificationReport, chain: ChainVerifier, header: ExportHeader, public: Ed25519PublicKey, where: str
+) -> None:
+    """The export must be what the host signed it to be: a valid statement, matched by the records themselves."""
+    statement = header.data.get("statement")
+    first = chain.first_seq if chain.first_seq is not None else chain.anchor_seq + 1
+    if not isinstance(statement, dict) or set(statement) != set(STATEMENT_FIELDS):
+        report.problems.append(Problem(first, "the export carries no signed statement of what it is", where))
+        return
+    if not statement_holds(statement, header.data.get("statement_sig"), public):
+        report.problems.append(
+            Problem(first, "the export statement's signature does not verify (forged or altered)", where)
+        )
+        return
+    report.statement = statement
+    anchor_seq, anchor_hash = header.anchor
+    found = {
+        "anchor": {"seq": anchor_seq, "hash": anchor_hash},
+        "first_seq": chain.first_seq,
+        "last_seq": chain.last_seq,
+        "records": chain.records,
+        "head": chain.head,
+    }
+    for name, value in found.items():
+        if statement[name] != value:
+            # Name the end that was cut: the first seq signed for a change at the start, the one after the end else.
+            seq = first if name in ("anchor", "first_seq") else (chain.last_seq or anchor_seq) + 1
+            report.problems.append(
+                Problem(
+                    seq,
+                    f"the export is not what the host signed: {name} is {value!r} in the file but {statement[name]!r} "
+                    "in the signed statement (records cut at either end, or changed)",
+                    where,
+                )
+            )
+            return
 
 
 CSV_COLUMNS = (
@@ -642,7 +862,11 @@ def _csv_lines(path: Path) -> Iterator[tuple[str, bytes]]:
             yield f"{path.name}:{number}", line[:-67] + row["hash"].encode("ascii", "replace") + b'"}\n'
 
 
-def verify_path(target: Path, *, pubkey: Path | None = None) -> VerificationReport:
-    """A directory is a host's log; a file is an export."""
-    return verify_directory(target, pubkey=pubkey) if target.is_dir() else verify_export(target, pubkey=pubkey)
+def verify_path(
+    target: Path, *, pubkey: Path | None = None, bound: TailBound | None = None, anchor: Path | None = None
+) -> VerificationReport:
+    """A directory is a host's log; a file is an export (which has no live tail: `bound` does not apply)."""
+    if target.is_dir():
+        return verify_directory(target, pubkey=pubkey, bound=bound, anchor=anchor)
+    return verify_export(target, pubkey=pubkey, anchor=anchor)
 

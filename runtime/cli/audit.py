@@ -1,4 +1,4 @@
-"""`sealbox audit export | verify | report`: the compliance officer's commands over `<root>/audit/`."""
+"""`sealbox audit export | verify | anchor | report`: the compliance officer's commands over `<root>/audit/`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sealbox.runtime.audit.checkpoint import PUBLIC_KEY_NAME
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, PUBLIC_KEY_NAME, Checkpoint, read_public_key
 from sealbox.runtime.audit.errors import AuditFormatError, AuditUnavailableError
 from sealbox.runtime.audit.export import export_log
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.audit.report import ProcessingReport, Usage, build_report
-from sealbox.runtime.audit.verify import VerificationReport, verify_path
+from sealbox.runtime.audit.verify import TailBound, VerificationReport, verify_path
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import AuditPolicy
 
@@ -71,12 +71,24 @@ def export(
     if not (directory / PUBLIC_KEY_NAME).exists():
         console.print(f"[red]no audit log at {escape(str(directory))}[/] ({PUBLIC_KEY_NAME} is missing)")
         raise typer.Exit(2)
-    through = _record_export(directory, start, stop, fmt, out, console)
     try:
-        result = export_log(directory, out, since=start, until=stop, fmt=fmt, through_seq=through)  # type: ignore[arg-type]
-    except (AuditFormatError, OSError) as exc:
+        log = AuditLog.open(directory, AuditPolicy(), retention=False)
+    except AuditUnavailableError as exc:
+        console.print(
+            "[red]cannot export:[/] an export is signed with the host audit key, and the log cannot be opened: "
+            + escape(str(exc))
+        )
+        raise typer.Exit(2) from exc
+    try:
+        through = _record_export(log, start, stop, fmt, out)
+        result = export_log(
+            directory, out, sign=log.sign_statement, since=start, until=stop, fmt=fmt, through_seq=through  # type: ignore[arg-type]
+        )
+    except (AuditFormatError, AuditUnavailableError, OSError) as exc:
         console.print(f"[red]export failed:[/] {escape(str(exc))}")
         raise typer.Exit(2) from exc
+    finally:
+        log.close()
     span = f"seq {result.first_seq}..{result.last_seq}" if result.records else "no records in the window"
     console.print(f"exported {result.records} record(s), {span}, to {escape(str(result.out))}")
     if result.last_seq is not None and result.window_last_seq is not None and result.last_seq > result.window_last_seq:
@@ -88,31 +100,18 @@ def export(
         console.print(f"anchor, checkpoints and public key: {escape(str(result.companion))} (keep it with the CSV)")
 
 
-def _record_export(
-    directory: Path, since: datetime | None, until: datetime | None, fmt: str, out: Path, console: Console
-) -> int | None:
-    """Log the export itself and sign the head, so every exported record is covered; None where the log is read-only."""
-    try:
-        log = AuditLog.open(directory, AuditPolicy(), retention=False)
-    except AuditUnavailableError as exc:
-        console.print(
-            "[yellow]exporting read-only[/] (the export is not recorded and the newest records may be unsigned): "
-            + escape(str(exc))
-        )
-        return None
-    try:
-        log.append(
-            "audit.export",
-            since=since.isoformat() if since else None,
-            until=until.isoformat() if until else None,
-            format=fmt,
-            out=str(out.absolute()),
-            user=getpass.getuser(),
-        )
-        log.checkpoint()
-        return log.head[0]
-    finally:
-        log.close()
+def _record_export(log: AuditLog, since: datetime | None, until: datetime | None, fmt: str, out: Path) -> int:
+    """Log the export itself and sign the head, so every exported record is covered; returns the signed head."""
+    log.append(
+        "audit.export",
+        since=since.isoformat() if since else None,
+        until=until.isoformat() if until else None,
+        format=fmt,
+        out=str(out.absolute()),
+        user=getpass.getuser(),
+    )
+    log.checkpoint()
+    return log.head[0]
 
 
 @audit_app.command("verify")
@@ -123,14 +122,26 @@ def verify(
     ] = None,
     root: RootOption = None,
     pubkey: PubkeyOption = None,
+    anchor: Annotated[
+        Path | None,
+        typer.Option("--anchor", help="A checkpoint note kept off the host (`sealbox audit anchor`): the log must extend it."),
+    ] = None,
+    max_unsigned_records: Annotated[
+        int, typer.Option("--max-unsigned-records", min=1, help="Records the live tail may hold past the last checkpoint.")
+    ] = AuditPolicy().max_unsigned_records,
+    max_unsigned_seconds: Annotated[
+        float, typer.Option("--max-unsigned-seconds", min=0, help="Seconds the live tail may span past the last checkpoint.")
+    ] = AuditPolicy().max_unsigned_seconds,
     as_json: JsonOption = False,
 ) -> None:
-    """Check every record's hash and link and every checkpoint's signature; exit 0 only if all hold."""
+    """Check every record's hash and link, every checkpoint's signature, that every record but a bounded live tail is
+    signed (an export: to its last record, and against its signed statement); exit 0 only if all hold."""
     if target is not None and root is not None:
         raise typer.BadParameter("give an export FILE or --root, not both")
     path = target if target is not None else HostRoot.resolve(root).audit
+    bound = TailBound(max_unsigned_records, max_unsigned_seconds)
     try:
-        report = verify_path(path, pubkey=pubkey)
+        report = verify_path(path, pubkey=pubkey, bound=bound, anchor=anchor)
     except AuditFormatError as exc:
         if as_json:
             typer.echo(json.dumps({"source": str(path), "ok": False, "error": str(exc)}, indent=2))
@@ -154,6 +165,14 @@ def render_verification(report: VerificationReport, console: Console) -> None:
     console.print(
         f"  checkpoints  {report.checkpoints_valid}/{report.checkpoints} valid, signed through seq {report.signed_through}"
     )
+    if report.statement is not None:
+        statement = report.statement
+        console.print(
+            f"  statement    signed: seq {statement['first_seq']}..{statement['last_seq']}, {statement['records']} "
+            f"record(s), head {statement['head']}"
+        )
+    if report.anchor_checked:
+        console.print(f"  extends      anchor {escape(report.anchor_checked)}")
     for problem in report.problems[:20]:
         where = escape(problem.where)
         console.print(f"  [red]broken[/]       seq {problem.seq}: {escape(problem.reason)} [dim]({where})[/]")
@@ -163,6 +182,32 @@ def render_verification(report: VerificationReport, console: Console) -> None:
         console.print(f"  [yellow]note[/]         {escape(warning)}")
     verdict = "[bold green]VALID[/]" if report.ok else "[bold red]BROKEN[/]"
     console.print(f"{verdict}: {escape(report.summary())}")
+
+
+@audit_app.command("anchor")
+def anchor(root: RootOption = None, pubkey: PubkeyOption = None) -> None:
+    """Print the newest signed checkpoint as a C2SP tlog-checkpoint note: keep it off the host, and later
+    `sealbox audit verify --anchor FILE` proves the log still extends it (no rollback, no wipe)."""
+    console = Console(stderr=True, soft_wrap=True)
+    directory = HostRoot.resolve(root).audit
+    try:
+        public = read_public_key(pubkey or directory / PUBLIC_KEY_NAME)
+        data = (directory / CHECKPOINTS_NAME).read_bytes()
+    except (AuditFormatError, OSError) as exc:
+        console.print(f"[red]no anchor:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    newest = None
+    for line in data.splitlines():
+        try:
+            checkpoint = Checkpoint.from_line(line)
+        except ValueError:
+            continue
+        if checkpoint.signature_holds(public) and (newest is None or checkpoint.size >= newest.size):
+            newest = checkpoint
+    if newest is None:
+        console.print(f"[red]no anchor:[/] {CHECKPOINTS_NAME} holds no checkpoint signed by this key")
+        raise typer.Exit(1)
+    typer.echo(newest.to_note(public), nl=False)
 
 
 @audit_app.command("report")

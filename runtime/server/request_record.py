@@ -108,8 +108,8 @@ class RequestRecorder:
             await self.app(scope, receive, send)
             return
         request_id = f"req-{uuid.uuid4().hex}"
-        if self.audit is not None and self.audit.failure is not None:
-            error = ApiError(503, f"the audit log cannot write, so nothing is served: {self.audit.failure}",
+        if self.audit is not None and (failure := self.audit.refusal()) is not None:
+            error = ApiError(503, f"the audit log cannot write, so nothing is served: {failure}",
                              code="audit_unavailable", headers={"x-request-id": request_id})  # fmt: skip
             await error.response()(scope, receive, send)
             return
