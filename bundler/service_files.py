@@ -1,4 +1,5 @@
-"""The locked-down service files of a release: a hardened systemd unit and an nftables egress fence.
+"""The locked-down service files of a release: a hardened systemd unit, an nftables egress fence, and the name files
+(empty resolv.conf, the policy's hosts, files-only nsswitch) the unit binds over the system's.
 
 Both are rendered from templates in `policies/` (data the operator can read and diff) by a sandboxed Jinja
 environment with strict undefined variables. Every value that reaches a template is checked first, because a unit
@@ -27,6 +28,11 @@ NFT_TEMPLATE = "sealbox-egress.nft.j2"
 UNIT_NAME = "sealbox.service"
 NFT_NAME = "sealbox-egress.nft"
 SERVICE_DIR = "service"
+DNS_PORT = 53
+# The service's name files, rendered into <release>/service/ and bound over the system's by the unit.
+NAME_FILES = (("resolv.conf", "/etc/resolv.conf"), ("hosts", "/etc/hosts"), ("nsswitch.conf", "/etc/nsswitch.conf"))
+RESOLV_CONF = "# sealbox: no resolver. The service resolves only the names in /etc/hosts (the policy's local_names).\n"
+NSSWITCH_CONF = "# sealbox: files only, so no lookup leaves the host.\npasswd: files\ngroup: files\nshadow: files\nhosts: files\n"
 
 # Characters a path may hold to be written into a unit or nft file unquoted and unescaped.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,:=-]*")
@@ -71,6 +77,9 @@ class ServiceContext:
     allow_v4: tuple[str, ...]
     allow_v6: tuple[str, ...]
     allow_ports: tuple[int, ...]
+    loopback_ports: tuple[int, ...]
+    """Loopback ports the account may send to: the policy's allow_ports, checked for loopback (empty = any but 53)."""
+    local_names: tuple[tuple[str, tuple[str, ...]], ...]
     gpu_devices: tuple[str, ...]
 
     @classmethod
@@ -88,10 +97,13 @@ class ServiceContext:
         if any(not device.startswith("/dev/") for device in devices):
             raise ServiceFileError(f"service.gpu_devices must be device nodes under /dev/: {list(devices)}")
         ip_allow = tuple(dict.fromkeys(str(net) for net in [*clients, *egress]))
+        release_text = _path(release_dir, "release directory")
+        if ":" in release_text:
+            raise ServiceFileError(f"release directory {release_text!r} cannot go into BindReadOnlyPaths (it holds ':')")
         return cls(
             label=label,
             root=root_text,
-            release_dir=_path(release_dir, "release directory"),
+            release_dir=release_text,
             exec_start=exec_start,
             user=policy.service.user,
             ip_allow=ip_allow,
@@ -99,6 +111,8 @@ class ServiceContext:
             allow_v4=tuple(str(net) for net in egress if net.version == 4),
             allow_v6=tuple(str(net) for net in egress if net.version == 6),
             allow_ports=tuple(policy.egress.allow_ports),
+            loopback_ports=tuple(policy.egress.allow_ports),
+            local_names=policy.egress.local_names,
             gpu_devices=devices,
         )
 
@@ -136,6 +150,7 @@ def render_unit(context: ServiceContext) -> str:
         user=context.user,
         ip_allow=context.ip_allow,
         gpu_devices=context.gpu_devices,
+        name_files=NAME_FILES,
     )
 
 
@@ -147,8 +162,17 @@ def render_nft(context: ServiceContext, *, nft_path: str) -> str:
         allow_v4=context.allow_v4,
         allow_v6=context.allow_v6,
         allow_ports=context.allow_ports,
+        loopback_ports=context.loopback_ports,
+        dns_allowed=DNS_PORT in context.allow_ports,
         nft_path=nft_path,
     )
+
+
+def render_hosts(context: ServiceContext) -> str:
+    """The service's /etc/hosts: the policy's local names and nothing else (values checked by the policy)."""
+    lines = ["# sealbox: the policy's [egress] local_names, the only names the service can resolve."]
+    lines += [f"{address} {name}" for name, addresses in context.local_names for address in addresses]
+    return "\n".join(lines) + "\n"
 
 
 def write_service_files(release_dir: Path, context: ServiceContext) -> ServiceFiles:
@@ -158,6 +182,9 @@ def write_service_files(release_dir: Path, context: ServiceContext) -> ServiceFi
     unit = directory / UNIT_NAME
     nft = directory / NFT_NAME
     unit.write_text(render_unit(context), encoding="utf-8")
+    (directory / "resolv.conf").write_text(RESOLV_CONF, encoding="utf-8")
+    (directory / "hosts").write_text(render_hosts(context), encoding="utf-8")
+    (directory / "nsswitch.conf").write_text(NSSWITCH_CONF, encoding="utf-8")
     nft.write_text(render_nft(context, nft_path=f"{context.release_dir}/{SERVICE_DIR}/{NFT_NAME}"), encoding="utf-8")
     return ServiceFiles(unit, nft)
 

@@ -30,6 +30,7 @@ from sealbox.runtime.egress.allowlist import Allowlist, IPNetwork
 from sealbox.runtime.egress.guard import GuardStatus, active_guard, guard_status_path
 from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
+from sealbox.runtime.egress.walls import read_walls
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, host_memory_bytes, plan_for_policy
 from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
@@ -400,6 +401,20 @@ def check_nftables(appliance: Appliance) -> Finding:
     return Finding(CheckStatus.PASS, "the release's egress rules are loaded", tuple(loaded))
 
 
+def check_lockdown_walls(appliance: Appliance) -> Finding:
+    """What the in-process guard cannot see, the wall that closes each, and whether it holds for the server."""
+    status = appliance.server_status
+    pid, whose = (status.pid, f"server pid {status.pid}") if status else (os.getpid(), "this process (no server running)")
+    walls = read_walls(pid)
+    details = (f"examined: {whose}", *(wall.line() for wall in walls))
+    missing = [wall.wall for wall in walls if wall.in_force is False]
+    if missing:
+        return Finding(CheckStatus.WARN, f"the guard's blind spots are open where these walls are missing: {'; '.join(missing)}", details)
+    if any(wall.in_force is None for wall in walls):
+        return Finding(CheckStatus.UNKNOWN, "some walls could not be read here (see the lines)", details)
+    return Finding(CheckStatus.PASS, "every wall behind the guard is in force", details)
+
+
 def check_offline_environment(appliance: Appliance) -> Finding:
     gaps = offline_environment_gaps()
     if gaps:
@@ -478,6 +493,7 @@ CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("network", "Network namespace", check_network),
     ("systemd-unit", "systemd sandbox", check_systemd_unit),
     ("nftables", "nftables egress rules", check_nftables),
+    ("lockdown-walls", "Walls behind the guard", check_lockdown_walls),
     ("offline-environment", "Offline environment", check_offline_environment),
     ("gpu", "GPU", check_gpu),
     ("memory-plan", "Layers on GPU", check_memory_plan),

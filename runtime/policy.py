@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -85,10 +86,19 @@ class AuditPolicy(_Section):
         return self
 
 
+DNS_PORT = 53
+DEFAULT_LOCAL_NAMES: tuple[tuple[str, tuple[str, ...]], ...] = (("localhost", ("127.0.0.1", "::1")),)
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
 class EgressPolicy(_Section):
     allow: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    allow_ports: tuple[int, ...] = ()
-    """Narrows `allow` to these ports (empty = any): loopback also hosts other services (databases, agents)."""
+    allow_ports: tuple[int, ...] = (8080,)
+    """Narrows `allow` to these ports (empty = any port but DNS's 53): loopback also hosts other services (databases,
+    agents, a stub resolver that forwards upstream). The default is the server's own port and nothing else."""
+    local_names: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOCAL_NAMES
+    """The only names the process may resolve, with their addresses (TOML: `{ localhost = ["127.0.0.1", "::1"] }`).
+    The unit's /etc/hosts is rendered from them and it gets no resolver: any other name would be a DNS query."""
 
     @field_validator("allow_ports")
     @classmethod
@@ -107,8 +117,29 @@ class EgressPolicy(_Section):
             ipaddress.ip_network(item, strict=False)
         return value
 
+    @field_validator("local_names", mode="before")
+    @classmethod
+    def _local_names(cls, value: object) -> object:
+        items = value.items() if isinstance(value, dict) else value
+        checked: list[tuple[str, tuple[str, ...]]] = []
+        for item in items:
+            name, addresses = item
+            if not isinstance(name, str) or not _HOST_NAME.fullmatch(name):
+                raise ValueError(f"local name {name!r} is not a plain host name")
+            if isinstance(addresses, str) or not addresses:
+                raise ValueError(f"local name {name!r} needs a list of one or more addresses")
+            for address in addresses:
+                ipaddress.ip_address(address)
+            checked.append((name.lower(), tuple(str(a) for a in addresses)))
+        if len({name for name, _ in checked}) != len(checked):
+            raise ValueError("a local name is listed twice")
+        return tuple(checked)
+
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(item, strict=False) for item in self.allow]
+
+    def local_name_set(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.local_names)
 
 
 class ServicePolicy(_Section):

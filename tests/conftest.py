@@ -1,10 +1,14 @@
-"""Shared fixtures: generated GGUF models (real tokenizer, seeded weights) and network-namespace detection."""
+"""Shared fixtures: generated GGUF models (real tokenizer, seeded weights), network-namespace detection, and the
+one rule for tests that need a lockdown tool: skip on a developer's machine, fail under CI."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -43,6 +47,7 @@ def make_malformed_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[
     return lambda kind: write_malformed_model(directory / f"{kind}.gguf", kind)
 
 
+@cache
 def network_namespace_available() -> bool:
     """True when `unshare -rn` can make an isolated network namespace here (the 'air-gapped host' of the tests)."""
     try:
@@ -50,3 +55,25 @@ def network_namespace_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
+
+
+def lockdown_gap(*tools: str, netns: bool = False, root: bool = False) -> str | None:
+    """Why a lockdown test cannot run here (a tool missing, no namespace, not root), or None when it can."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed (.ci/run installs nftables, iproute2, systemd, util-linux)"
+    if netns and not network_namespace_available():
+        return "cannot create a network namespace here (`unshare -rn ip link set lo up` failed)"
+    if root and os.geteuid() != 0:
+        return "needs root (to load nftables rules in a namespace and switch to the service user inside it)"
+    return None
+
+
+def require_lockdown(*tools: str, netns: bool = False, root: bool = False) -> None:
+    """Skip a lockdown test that cannot run here; under CI (`CI` set) fail instead, so CI never skips the lockdown."""
+    reason = lockdown_gap(*tools, netns=netns, root=root)
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the lockdown tests, but {reason}", pytrace=False)
+    pytest.skip(reason)

@@ -17,12 +17,13 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
+
+from conftest import require_lockdown
 
 from sealbox.bundler.install import InstallRequest, install_bundle
 from install_support import Publisher, make_keys, model_item, trust
@@ -131,13 +132,6 @@ def flip_one_byte(path: Path, offset: int = -1) -> None:
     path.write_bytes(bytes(data))
 
 
-@cache
-def netns_available() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    return subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, check=False).returncode == 0
-
-
 def doctor_command(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("sealbox")), "doctor", *args]  # the installed console script
 
@@ -145,8 +139,7 @@ def doctor_command(*args: str) -> list[str]:
 def run_cli(args: list[str], *, netns_setup: str | None = None) -> subprocess.CompletedProcess[str]:
     command = doctor_command(*args)
     if netns_setup is not None:
-        if not netns_available():
-            pytest.skip("cannot create a network namespace here (unshare -rn and ip are needed)")
+        require_lockdown("unshare", "ip", netns=True)
         command = ["unshare", "-rn", "sh", "-ec", f'ip link set lo up && {netns_setup} && exec "$@"', "sh", *command]
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=False)
@@ -232,8 +225,7 @@ sys.stdin.read()
 
 
 def test_doctor_reads_the_running_servers_guard_and_namespace_not_its_own(installed: Installed):
-    if not netns_available():
-        pytest.skip("cannot create a network namespace here (unshare -rn and ip are needed)")
+    require_lockdown("unshare", "ip", netns=True)
     server = subprocess.Popen(
         ["unshare", "-rn", "sh", "-ec", 'ip link set lo up && exec "$@"', "sh", sys.executable, "-c", SERVER, str(installed.root)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -365,15 +357,13 @@ def test_a_rendered_unit_without_the_sandbox_directives_fails_naming_them(instal
 
 
 def test_the_unit_gets_an_exposure_score_where_systemd_analyze_exists(installed: Installed, tmp_path: Path):
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
+    require_lockdown("systemd-analyze")
     details = run_checks(installed, tmp_path)["systemd-unit"].details
     assert any(line.startswith("systemd-analyze exposure ") for line in details), details
 
 
-def test_nftables_without_nft_is_unknown_with_the_reason(installed: Installed, tmp_path: Path):
-    if shutil.which("nft") is not None:
-        pytest.skip("nft is installed here")
+def test_nftables_without_nft_is_unknown_with_the_reason(installed: Installed, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))  # a host without nft, even where CI installed it
     nft = run_checks(installed, tmp_path)["nftables"]
     assert nft.status is CheckStatus.UNKNOWN and "nft is not installed" in nft.summary
 

@@ -9,14 +9,14 @@ query anywhere; the cases that need that (host names) skip without one. Every ad
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import pytest
+
+from conftest import lockdown_gap, require_lockdown
 
 from sealbox.runtime.audit.segment import list_segments
 from sealbox.runtime.audit.verify import verify_directory
@@ -25,12 +25,8 @@ from sealbox.runtime.egress.local_names import LocalNames
 DNS_NAME = "sealbox-probe.invalid"
 
 
-@cache
 def netns_available() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    probe = subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, check=False)
-    return probe.returncode == 0
+    return lockdown_gap("unshare", "ip", netns=True) is None
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ def refused(run: GuardedRun, name: str) -> dict[str, object]:
 
 def needs_netns(run: GuardedRun) -> None:
     if not run.in_netns:
-        pytest.skip("host-name cases run only inside a network namespace (unshare -rn and ip are needed)")
+        require_lockdown("unshare", "ip", netns=True)  # host-name cases run only inside a network namespace
 
 
 def test_guarded_process_connects_to_the_loopback_port_the_policy_allows(guarded: GuardedRun):

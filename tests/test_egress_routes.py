@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
 import subprocess
 import sys
-from functools import cache
 
 import pytest
+
+from conftest import require_lockdown
 
 from sealbox.runtime.egress.routes import parse_dev, parse_fib_trie, parse_ipv6_route, parse_route, read_network
 
@@ -24,16 +24,8 @@ READ = (
 )
 
 
-@cache
-def netns_available() -> bool:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return False
-    return subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, check=False).returncode == 0
-
-
 def read_in_netns(setup: str) -> dict[str, object]:
-    if not netns_available():
-        pytest.skip("cannot create a network namespace here (unshare -rn and ip are needed)")
+    require_lockdown("unshare", "ip", netns=True)
     script = f'ip link set lo up && {setup} && exec "$@"'
     done = subprocess.run(
         ["unshare", "-rn", "sh", "-ec", script, "sh", sys.executable, "-c", READ],
@@ -82,8 +74,7 @@ def _ip_routes(*family: str) -> set[tuple[str, str]]:
 
 
 def test_on_the_test_host_every_route_ip_lists_is_reported():
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed: nothing independent to compare with")
+    require_lockdown("ip")  # nothing independent to compare with otherwise
     view = read_network()
     found = {(route.destination, route.device) for route in view.egress_routes}
     assert _ip_routes() <= found

@@ -36,16 +36,21 @@ def udp6():
         yield sock
 
 
-def rules(*, ports: tuple[int, ...] = (), hosts: str = HOSTS, nsswitch: str = FILES_FIRST) -> EgressRules:
+def rules(*, ports: tuple[int, ...] = (), hosts: str = HOSTS, nsswitch: str = FILES_FIRST,
+          names: tuple[str, ...] = ("localhost", "appliance", "ip6-localhost")) -> EgressRules:  # fmt: skip
     policy = EgressPolicyWithPorts(allow_ports=ports)
-    return EgressRules(Allowlist.from_policy(policy), LocalNames.parse(hosts, nsswitch))
+    return EgressRules(Allowlist.from_policy(policy), LocalNames.parse(hosts, nsswitch).restricted_to(frozenset(names)))
 
 
-def test_default_policy_allows_only_loopback_on_every_port(tcp4, udp6):
+def test_an_empty_port_list_allows_loopback_on_every_port_but_dns(tcp4, udp6):
     loopback = rules()
     assert loopback.decide("socket.connect", (tcp4, ("127.0.0.1", 8080))) is None
     assert loopback.decide("socket.connect", (tcp4, ("127.9.9.9", 1))) is None
-    assert loopback.decide("socket.sendto", (udp6, ("::1", 53, 0, 0))) is None
+    assert loopback.decide("socket.sendto", (udp6, ("::1", 5353, 0, 0))) is None
+    dns = loopback.decide("socket.sendto", (udp6, ("::1", 53, 0, 0)))
+    assert dns is not None and "port 53 (DNS)" in dns.reason
+    assert loopback.decide("socket.connect", (tcp4, ("127.0.0.53", 53))) is not None
+    assert rules(ports=(53,)).decide("socket.connect", (tcp4, ("127.0.0.53", 53))) is None  # listed by number
     refusal = loopback.decide("socket.connect", (tcp4, ("0.0.0.0", 80)))
     assert refusal is not None
     assert refusal.destination == "0.0.0.0:80"
@@ -147,19 +152,23 @@ def test_allow_ports_must_be_real_ports_listed_once():
         EgressPolicyWithPorts(allow_ports=(80, 80))
 
 
-def test_the_shipped_policy_gives_the_loopback_allowlist():
-    allowlist = Allowlist.from_policy(Policy.default().egress)
+def test_the_shipped_policy_allows_loopback_on_the_servers_own_port_only():
+    egress = Policy.default().egress
+    allowlist = Allowlist.from_policy(egress)
     assert allowlist.networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-    assert allowlist.ports == frozenset()
-    assert allowlist.permits(ipaddress.ip_address("127.0.0.1"), 65535)
+    assert allowlist.ports == frozenset({Policy.default().server.port})
+    assert not allowlist.permits(ipaddress.ip_address("127.0.0.1"), 53)
+    assert not allowlist.permits(ipaddress.ip_address("127.0.0.53"), 53)
+    assert not allowlist.permits(ipaddress.ip_address("127.0.0.1"), 65535)
+    assert egress.local_names == (("localhost", ("127.0.0.1", "::1")),)
 
 
 
 def test_every_exported_name_resolves_and_the_error_is_an_oserror():
-    import sealbox.runtime.egress
+    import sealbox.runtime.egress as egress
 
-    assert all(hasattr(sealbox.runtime.egress, name) for name in sealbox.runtime.egress.__all__)
-    assert issubclass(sealbox.runtime.egress.EgressBlockedError, PermissionError)
+    assert all(hasattr(egress, name) for name in egress.__all__)
+    assert issubclass(egress.EgressBlockedError, PermissionError)
 
 
 def test_a_refusal_survives_pickling_with_its_destination():
@@ -170,3 +179,56 @@ def test_a_refusal_survives_pickling_with_its_destination():
 
     error = pickle.loads(pickle.dumps(EgressBlockedError(Refusal("socket.connect", "127.0.0.1:22", "not allowed"))))
     assert (error.errno, error.destination, error.operation) == (13, "127.0.0.1:22", "socket.connect")
+
+
+# --- DNS is a channel too (issue 13) -------------------------------------------------------------------------------
+
+
+def test_a_name_in_etc_hosts_but_not_in_the_policys_local_names_is_refused(tcp4):
+    only_localhost = rules(names=("localhost",))
+    assert only_localhost.decide("socket.getaddrinfo", ("localhost", 80, 0, 0, 0)) is None
+    refusal = only_localhost.decide("socket.getaddrinfo", ("appliance", 80, 0, 0, 0))
+    assert refusal is not None and refusal.destination == "appliance"
+    assert only_localhost.name_in_address("socket.connect", ("appliance", 8080), socket.AF_INET) is not None
+
+
+def test_a_lookup_for_a_family_etc_hosts_does_not_list_is_refused_because_glibc_would_ask_dns_next():
+    loopback = rules()  # localhost has 127.0.0.1 only; ip6-localhost has ::1 only
+    assert loopback.decide("socket.getaddrinfo", ("localhost", 80, socket.AF_INET, 0, 0)) is None
+    refusal = loopback.decide("socket.getaddrinfo", ("localhost", 80, socket.AF_INET6, 0, 0))
+    assert refusal is not None and refusal.destination == "localhost"
+    assert loopback.decide("socket.gethostbyname", ("ip6-localhost",)) is not None  # IPv4 only
+    assert loopback.decide("socket.getaddrinfo", ("ip6-localhost", 80, socket.AF_UNSPEC, 0, 0)) is None
+
+
+def test_binding_to_a_name_outside_the_local_names_is_refused_and_to_an_address_is_not(tcp4, udp6):
+    loopback = rules(ports=(8080,))
+    refusal = loopback.decide("socket.bind", (tcp4, ("data-to-leak.example", 0)))
+    assert refusal is not None and refusal.operation == "socket.bind"
+    assert refusal.destination == "data-to-leak.example" and "DNS is not allowed" in refusal.reason
+    assert loopback.name_in_address("socket.bind", ("data-to-leak.example", 0), socket.AF_INET) is not None
+    assert loopback.decide("socket.bind", (tcp4, ("127.0.0.1", 0))) is None
+    assert loopback.decide("socket.bind", (tcp4, ("", 0))) is None
+    assert loopback.decide("socket.bind", (udp6, ("::1", 0, 0, 0))) is None
+    assert loopback.decide("socket.bind", (tcp4, ("localhost", 0))) is None
+
+
+@pytest.mark.parametrize("family", [socket.AF_PACKET, socket.AF_NETLINK, socket.AF_VSOCK, socket.AF_CAN, 255])
+def test_creating_a_socket_of_any_family_but_unix_inet_and_inet6_is_refused(family: int):
+    refusal = rules().decide("socket.__new__", (None, family, socket.SOCK_RAW, 0))
+    assert refusal is not None and refusal.operation == "socket.__new__"
+    assert "is not allowed: only AF_UNIX, AF_INET and AF_INET6" in refusal.reason
+
+
+@pytest.mark.parametrize("family", [socket.AF_UNIX, socket.AF_INET, socket.AF_INET6, -1])
+def test_creating_unix_inet_and_inet6_sockets_is_allowed(family: int):
+    assert rules().decide("socket.__new__", (None, family, socket.SOCK_STREAM, 0)) is None
+
+
+def test_local_names_in_the_policy_must_be_plain_names_with_addresses():
+    with pytest.raises(Exception, match="not a plain host name"):
+        Policy.from_toml('[egress]\nlocal_names = { "evil\\nname" = ["127.0.0.1"] }\n')
+    with pytest.raises(Exception, match="does not appear to be an IPv4 or IPv6 address"):
+        Policy.from_toml('[egress]\nlocal_names = { gw = ["gw.example"] }\n')
+    with pytest.raises(Exception, match="one or more addresses"):
+        Policy.from_toml("[egress]\nlocal_names = { gw = [] }\n")

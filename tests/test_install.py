@@ -104,7 +104,8 @@ def test_install_builds_the_release_the_server_reads_and_makes_it_current(
     assert (release / "manifest.json").read_bytes() == (bundle / MANIFEST_FILE).read_bytes()
     assert (release / "policy.toml").read_text() == default_policy_text()
     assert (release / "service" / "sealbox.service").read_text().count("IPAddressDeny=any") == 1
-    assert "oifname \"lo\" accept" in (release / "service" / "sealbox-egress.nft").read_text()
+    assert 'oifname "lo" meta l4proto { tcp, udp } th dport { 8080 } accept' in (release / "service" / "sealbox-egress.nft").read_text()
+    assert (release / "service" / "resolv.conf").is_file() and (release / "service" / "hosts").is_file()
     assert not (host.path / "staging").exists()
     assert "no virtualenv was built" in " ".join(summary["notes"])
 

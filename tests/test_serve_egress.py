@@ -1,16 +1,19 @@
-"""The egress guard inside a real `sealbox serve` (issue 7): code running in the serving process cannot reach out.
+"""The egress guard inside a real `sealbox serve` (issues 7, 13): code running in the serving process cannot reach out.
 
 tests/test_egress_guard_process.py proves the guard in a plain process that installs it itself. Here the server
 installs it (`sealbox serve`, policy `[egress] allow_ports`), wires refusals to its own audit log, and the code that
-tries to get out is loaded into the serving process with $SEALBOX_TEST_PLUGIN (tests/egress_probe_plugin.py). The
-test's own listeners on loopback show what arrived: a refused connect or datagram never does, an allowed one does.
-Every address is loopback; the host name is refused before any lookup (and only tried once the guard is seen).
+tries to get out runs in the serving process through probe routes that a test-side launcher puts in front of
+sealbox's app (tests/egress_probe_server.py; the shipped server has no hook for it, and ignores the old
+$SEALBOX_TEST_PLUGIN). The test's own listeners on loopback show what arrived: a refused connect or datagram never
+does, an allowed one does. Every address is loopback; the host name is refused before any lookup (and only tried
+once the guard is seen). Host names on the other paths are tried in tests/test_egress_dns.py, inside a namespace.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ import pytest
 from audit_records import audit_records
 from server_support import ServerProcess, create_api_key
 
-PLUGIN = Path(__file__).with_name("egress_probe_plugin.py")
+LAUNCHER = [sys.executable, str(Path(__file__).with_name("egress_probe_server.py"))]
 HOST_NAME = "example.com"
 
 
@@ -84,7 +87,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
     root = tmp_path_factory.mktemp("root")
     create_api_key(root, "alice")
     listeners = Listeners.open()
-    server = ServerProcess(root=root, models=[tiny_model], env={"SEALBOX_TEST_PLUGIN": str(PLUGIN)})
+    server = ServerProcess(root=root, models=[tiny_model], executable=LAUNCHER)
     allowed = [server.port, port(listeners.tcp_allowed), port(listeners.udp_allowed)]
     policy = root.parent / f"{root.name}-policy.toml"
     policy.write_text(f'[egress]\nallow = ["127.0.0.0/8", "::1/128"]\nallow_ports = {json.dumps(allowed)}\n')
@@ -184,3 +187,39 @@ def test_every_refusal_is_an_egress_blocked_record_in_the_servers_chain_and_only
     allowed = {f"127.0.0.1:{port(guarded.listeners.tcp_allowed)}", f"127.0.0.1:{port(guarded.listeners.udp_allowed)}"}
     assert not allowed & {fields["destination"] for fields in blocked}
     assert records[0].event == "server.start"
+
+
+@pytest.mark.parametrize(("operation", "family"), [("af_packet", "AF_PACKET"), ("af_netlink", "AF_NETLINK"),
+                                                   ("c_af_netlink", "AF_NETLINK")])  # fmt: skip
+def test_the_server_process_is_refused_creating_a_packet_or_netlink_socket_and_it_is_recorded(
+    guarded: Guarded, operation: str, family: str
+):
+    before = [d for d, op in guarded.blocked() if op == "socket.__new__" and d.startswith(family)]
+    outcome = refused(guarded.attempt(operation, "", 0))
+    assert f"address family {family} is not allowed" in str(outcome["error"])
+    after = [d for d, op in guarded.blocked() if op == "socket.__new__" and d.startswith(family)]
+    assert len(after) == len(before) + 1
+
+
+# --- no test hook ships in the server ----------------------------------------------------------------------------
+
+PLUGIN = """
+from pathlib import Path
+Path(__file__).with_suffix(".loaded").write_text("the server ran this file")
+def register(app):
+    @app.get("/_test/plugin")
+    def plugin():
+        return {"loaded": True}
+"""
+
+
+def test_the_shipped_server_ignores_sealbox_test_plugin(tmp_path: Path, tiny_model: Path):
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN)
+    root = tmp_path / "root"
+    root.mkdir()
+    create_api_key(root, "alice")
+    with ServerProcess(root=root, models=[tiny_model], env={"SEALBOX_TEST_PLUGIN": str(plugin)}) as server:
+        answer = httpx.get(f"{server.url}/_test/plugin", timeout=30)
+        assert answer.status_code == 404
+    assert not plugin.with_suffix(".loaded").exists(), "the server imported the file $SEALBOX_TEST_PLUGIN named"

@@ -4,8 +4,10 @@
 installed once, never loosened (a second install with a different allowlist is refused), and its reporting
 callback may be attached later, when the audit log is open; refusals before that are kept and delivered then.
 
-What it cannot see: native code that opens sockets itself (ctypes, C extensions, child processes). The systemd
-unit (IPAddressDeny, RestrictAddressFamilies) and the nftables rules are the wall for those; see docs/lockdown.md.
+What it cannot see: native code that opens sockets itself (ctypes, C extensions, child processes), and the name
+lookup the C socket methods do before their audit event. The resolver's zero attempts (RES_OPTIONS), the systemd
+unit (no resolver, IPAddressDeny, RestrictAddressFamilies) and the nftables rules are the wall for those; see
+docs/lockdown.md, and `sealbox doctor` for which are in force.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ OnBlock = Callable[[str, str], None]
 PENDING_LIMIT = 256
 # Never in /etc/hosts, and `.invalid` can never be a real name; only ever raised with sys.audit, never looked up.
 PROBE_NAME = "sealbox-egress-probe.invalid"
-_PATCHED_METHODS = ("connect", "connect_ex", "sendto", "sendmsg")
+_PATCHED_METHODS = ("connect", "connect_ex", "sendto", "sendmsg", "bind")
 
 
 class EgressBlockedError(PermissionError):
@@ -90,7 +92,8 @@ def install_egress_guard(egress: EgressPolicy, *, on_block: OnBlock | None = Non
     allowlist = Allowlist.from_policy(egress)
     with _install_lock:
         if _state is None:
-            _state = _GuardState(EgressRules(allowlist, LocalNames.load()), datetime.now(timezone.utc))
+            names = LocalNames.load().restricted_to(egress.local_name_set())
+            _state = _GuardState(EgressRules(allowlist, names), datetime.now(timezone.utc))
             _patch_socket_methods()
             sys.addaudithook(_audit_hook)
         elif _state.rules.allowlist != allowlist:
@@ -269,8 +272,12 @@ def _deliver(on_block: OnBlock, refusal: Refusal) -> None:
 
 
 def _patch_socket_methods() -> None:
-    """Put a name check in front of connect/sendto/sendmsg: CPython resolves a host name inside the address
-    before it raises the audit event, so only a check before the call keeps that lookup from leaving."""
+    """Put a name check in front of connect/sendto/sendmsg/bind: CPython resolves a host name inside the address
+    before it raises the audit event, so only a check before the call keeps that lookup from leaving.
+
+    The C methods themselves (`_socket.socket.connect(sock, (name, port))`) cannot be patched; there the lookup
+    happens before any hook. The resolver's zero attempts (RES_OPTIONS, offline_env.py) keep it from sending a
+    query; the unit's empty resolv.conf and the nftables rule on port 53 hold the same from outside."""
     for name in _PATCHED_METHODS:
         setattr(socket.socket, name, _checked_method(name, getattr(socket.socket, name)))
 
@@ -282,7 +289,7 @@ def _checked_method(name: str, original: Callable[..., object]) -> Callable[...,
         address = _address_argument(name, args)
         if _state is not None and self.family in (socket.AF_INET, socket.AF_INET6):
             try:
-                refusal = _state.rules.name_in_address(event, address)
+                refusal = _state.rules.name_in_address(event, address, self.family)
             except (TypeError, UnicodeError) as exc:
                 refusal = Refusal(event, repr(address)[:200], f"unreadable address ({exc})")
             if refusal is not None:
@@ -295,7 +302,7 @@ def _checked_method(name: str, original: Callable[..., object]) -> Callable[...,
 
 
 def _address_argument(name: str, args: tuple[object, ...]) -> object:
-    if name in ("connect", "connect_ex"):
+    if name in ("connect", "connect_ex", "bind"):
         return args[0] if args else None
     if name == "sendto":
         return args[-1] if len(args) >= 2 else None

@@ -4,11 +4,13 @@ The guard's rule for name resolution: a name may be resolved only when no lookup
 when nsswitch consults `files` first and /etc/hosts lists the name. `localhost` passes on any sane host; a DNS
 name never does (a lookup is itself a packet to a resolver, and a label can carry data out). Reverse lookups
 follow the same rule from the other side: only for addresses /etc/hosts lists.
-Both files are read once, when the guard is installed: ProtectSystem=strict keeps them fixed for the service.
+Both files are read once, when the guard is installed: ProtectSystem=strict keeps them fixed for the service, whose
+/etc/hosts is rendered from the policy's `local_names` (which also narrow what this module answers).
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,9 +48,20 @@ class LocalNames:
                 names.setdefault(_normal(name), []).append(unmapped(address))
         return cls({name: tuple(addresses) for name, addresses in names.items()}, files_first=True)
 
-    def lookup(self, name: str) -> tuple[IPAddress, ...]:
-        """The addresses /etc/hosts gives `name`; empty when resolving it would ask the network."""
-        return self.names.get(_normal(name), ())
+    def lookup(self, name: str, family: int = 0) -> tuple[IPAddress, ...]:
+        """The addresses /etc/hosts gives `name` for `family` (0: any); empty when resolving it would ask the network.
+
+        Per family because glibc's files module answers "not found" for an IPv6 lookup of a name it lists with an
+        IPv4 address only, and the next module in nsswitch (dns) is then asked.
+        """
+        addresses = self.names.get(_normal(name), ())
+        version = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(family)
+        return addresses if version is None else tuple(a for a in addresses if a.version == version)
+
+    def restricted_to(self, allowed: frozenset[str]) -> LocalNames:
+        """Only the names the policy lists (`[egress] local_names`): the rest of /etc/hosts is not the appliance's."""
+        wanted = {_normal(name) for name in allowed}
+        return LocalNames({n: a for n, a in self.names.items() if n in wanted}, files_first=self.files_first)
 
     def has_address(self, address: IPAddress) -> bool:
         address = unmapped(address)

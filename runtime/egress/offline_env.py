@@ -35,6 +35,8 @@ OFFLINE_VARIABLES: dict[str, tuple[str, str]] = {
     "RAY_USAGE_STATS_ENABLED": ("0", "Ray (vLLM's multi-node runtime): no usage reports"),
     "SCARF_NO_ANALYTICS": ("true", "packages that embed Scarf install analytics"),
     "PIP_NO_INDEX": ("1", "pip, if anything runs it: no package index"),
+    "RES_OPTIONS": ("attempts:0", "glibc's stub resolver (and every child's): zero tries, so no DNS query is sent, even "
+                    "by a lookup the guard cannot see first (the C socket methods, ctypes, a subprocess)"),
 }
 
 # Removed: they name where telemetry would go.

@@ -169,7 +169,6 @@ def create_app(config: ServerConfig) -> ASGIApp:
         usage = {"prompt_tokens": record.prompt_tokens, "total_tokens": record.prompt_tokens}
         return {"object": "list", "data": data, "model": model.name, "usage": usage}
 
-    plugin_hook(app)
     limited = BodyLimit(app, max_bytes=config.policy.server.max_body_bytes)
     return RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
 
@@ -222,25 +221,3 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     if encoding == "float":
         return vector
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-
-
-PLUGIN_ENV = "SEALBOX_TEST_PLUGIN"
-
-
-def plugin_hook(app: FastAPI) -> None:
-    """Tests load code into the serving process through `$SEALBOX_TEST_PLUGIN` (a Python file with `register(app)`),
-    to show what the egress guard does to code that runs inside it. Unset in production: the unit never sets it."""
-    import os
-
-    path = os.environ.get(PLUGIN_ENV)
-    if not path:
-        return
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sealbox_test_plugin", path)
-    if spec is None or spec.loader is None:
-        raise RuntimeError(f"{PLUGIN_ENV}={path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    log.warning("test plugin %s loaded into the server", path)
-    module.register(app)
