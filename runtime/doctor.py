@@ -481,6 +481,28 @@ def check_memory_plan(appliance: Appliance) -> Finding:
     return Finding(worst, summary, tuple(lines))
 
 
+def check_listen(appliance: Appliance) -> Finding:
+    """The policy's listen address against its transport: beyond loopback, clear text exposes keys and prompts."""
+    server = appliance.policy.server
+    address = f"{server.host}:{server.port}"
+    host = server.host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if server.tls_cert:
+        missing = [path for path in (server.tls_cert, server.tls_key) if not Path(path).is_file()]
+        if missing:
+            return Finding(CheckStatus.FAIL, f"TLS on {address}, but {', '.join(missing)} is not a file")
+        return Finding(CheckStatus.PASS, f"TLS on {address}")
+    if loopback:
+        return Finding(CheckStatus.PASS, f"plain HTTP on loopback ({address}): nothing outside this host reaches it")
+    if server.allow_plain_http:
+        return Finding(CheckStatus.WARN, f"plain HTTP on {address}, beyond loopback (allow_plain_http = true): API keys "
+                       "and prompts cross the network in clear text; set tls_cert and tls_key")  # fmt: skip
+    return Finding(CheckStatus.FAIL, f"{address} is beyond loopback without TLS: `sealbox serve` refuses to start")
+
+
 CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("release", "Active release", check_release),
     ("manifest-signature", "Manifest signature", check_manifest_signature),
@@ -491,6 +513,7 @@ CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("egress-guard", "Egress guard (this process)", check_egress_guard),
     ("egress-guard-server", "Egress guard (server)", check_server_guard),
     ("network", "Network namespace", check_network),
+    ("listen", "Listen address and TLS", check_listen),
     ("systemd-unit", "systemd sandbox", check_systemd_unit),
     ("nftables", "nftables egress rules", check_nftables),
     ("lockdown-walls", "Walls behind the guard", check_lockdown_walls),

@@ -27,12 +27,28 @@ class ServerPolicy(_Section):
     tls_cert: str = ""
     tls_key: str = ""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    allow_plain_http: bool = False
+    """Serve plain HTTP on an address beyond loopback (no TLS): API keys and prompts cross the network readable by
+    anyone on the path. Refused unless set; when set, the start record names it and the doctor flags it."""
+    header_timeout_seconds: float = Field(10, gt=0, le=300)
+    """A connection whose request line and headers are not complete this long after its first byte is closed."""
+    keep_alive_timeout_seconds: float = Field(5, gt=0, le=300)
+    """An idle keep-alive connection is closed after this long without a new request."""
+    max_connections: int = Field(256, ge=1)
+    """Open connections (and requests in progress) at most; past this, new requests are answered 503."""
+    refusal_summary_seconds: float = Field(60, ge=1, le=3600)
+    """Requests refused before authentication are counted per client address and reason and recorded once per
+    interval, so that strangers cannot fill the disk with audit records."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerPolicy":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
         return self
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
 
 class LimitsPolicy(_Section):

@@ -56,6 +56,8 @@ class ServerProcess:
     decoding 10-50x slower."""
     executable: list[str] = field(default_factory=lambda: list(SEALBOX))
     """The `sealbox` to run: this checkout's by default, or an installed release's `venv/bin/sealbox`."""
+    host: str = "127.0.0.1"
+    """`--host`: another address only inside a network namespace the test made (`executable` runs `unshare`)."""
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[str] | None = None
     stderr_lines: list[str] = field(default_factory=list)
@@ -69,7 +71,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        command = [*self.executable, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", str(self.port),
+        command = [*self.executable, "serve", "--root", str(self.root), "--host", self.host, "--port", str(self.port),
                    "--threads", str(self.threads)]  # fmt: skip
         for model in self.models:
             command += ["--model", str(model)]

@@ -98,7 +98,7 @@ def test_serve_strict_starts_on_an_intact_installed_release_and_serves_its_model
     key = create_api_key(appliance.root, "alice")
     with strict_server(appliance) as server:
         models = httpx.get(f"{server.base_url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        ready = httpx.get(f"{server.url}/ready", timeout=30)
+        ready = httpx.get(f"{server.url}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert [m["id"] for m in models.json()["data"]] == ["tiny"]
     assert ready.json()["models"][0]["sha256"] == appliance.digest
 
@@ -133,7 +133,7 @@ def test_serve_without_strict_starts_but_does_not_serve_the_tampered_model(appli
     tamper(appliance.blob)
     with ServerProcess(root=appliance.root) as server:
         models = httpx.get(f"{server.base_url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        ready = httpx.get(f"{server.url}/ready", timeout=30)
+        ready = httpx.get(f"{server.url}/ready", headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert models.json()["data"] == []
     assert ready.status_code == 503
     (model,) = ready.json()["models"]

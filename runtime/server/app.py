@@ -1,8 +1,9 @@
 """The OpenAI-compatible API of `sealbox serve`, assembled: routes, then auth, body limit and the audit record around.
 
-Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write) →
-`Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded with the caller's principal) →
-FastAPI (validation 400, routes, OpenAI-shaped errors).
+Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write; a
+stranger's refusals counted per address in the `RefusalTally`) → `HostCheck` (`--no-auth` only: 403 for a `Host` that
+is not this loopback address) → `Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded
+with the caller's principal) → FastAPI (validation 400, routes, OpenAI-shaped errors).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from sealbox.runtime.api_keys import Authenticator
+from sealbox.runtime.api_keys import ApiKeyError, Authenticator
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.engine.base import EngineError
 from sealbox.runtime.engine.errors import InvalidRequest
@@ -31,7 +32,9 @@ from sealbox.runtime.server import generation
 from sealbox.runtime.server.authentication import Authentication
 from sealbox.runtime.server.body_limit import BodyLimit
 from sealbox.runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
+from sealbox.runtime.server.host_check import HostCheck, loopback_hosts
 from sealbox.runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
+from sealbox.runtime.server.refusal_tally import RefusalTally
 from sealbox.runtime.server.request_record import RequestRecord, RequestRecorder, current_record
 from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -51,6 +54,8 @@ class ServerConfig:
     """Called once the models are up (the CLI writes the start record and prints the address)."""
     on_stopping: Callable[[], None] | None = None
     """Called after the engines stopped (uvicorn re-raises SIGTERM after shutdown: code after `run` may never run)."""
+    listen: tuple[str, int] = ("127.0.0.1", 8080)
+    """The address served: `--no-auth` accepts only `Host` headers naming it."""
     registry: ModelRegistry = field(default_factory=ModelRegistry)
     started_at: float = field(default_factory=time.time)
 
@@ -75,14 +80,18 @@ def _model(config: ServerConfig, name: str, record: RequestRecord, *, embeddings
 
 
 def create_app(config: ServerConfig) -> ASGIApp:
+    tally = RefusalTally(config.audit, interval_s=config.policy.server.refusal_summary_seconds)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await config.registry.start(config.sources, config.policy, threads=config.threads)
         if config.on_started is not None:
             config.on_started(config.registry)
+        tally.start()
         try:
             yield
         finally:
+            await tally.stop()  # the refusals counted since the last interval, before `server.stop`
             await config.registry.stop()
             if config.on_stopping is not None:
                 config.on_stopping()
@@ -98,17 +107,35 @@ def create_app(config: ServerConfig) -> ASGIApp:
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready() -> JSONResponse:
-        models = [
-            {"id": m.name, "ready": m.ready, "sha256": m.sha256 or None, "problem": m.problem,
-             "context": m.context, "sequences": m.sequences, "gpu_layers": m.gpu_layers}
-            for m in config.registry.models.values()
-        ]  # fmt: skip
+    async def ready(request: Request) -> JSONResponse:
+        """A load balancer's answer for anyone (ready or not, and counts); the details (paths, digests, problems)
+        only for a caller with a valid API key, or on a `--no-auth` loopback server."""
+        models = config.registry.models.values()
         audit_ok = config.audit is None or config.audit.failure is None
-        ok = audit_ok and any(m["ready"] for m in models)
-        body = {"status": "ready" if ok else "not ready", "models": models, "audit": "ok" if audit_ok else
-                str(config.audit.failure if config.audit else "")}  # fmt: skip
+        ready_models = sum(1 for m in models if m.ready)
+        ok = audit_ok and ready_models > 0
+        body: dict[str, Any] = {"status": "ready" if ok else "not ready",
+                                "models": {"ready": ready_models, "total": len(models)}}  # fmt: skip
+        if _may_see_details(request):
+            body["models"] = [_model_details(m) for m in models]
+            body["audit"] = "ok" if audit_ok else str(config.audit.failure if config.audit else "")
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    def _may_see_details(request: Request) -> bool:
+        if config.authenticator is None:
+            return True  # `--no-auth`: loopback only, and HostCheck has refused other names
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        try:
+            principal = config.authenticator.authenticate(token.strip())
+        except ApiKeyError:
+            return False
+        if principal is None:  # a wrong key is counted like one sent to the API: guessing stays visible
+            client = request.client
+            tally.add(client=client.host if client else "unknown", reason="invalid_api_key", status=200,
+                      endpoint="/ready")  # fmt: skip
+        return principal is not None
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -130,7 +157,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         record = _record(request)
         model = _model(config, body.model, record)
         if isinstance(body, ChatCompletionRequest):
-            prepared = generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
+            prepared = await generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
         else:
             prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
         record.prompt_tokens = len(prepared.generation.prompt_tokens)
@@ -170,7 +197,26 @@ def create_app(config: ServerConfig) -> ASGIApp:
         return {"object": "list", "data": data, "model": model.name, "usage": usage}
 
     limited = BodyLimit(app, max_bytes=config.policy.server.max_body_bytes)
-    return RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
+    checked: ASGIApp = Authentication(limited, authenticator=config.authenticator)
+    if config.authenticator is None:
+        checked = HostCheck(checked, allowed=loopback_hosts(*config.listen))
+    return RequestRecorder(checked, audit=config.audit, tally=tally)
+
+
+def _model_details(model: ServedModel) -> dict[str, Any]:
+    details: dict[str, Any] = {"id": model.name, "ready": model.ready, "path": str(model.source.path),
+                               "sha256": model.sha256 or None, "problem": model.problem, "context": model.context,
+                               "sequences": model.sequences, "gpu_layers": model.gpu_layers}  # fmt: skip
+    template = model.template
+    if template is not None or model.template_problem is not None:
+        refusals = template.refusals if template is not None else None
+        details["chat_template"] = {
+            "problem": model.template_problem,
+            "limit_refusals": refusals.count if refusals else 0,
+            "last_limit_refusal": refusals.last if refusals else None,
+            "last_limit_refusal_at": refusals.last_at if refusals else None,
+        }
+    return details
 
 
 def _embedding_texts(body: EmbeddingRequest, engine: Any) -> list[str]:

@@ -1,5 +1,6 @@
 """Bearer authentication for every `/v1/` path, before routing: an unknown path answers 401 to a stranger, not 404.
 
+A refusal here marks the request's record (`refusal`): strangers are counted per address, not recorded one by one.
 The principal and its purpose go into the request's audit record; `X-Sealbox-Purpose` may name the purpose of one
 request (GDPR Art. 5(1)(b): purpose limitation is recorded per processing, not per key).
 """
@@ -28,12 +29,6 @@ class Authentication:
             return
         record = current_record(scope)
         headers = Headers(scope=scope)
-        purpose = headers.get(PURPOSE_HEADER)
-        if purpose is not None and (len(purpose) > MAX_PURPOSE or not purpose.isprintable() or not purpose.strip()):
-            error = ApiError(400, f"X-Sealbox-Purpose must be 1 to {MAX_PURPOSE} printable characters",
-                             code="invalid_request", param="X-Sealbox-Purpose")  # fmt: skip
-            await error.response()(scope, receive, send)
-            return
         if self.authenticator is not None:
             error = None
             authorization = headers.get("authorization", "")
@@ -51,9 +46,18 @@ class Authentication:
                 elif principal is not None and record is not None:
                     record.principal, record.purpose = principal.name, principal.purpose
             if error is not None:
+                if record is not None:
+                    record.refusal = error.code
                 error.headers.setdefault("WWW-Authenticate", "Bearer")
                 await error.response()(scope, receive, send)
                 return
+        # Checked once the caller is known: a stranger's malformed header is one more 401, counted, not recorded alone.
+        purpose = headers.get(PURPOSE_HEADER)
+        if purpose is not None and (len(purpose) > MAX_PURPOSE or not purpose.isprintable() or not purpose.strip()):
+            error = ApiError(400, f"X-Sealbox-Purpose must be 1 to {MAX_PURPOSE} printable characters",
+                             code="invalid_request", param="X-Sealbox-Purpose")  # fmt: skip
+            await error.response()(scope, receive, send)
+            return
         if record is not None and purpose is not None:
             record.purpose = purpose.strip()
         await self.app(scope, receive, send)

@@ -27,7 +27,7 @@ from sealbox.runtime.engine.base import (
     SamplingParams,
     TextDelta,
 )
-from sealbox.runtime.server.chat_template import ChatTemplate, ChatTemplateError
+from sealbox.runtime.server.chat_template import ChatTemplateError, TemplateLimitExceeded
 from sealbox.runtime.server.errors import ApiError, from_engine_error
 from sealbox.runtime.server.model_registry import ServedModel
 from sealbox.runtime.server.request_record import RequestRecord
@@ -95,14 +95,12 @@ def _tokenize_rendered(model: ServedModel, text: str) -> list[int]:
     return engine.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
 
 
-def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
-    engine = model.engine
-    assert engine is not None
-    try:
-        template = ChatTemplate(engine.card.chat_template, bos_token=engine.card.bos_token,
-                                eos_token=engine.card.eos_token)  # fmt: skip
-    except ChatTemplateError as exc:
-        raise ApiError(400, str(exc), code="chat_template_error") from exc
+async def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
+    """The template renders off the event loop, within its budget (`chat_template`): a template that exceeds it is
+    a 400 for this request, never a stalled server."""
+    template = model.template
+    if template is None:
+        raise ApiError(400, model.template_problem or "the model has no chat template", code="chat_template_error")
     plan = tool_plan(body)
     if plan is not None and not template.supports_tools:
         raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools",
@@ -116,7 +114,9 @@ def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, p
     messages = [_template_message(message) for message in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if plan is not None and body.tools else None
     try:
-        text = template.render(messages, tools=tools)
+        text = await template.render_off_loop(messages, tools=tools)
+    except TemplateLimitExceeded as exc:
+        raise ApiError(400, str(exc), code="chat_template_limit", param="messages") from exc
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
     tokens = _tokenize_rendered(model, text)

@@ -8,6 +8,7 @@ at least one sequence. A model that fails is listed in `/ready` with the reason;
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, rea
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
 from sealbox.runtime.release import ReleaseFileError, current_directory, read_record
+from sealbox.runtime.server.chat_template import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger("sealbox.models")
 
@@ -76,10 +78,23 @@ class ServedModel:
     context: int = 0
     sequences: int = 0
     gpu_layers: int = 0
+    template: ChatTemplate | None = None
+    """The chat template, compiled once when the model starts; None with `template_problem` when it does not compile."""
+    template_problem: str | None = None
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    def compile_template(self) -> None:
+        """Compile the engine's chat template (its BOS/EOS texts are known once it has loaded the vocabulary)."""
+        assert self.engine is not None
+        card = self.engine.card
+        try:
+            self.template = ChatTemplate(card.chat_template, bos_token=card.bos_token, eos_token=card.eos_token)
+        except ChatTemplateError as exc:
+            self.template_problem = str(exc)
+            log.error("model %s: %s", self.name, exc)
 
     @property
     def ready(self) -> bool:
@@ -108,6 +123,7 @@ class ModelRegistry:
             self.models[source.name] = served
             try:
                 served.engine = await _start_engine(served, policy.limits, threads=threads)
+                await asyncio.to_thread(served.compile_template)
             except _Refused as exc:
                 served.problem = str(exc)
                 log.error("model %s is not served: %s", source.name, exc)

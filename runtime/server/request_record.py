@@ -4,7 +4,9 @@
 record is appended before the response's last body message goes out (a non-streamed answer is held until then; a
 stream's handler commits it just before `data: [DONE]`), so a client that has its answer can rely on the record being
 on disk. When the log cannot write, the server fails closed: every API request is answered 503 and nothing is served
-unrecorded. Probes (`/health`, `/ready`, `/metrics`) carry no personal data and are not recorded.
+unrecorded. Probes (`/health`, `/ready`, `/metrics`) carry no personal data and are not recorded. A request refused
+before authentication (`refusal` set) is not recorded on its own: it is counted in the `RefusalTally`, which records
+one summary per client address and reason per interval, so strangers cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from sealbox.runtime.audit.errors import AuditError
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.metrics import HTTP_RESPONSES
 from sealbox.runtime.server.errors import ApiError
+from sealbox.runtime.server.refusal_tally import RefusalTally
 
 log = logging.getLogger("sealbox.audit")
 
@@ -40,6 +43,10 @@ class RequestRecord:
     method: str
     endpoint: str
     client: str
+    client_host: str = "unknown"
+    tally: RefusalTally | None = None
+    refusal: str | None = None
+    """The reason (an error code) when the request was refused before authentication: counted, not recorded alone."""
     started: float = field(default_factory=time.monotonic)
     principal: str = "anonymous"
     purpose: str = "unspecified"
@@ -59,6 +66,9 @@ class RequestRecord:
             return
         self.committed = True
         HTTP_RESPONSES.labels(endpoint_label(self.endpoint), str(status)).inc()
+        if self.refusal is not None and self.tally is not None:
+            self.tally.add(client=self.client_host, reason=self.refusal, status=status, endpoint=self.endpoint)
+            return
         if self.audit is None:
             return
         fields: dict[str, Any] = {
@@ -99,9 +109,10 @@ def current_record(scope: Scope) -> RequestRecord | None:
 
 
 class RequestRecorder:
-    def __init__(self, app: ASGIApp, *, audit: AuditLog | None) -> None:
+    def __init__(self, app: ASGIApp, *, audit: AuditLog | None, tally: RefusalTally | None = None) -> None:
         self.app = app
         self.audit = audit
+        self.tally = tally
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
@@ -120,6 +131,8 @@ class RequestRecorder:
             method=scope["method"],
             endpoint=scope["path"][:200],
             client=f"{client[0]}:{client[1]}" if client else "unknown",
+            client_host=str(client[0]) if client else "unknown",
+            tally=self.tally,
         )
         scope.setdefault("state", {})[RECORD_KEY] = record
         held_start: Message | None = None

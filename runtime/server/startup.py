@@ -86,23 +86,28 @@ class PreparedServer:
         import uvicorn
 
         from sealbox.runtime.server.app import ServerConfig, create_app
+        from sealbox.runtime.server.connection import BoundedConnection
 
         config = ServerConfig(policy=self.policy, sources=self.sources, authenticator=self.authenticator,
                               audit=self.audit, threads=self.threads, on_started=self._started,
-                              on_stopping=self._stopping)  # fmt: skip
+                              on_stopping=self._stopping, listen=(self.host, self.port))  # fmt: skip
         try:
             listener = listen(self.host, self.port)
         except OSError as exc:
             self._release_state()
             raise ServeRefused(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
+        limits = self.policy.server
         server = uvicorn.Server(
             uvicorn.Config(
                 create_app(config),
+                http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
+                                                  max_connections=limits.max_connections),
                 log_level="warning",
                 access_log=False,
-                ssl_certfile=self.policy.server.tls_cert or None,
-                ssl_keyfile=self.policy.server.tls_key or None,
+                ssl_certfile=limits.tls_cert or None,
+                ssl_keyfile=limits.tls_key or None,
                 timeout_graceful_shutdown=10,
+                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # call_later takes a float
             )
         )
         try:
@@ -118,12 +123,22 @@ class PreparedServer:
             self.audit.append(
                 "server.start", pid=os.getpid(), config_digest=self.policy.digest(), release=self.release_label,
                 listen=f"{self.host}:{self.port}", auth=self.authenticator is not None,
+                transport="https" if self.policy.server.tls else "http",
+                plain_http_beyond_loopback=self.plain_http_beyond_loopback,
                 models=[{"name": m.name, "sha256": m.sha256 or None, "ready": m.ready, "problem": m.problem}
                         for m in registry.models.values()],
             )  # fmt: skip
+        if self.plain_http_beyond_loopback:
+            self.report(f"WARNING: plain HTTP on {self.host}, beyond loopback (allow_plain_http): API keys and prompts "
+                        "cross the network in clear text")  # fmt: skip
         ready = ", ".join(m.name for m in registry.ready) or "none"
         scheme = "https" if self.policy.server.tls_cert else "http"
         self.report(f"sealbox serving {ready} on {scheme}://{self.host}:{self.port}/v1")
+
+    @property
+    def plain_http_beyond_loopback(self) -> bool:
+        """The policy accepted clear-text HTTP on a network address (`allow_plain_http`): recorded and reported."""
+        return not is_loopback(self.host) and not self.policy.server.tls
 
     def _release_state(self) -> None:
         """Withdraw the guard report doctor reads and close the log (a final signed checkpoint). Idempotent."""
@@ -166,6 +181,10 @@ def prepare(options: ServeOptions) -> PreparedServer:
     port = options.port or policy.server.port
     if options.no_auth and not is_loopback(host):
         raise ServeRefused(f"--no-auth serves anyone who can reach {host}; it is allowed on a loopback address only")
+    if not is_loopback(host) and not policy.server.tls and not policy.server.allow_plain_http:
+        raise ServeRefused(f"{host} is beyond loopback and the policy has no TLS certificate: API keys and prompts would "
+                           "cross the network in clear text; set [server] tls_cert and tls_key (or, accepting that risk, "
+                           "allow_plain_http = true)")  # fmt: skip
     if options.no_audit and options.strict:
         raise ServeRefused("--no-audit and --strict contradict each other")
     if options.strict:
