@@ -20,7 +20,8 @@ later, a different token. So a reproducible prompt is always cut at the same pla
 counted from position 0, whatever else runs; and it reuses cached cells only up to a chunk boundary, and only cells
 that were themselves computed in such chunks (`Slot.canonical`). The cost: up to a chunk of tokens computed again
 that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
-evaluated a chunk per step even on an idle engine. A step of a single token is padded with a second one on an idle
+evaluated a chunk per step even on an idle engine, each chunk in a step of its own (the streams running pause for
+it, as they do for any prompt chunk). A step of a single token is padded with a second one on an idle
 sequence (dropped after the decode): llama.cpp multiplies a lone row with other kernels than two or more, so a
 request's tokens would otherwise come out differently alone than beside others.
 
@@ -281,11 +282,11 @@ class Scheduler:
                                        or leader.state is not SlotState.PREFILL):  # fmt: skip
                 slot.follows = None  # its leader is gone before evaluating the prompt: evaluate it here
         generating = sum(slot.pending >= 0 for slot in slots)
-        chunks = self._prompt_chunk_sizes(self.batch.room - generating, streams_running=generating > 0)
+        chunks, alone = self._prompt_chunk_sizes(self.batch.room - generating, streams_running=generating > 0)
         batch = self.batch
         for slot in slots:
             token = slot.pending
-            if token >= 0:
+            if token >= 0 and not alone:
                 cached = slot.cached
                 slot.output_index = batch.add(token, len(cached), slot.id, True)
                 cached.append(token)
@@ -305,13 +306,18 @@ class Scheduler:
                     slot.canonical = end
                 self.prompt_tokens_decoded += n
 
-    def _prompt_chunk_sizes(self, room: int, *, streams_running: bool) -> dict[int, int]:
+    def _prompt_chunk_sizes(self, room: int, *, streams_running: bool) -> tuple[dict[int, int], bool]:
         """Prompt tokens each prefilling slot adds this step: the earliest admitted first, within `room` (and within
-        the prefill chunk while streams run, to bound how long this step makes them wait)."""
+        the prefill chunk while streams run, to bound how long this step makes them wait); and whether the step is a
+        reproducible request's canonical chunk alone.
+
+        A reproducible chunk is decoded alone because llama.cpp splits a batch over split streams into micro-batches
+        of as many tokens per sequence as the shortest run has: beside another sequence's tokens the chunk would be
+        cut again, wherever the other's run ends."""
         prefilling = [slot for slot in self.slots
                       if slot.state is SlotState.PREFILL and slot.output_index < 0 and slot.follows is None]  # fmt: skip
         if not prefilling:
-            return {}
+            return {}, False
         prefilling.sort(key=lambda slot: slot.task.admitted_at)  # type: ignore[union-attr]
         budget = min(room, self.prefill_chunk) if streams_running else room
         chunk = self.canonical_chunk
@@ -322,12 +328,12 @@ class Scheduler:
             start = len(slot.cached)
             n = min(len(slot.prompt) - start, budget)
             if self._reproducible(slot):
-                n = min(len(slot.prompt) - start, chunk - start % chunk)
-                if n > budget:
-                    continue  # only a whole canonical chunk will do: it waits for a step with room
+                if sizes:
+                    continue  # its chunk goes alone, in a step of its own
+                return {slot.id: min(len(slot.prompt) - start, chunk - start % chunk)}, True
             sizes[slot.id] = n
             budget -= n
-        return sizes
+        return sizes, False
 
     @staticmethod
     def _reproducible(slot: Slot) -> bool:
