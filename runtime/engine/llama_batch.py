@@ -240,28 +240,24 @@ class LlamaBatchEngine:
         if request.max_tokens == 0:
             return _finished_at_once(n_prompt, request.n)
         events: asyncio.Queue[GenerationEvent | Failed] = asyncio.Queue()
-        submitted: list[GenerationTask] = []
-        for index in range(request.n):
-            sampling = request.sampling
-            if index and sampling.seed is not None:
-                sampling = replace(sampling, seed=(sampling.seed + index) & 0xFFFFFFFF)
-            sampler: SamplerChain | None = None
-            try:
+        tasks: list[GenerationTask] = []
+        try:
+            for index in range(request.n):
+                sampling = request.sampling
+                if index and sampling.seed is not None:
+                    sampling = replace(sampling, seed=(sampling.seed + index) & 0xFFFFFFFF)
                 sampler = SamplerChain(model, sampling, request.prompt_tokens, logprobs=request.logprobs)
-                task = GenerationTask(request=request, sampler=sampler, loop=loop, events=events, cells=needed,
-                                      index=index, leader=submitted[0] if submitted else None)  # fmt: skip
-                admitted = admission.submit(task)
-            except (InvalidRequest, Overloaded, ContextLengthExceeded) as exc:
-                if sampler is not None:
-                    sampler.free()
-                for earlier in submitted:  # all choices or none
-                    self._cancel(earlier)
-                self._metrics.rejected(_REJECTIONS[type(exc)] if type(exc) in _REJECTIONS else "invalid")
-                raise
-            submitted.append(task)
-            if admitted:
-                scheduler.wake()
-        return EventStream(submitted, self._cancel)
+                tasks.append(GenerationTask(request=request, sampler=sampler, loop=loop, events=events, cells=needed,
+                                            index=index, leader=tasks[0] if tasks else None))  # fmt: skip
+            admitted = admission.submit_all(tasks)
+        except (InvalidRequest, Overloaded, ContextLengthExceeded) as exc:
+            for task in tasks:
+                task.sampler.free()
+            self._metrics.rejected(_REJECTIONS.get(type(exc), "invalid"))
+            raise
+        if any(admitted):
+            scheduler.wake()
+        return EventStream(tasks, self._cancel)
 
     def _check_choices(self, request: GenerationRequest, model: Model) -> None:
         """Refuse what the sampler would otherwise take as given: an n below 1, a biased token outside the

@@ -133,7 +133,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
             prepared = generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
         else:
             prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
-        record.prompt_tokens = len(prepared.generation.prompt_tokens)
+        record.prompt_tokens = prepared.prompt_tokens
         events = generation.start(model, prepared)
         if body.stream:
             return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
