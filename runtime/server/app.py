@@ -23,15 +23,14 @@ from starlette.types import ASGIApp
 
 from sealbox.runtime.api_keys import Authenticator
 from sealbox.runtime.audit.log import AuditLog
-from sealbox.runtime.engine.base import EngineError
-from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.engine import EngineError, InvalidRequest
 from sealbox.runtime.metrics import render_latest
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.server import generation
 from sealbox.runtime.server.authentication import Authentication
 from sealbox.runtime.server.body_limit import BodyLimit
 from sealbox.runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
-from sealbox.runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
+from sealbox.runtime.server.model_registry import FailedModel, ModelRegistry, ModelSource, ServedModel
 from sealbox.runtime.server.request_record import RequestRecord, RequestRecorder, current_record
 from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -67,7 +66,7 @@ def _model(config: ServerConfig, name: str, record: RequestRecord, *, embeddings
     if model is None:
         raise ApiError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
     record.model_sha256 = model.sha256 or None
-    if not model.ready:
+    if isinstance(model, FailedModel):
         raise ApiError(503, f"the model {name!r} is not available: {model.problem}", code="model_unavailable")
     if embeddings and not model.embeddings:
         raise ApiError(400, f"the model {name!r} is not an embedding model", code="invalid_model", param="model")
@@ -155,7 +154,6 @@ def create_app(config: ServerConfig) -> ASGIApp:
         record = _record(request)
         model = _model(config, body.model, record, embeddings=True)
         engine = model.engine
-        assert engine is not None
         texts = _embedding_texts(body, engine)
         try:
             embedded = await engine.embed(texts)

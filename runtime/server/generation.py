@@ -112,14 +112,12 @@ def _token_budget(requested: int | None, n_prompt: int, context: int, cap: int) 
 
 def _tokenize_rendered(model: ServedModel, text: str) -> list[int]:
     engine = model.engine
-    assert engine is not None
     bos = engine.card.bos_token
     return engine.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
 
 
 def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
     engine = model.engine
-    assert engine is not None
     try:
         template = ChatTemplate(engine.card.chat_template, bos_token=engine.card.bos_token,
                                 eos_token=engine.card.eos_token)  # fmt: skip
@@ -184,7 +182,6 @@ def _arguments(text: str) -> Any:
 
 def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
     engine = model.engine
-    assert engine is not None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     generations: list[GenerationRequest] = []
     texts: list[str] = []
@@ -214,7 +211,6 @@ def start(model: ServedModel, prepared: Prepared) -> AsyncIterator[GenerationEve
     """Admit the request now (or queue it): every prompt's choices, or none; admission's refusals become their HTTP
     answers here."""
     engine = model.engine
-    assert engine is not None
     streams: list[AsyncIterator[GenerationEvent]] = []
     try:
         for generation in prepared.generations:
