@@ -19,7 +19,7 @@ from sealbox.runtime.policy import LimitsPolicy
 from sealbox.runtime.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
-    from sealbox.runtime.models.gguf_facts import ModelFacts
+    from sealbox.runtime.models.gguf_facts import ModelFile
 
 
 DEFAULT_BATCH = 512
@@ -59,51 +59,38 @@ class ModelShape:
 
     @classmethod
     def from_gguf(
-        cls, path: Path, *, type_k: str = "f16", type_v: str = "f16", facts: ModelFacts | None = None
+        cls, path: Path, *, type_k: str = "f16", type_v: str = "f16", model_file: ModelFile | None = None
     ) -> ModelShape:
-        """Read the facts (layers, KV heads, head size; unless given) and the tensor sizes of a GGUF file."""
-        import gguf
+        """The shape of a GGUF file: layers, KV heads and head size from its facts, weights from its tensors' sizes;
+        from `model_file` when the caller read the header already, else from one read of it here."""
+        from sealbox.runtime.models.gguf_facts import ModelFileError, kv_bytes_per_token, read_model_file
 
-        from sealbox.runtime.models.gguf_facts import kv_bytes_per_token, read_facts
-
-        facts = facts or read_facts(path)
-        try:
-            reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise MemoryPlanError(f"{path}: cannot read tensors: {exc}") from exc
+        if model_file is None:
+            try:
+                model_file = read_model_file(path)
+            except ModelFileError as exc:
+                raise MemoryPlanError(str(exc)) from exc
+        facts = model_file.facts
         per_block: dict[int, int] = {}
         total = 0
-        for tensor in reader.tensors:
-            size = int(tensor.n_bytes)
+        for name, size in model_file.tensor_sizes():
             total += size
-            match = _BLOCK.match(tensor.name)
+            match = _BLOCK.match(name)
             if match:
                 block = int(match.group(1))
                 per_block[block] = per_block.get(block, 0) + size
-        arch = _field(reader, "general.architecture") or "llama"
-        n_embd = int(_field(reader, f"{arch}.embedding_length") or 0)
-        n_head = int(_field(reader, f"{arch}.attention.head_count") or 1)
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        n_vocab = len(tokens.data) if tokens is not None else 0
         return cls(
             weight_bytes=total,
             layer_bytes=max(per_block.values(), default=0),
             layers=int(facts.block_count),
-            n_embd=n_embd,
-            n_head=n_head,
-            n_vocab=n_vocab,
+            n_embd=facts.embedding_length,
+            n_head=facts.head_count or 1,
+            n_vocab=facts.vocab_size,
             context_length=int(facts.context_length),
             kv_bytes_per_token=int(kv_bytes_per_token(facts, type_k, type_v)),
             type_k=type_k,
             type_v=type_v,
         )
-
-
-def _field(reader: object, key: str) -> object:
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    if field is None:
-        return None
-    return field.contents()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -312,6 +299,7 @@ def plan_for_policy(
     memory_bytes: int | None = None,
     gpu_memory_bytes: int | None = None,
     detect_gpu: bool = True,
+    model_file: ModelFile | None = None,
 ) -> MemoryPlan:
     """The plan `sealbox serve` sizes its engine with: the policy's context (0 = the model's own) and sequences, in the
     memory available now (or the amounts given), keeping the policy's headroom and its `kv_cells` cap.
@@ -330,6 +318,7 @@ def plan_for_policy(
         fraction=limits.memory_fraction,
         gpu_memory_bytes=gpu_memory_bytes,
         kv_cells=limits.kv_cells or None,
+        model_file=model_file,
     )
 
 
@@ -343,6 +332,7 @@ def plan_model(
     fraction: float = DEFAULT_MEMORY_FRACTION,
     gpu_memory_bytes: int | None = None,
     kv_cells: int | None = None,
+    model_file: ModelFile | None = None,
 ) -> MemoryPlan:
     """`plan` for a GGUF file and a KV cache type (`context` 0 = the model's own).
 
@@ -351,12 +341,13 @@ def plan_model(
     which the engine leaves off for a pool shared by all sequences on the CPU (see `LlamaBatchEngine`): there V stays
     f16, and the plan is made again with that, so that the memory the engine takes is the memory planned.
     """
-    from sealbox.runtime.models.gguf_facts import KV_BLOCK, kv_bytes_per_token, read_facts
+    from sealbox.runtime.models.gguf_facts import KV_BLOCK, kv_bytes_per_token, read_model_file
 
-    facts = read_facts(model)
+    model_file = model_file or read_model_file(model)
+    facts = model_file.facts
     if facts.head_dim % KV_BLOCK[kv_cache]:
         kv_cache = "f16"
-    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache, facts=facts)
+    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache, model_file=model_file)
 
     def make(shape: ModelShape) -> MemoryPlan:
         return plan(shape, memory_bytes=memory_bytes, context=context or shape.context_length, users=users,

@@ -9,8 +9,10 @@ from pathlib import Path
 from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
-GREEDY = SamplingParams(temperature=0.0)
-ENDLESS = SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root")
+GREEDY = SamplingParams(temperature=0.5, top_k=1)
+"""The most likely token, yet not a reproducible request (no seed, temperature above 0): such a request reuses any
+cached prefix, where a reproducible one reuses only whole canonical chunks (tests/test_engine_reproducible.py)."""
+ENDLESS = SamplingParams(temperature=0.5, top_k=1, grammar="root ::= [a-z ] root")
 SYSTEM = "the people of the water " * 20
 """A shared system prompt, long enough (over 64 tokens) for a copy between sequences to pay."""
 CONTEXT = 1024

@@ -10,7 +10,7 @@ import llama_cpp
 import openai
 import pytest
 
-from sealbox.runtime.models.gguf_facts import NotGGUFError, chat_template, kv_bytes_per_token, read_facts
+from sealbox.runtime.models.gguf_facts import NotGGUFError, kv_bytes_per_token, read_facts, read_model_file
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.models.synthetic import CHAT_TEMPLATE, vocabulary
 
@@ -29,7 +29,7 @@ def test_facts_of_a_generated_model_match_what_was_written(tiny_model: Path) -> 
     assert facts.head_dim == facts.embedding_length // facts.head_count
     assert facts.vocab_size == len(vocabulary()[0])
     assert facts.chat_template_sha256 == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
-    assert chat_template(tiny_model) == CHAT_TEMPLATE
+    assert read_model_file(tiny_model).chat_template == CHAT_TEMPLATE
     assert facts.license == "apache-2.0"
     assert facts.parameter_count > 100_000
 

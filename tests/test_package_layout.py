@@ -70,6 +70,25 @@ def test_the_engine_knows_nothing_of_the_server_or_the_audit_log(path: Path) -> 
     assert not {name for name in _imports(path) if name.startswith(("sealbox.runtime.server", "sealbox.runtime.audit"))}
 
 
+ENGINE_SEAM = {"sealbox.runtime.engine", "sealbox.runtime.engine.base"}
+"""What the server may import of the engine: the package (`Engine`, its requests, events and errors, `open_engine`)
+and the module that defines them; never a backend's own modules (`llama_batch`, `llama_backend`, the scheduler)."""
+
+
+@pytest.mark.parametrize("path", _sources(REPO / "runtime" / "server"), ids=lambda p: str(p.relative_to(REPO)))
+def test_the_server_reaches_the_engine_only_through_its_seam(path: Path) -> None:
+    engine_imports = {name for name in _imports(path) if name.startswith("sealbox.runtime.engine")}
+    assert engine_imports <= ENGINE_SEAM
+
+
+def test_the_seam_names_everything_the_server_needs_without_loading_llama_cpp() -> None:
+    probe = ("import sys, sealbox.runtime.engine as seam; "
+             "names = ('Engine', 'InvalidRequest', 'EngineLoadError', 'open_engine', 'GenerationRequest', 'TokenLogprob'); "
+             "assert all(hasattr(seam, n) for n in names); assert 'llama_cpp' not in sys.modules; "
+             "assert hasattr(seam.Engine, 'detokenize')")  # fmt: skip
+    subprocess.run([sys.executable, "-P", "-c", probe], check=True, cwd=REPO)
+
+
 @pytest.mark.parametrize("path", _sources(REPO / "bundler") + _sources(REPO / "runtime") + _sources(REPO / "tests"),
                          ids=lambda p: str(p.relative_to(REPO)))  # fmt: skip
 def test_nothing_imports_the_old_top_level_names_or_the_scripts_folder(path: Path) -> None:

@@ -267,7 +267,7 @@ def test_max_tokens_above_the_policy_cap_is_refused(client: openai.OpenAI) -> No
     [
         ({"temperature": 5}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"n": 2}, "n"),
+        ({"n": 17}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"seed": 2**70}, "seed"),
         ({"presence_penalty": 3}, "presence_penalty"),

@@ -127,9 +127,13 @@ CASES = [
     pytest.param(CHAT, chat(temperature="hot"), 400, "temperature", id="temperature is a string"),
     pytest.param(CHAT, chat(temperature=-1), 400, "temperature", id="negative temperature"),
     pytest.param(CHAT, chat(stream=[1]), 400, "stream", id="stream is a list"),
-    pytest.param(CHAT, chat(n=3), 400, "n", id="n above 1"),
-    pytest.param(CHAT, chat(logprobs=True), 400, None, id="logprobs"),
-    pytest.param(CHAT, chat(logit_bias={"5": 10}), 400, "logit_bias", id="logit_bias"),
+    pytest.param(CHAT, chat(n=17), 400, "n", id="n above 16"),
+    pytest.param(CHAT, chat(n=0), 400, "n", id="n of 0"),
+    pytest.param(CHAT, chat(top_logprobs=3), 400, None, id="top_logprobs without logprobs"),
+    pytest.param(CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", id="top_logprobs above 20"),
+    pytest.param(CHAT, chat(logit_bias={"five": 10}), 400, "logit_bias", id="a logit_bias key that is no token id"),
+    pytest.param(CHAT, chat(logit_bias={"5": 101}), 400, "logit_bias", id="a logit_bias above 100"),
+    pytest.param(CHAT, chat(logit_bias={"99999999": 5}), 400, None, id="a logit_bias on a token outside the vocabulary"),
     pytest.param(CHAT, chat(stop=[""]), 400, "stop", id="an empty stop sequence"),
     pytest.param(CHAT, chat(stop=list("abcde")), 400, "stop", id="five stop sequences"),
     pytest.param(CHAT, chat(seed=2**70), 400, "seed", id="seed above 64 bits"),
@@ -154,10 +158,16 @@ CASES = [
                  id="a prompt longer than the context"),  # fmt: skip
     # -- text completions
     pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": ""}}, 400, "prompt", id="an empty prompt"),
-    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": ["a", "b"]}}, 400, None, id="two prompts"),
+    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": ["a", ""]}}, 400, "prompt", id="an empty second prompt"),
+    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": ["a"] * 17}}, 400, None, id="17 prompts"),
+    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": [[1, 2], [10**9]]}}, 400, None,
+                 id="a token id too large in the second prompt"),  # fmt: skip
     pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": [10**9]}}, 400, None, id="a token id too large"),
     pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": [-1]}}, 400, None, id="a negative token id"),
-    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": "x", "echo": True}}, 400, None, id="echo"),
+    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 1}}, 400, None,
+                 id="echo with logprobs"),  # fmt: skip
+    pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": "x", "logprobs": 6}}, 400, "logprobs",
+                 id="completion logprobs above 5"),  # fmt: skip
     pytest.param(COMPLETIONS, {"json": {"model": "tiny", "prompt": "x", "best_of": 2}}, 400, "best_of", id="best_of"),
     # -- embeddings (a token id outside the vocabulary used to abort the whole server inside llama.cpp)
     pytest.param(EMBEDDINGS, {"json": {"model": "embedder", "input": [-1]}}, 400, "input", id="embed token -1"),

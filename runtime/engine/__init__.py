@@ -1,6 +1,10 @@
-"""The engine seam: the server talks to any inference backend only through `runtime.engine.base.Engine`."""
+"""The engine seam: the server talks to any inference backend only through what this module exports (`Engine`, its
+requests, events and errors, `open_engine`), never through a backend's own modules."""
+
+from __future__ import annotations
 
 import os
+from pathlib import Path
 
 OPENMP_SPIN_COUNT = "1000"
 """How long llama.cpp's CPU threads (OpenMP) spin at a barrier before they sleep (libgomp's default is 300,000).
@@ -15,3 +19,54 @@ GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
 
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+
+
+from sealbox.runtime.engine.base import (  # noqa: E402  (after the OpenMP setting, which must come first)
+    ContextLengthExceeded,
+    Embeddings,
+    Engine,
+    EngineError,
+    EngineLoadError,
+    EngineOptions,
+    EngineStats,
+    EngineUnavailable,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    GrammarError,
+    InvalidRequest,
+    ModelCard,
+    Overloaded,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
+
+
+def open_engine(model_path: Path, card: ModelCard, options: EngineOptions) -> Engine:
+    """The engine for one model file: llama.cpp in-process with continuous batching. Not started (`await start()`;
+    it raises EngineLoadError when llama.cpp cannot load the file). llama.cpp is imported here, on first use."""
+    from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+
+    return LlamaBatchEngine(
+        model_path,
+        card,
+        n_seq_max=options.n_seq_max,
+        n_ctx_per_seq=options.n_ctx_per_seq,
+        kv_cells=options.kv_cells,
+        queue_size=options.queue_size,
+        n_gpu_layers=options.n_gpu_layers,
+        n_threads=options.n_threads,
+        embeddings=options.embeddings,
+        flash_attention=options.flash_attention,
+        extra_buffers=options.extra_buffers,
+        type_k=options.type_k,
+        type_v=options.type_v,
+    )
+
+
+__all__ = [
+    "ContextLengthExceeded", "Embeddings", "Engine", "EngineError", "EngineLoadError", "EngineOptions", "EngineStats",
+    "EngineUnavailable", "Finished", "GenerationEvent", "GenerationRequest", "GrammarError", "InvalidRequest",
+    "ModelCard", "Overloaded", "SamplingParams", "TextDelta", "TokenLogprob", "open_engine",
+]  # fmt: skip

@@ -66,30 +66,42 @@ class Admission:
             Overloaded: the queue is full.
             EngineUnavailable: the engine is stopping.
         """
-        if ticket.cells > self.cells:
-            raise ContextLengthExceeded(
-                f"the request needs {ticket.cells} KV cells; the whole cache has {self.cells}",
-                needed=ticket.cells,
-                limit=self.cells,
-            )
+        return self.submit_all([ticket])[0]
+
+    def submit_all(self, tickets: list[Ticket]) -> list[bool]:
+        """Submit several tickets at once (the choices of one request): all or none, and the scheduler takes those
+        admitted in one go, so that the first choice's prompt is still being evaluated when the others are placed.
+
+        Raises as `submit` does, with none of the tickets left admitted or queued.
+        """
+        for ticket in tickets:
+            if ticket.cells > self.cells:
+                raise ContextLengthExceeded(
+                    f"the request needs {ticket.cells} KV cells; the whole cache has {self.cells}",
+                    needed=ticket.cells,
+                    limit=self.cells,
+                )
         with self._lock:
             if self._closed:
                 raise EngineUnavailable("the engine is stopping")
-            if self._n_waiting == 0 and self._fits(ticket):
-                self._admit(ticket)
-                return True
-            if self._n_waiting >= self.queue_size:
+            if self._n_waiting == 0 and self._fits_all(tickets):
+                for ticket in tickets:
+                    self._admit(ticket)
+                return [True] * len(tickets)
+            if self._n_waiting + len(tickets) > self.queue_size:
                 raise Overloaded(
                     f"{self._n_waiting} requests are already waiting (queue limit {self.queue_size})",
                     retry_after_s=self._retry_after(),
                 )
-            queue = self._waiting.get(ticket.principal)
-            if queue is None:
-                queue = self._waiting[ticket.principal] = deque()
-                self._round.append(ticket.principal)
-            queue.append(ticket)
-            self._n_waiting += 1
-            return False
+            for ticket in tickets:
+                queue = self._waiting.get(ticket.principal)
+                if queue is None:
+                    queue = self._waiting[ticket.principal] = deque()
+                    self._round.append(ticket.principal)
+                queue.append(ticket)
+                self._n_waiting += 1
+            self._promote()
+            return [ticket.admitted_at > 0 for ticket in tickets]
 
     def withdraw(self, ticket: Ticket) -> bool:
         """Take a waiting ticket out of the queue (its client left); False if it is not waiting."""
@@ -141,6 +153,10 @@ class Admission:
 
     def _fits(self, ticket: Ticket) -> bool:
         return self._admitted < self.slots and self._reserved + ticket.cells <= self.cells
+
+    def _fits_all(self, tickets: list[Ticket]) -> bool:
+        return (self._admitted + len(tickets) <= self.slots
+                and self._reserved + sum(ticket.cells for ticket in tickets) <= self.cells)  # fmt: skip
 
     def _admit(self, ticket: Ticket) -> None:
         ticket.admitted_at = time.monotonic()

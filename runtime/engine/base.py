@@ -23,6 +23,13 @@ class SamplingParams:
     seed: int | None = None
     grammar: str | None = None
     """GBNF grammar text (from `response_format` json_object / json_schema); None for free text."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) added to the logits before anything samples them; -100 forbids a token, +100 forces it."""
+
+    @property
+    def reproducible(self) -> bool:
+        """A seeded or greedy request answers the same whatever ran before or beside it (see `scheduler`)."""
+        return self.seed is not None or self.temperature <= 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,12 +41,33 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     principal: str = "anonymous"
     """Fairness key for admission: requests queue fairly across principals (API keys)."""
+    n: int = 1
+    """Choices generated from this prompt. The prompt is evaluated once and its cells copied to the other choices'
+    sequences; choice i samples with seed + i, so seeded choices differ from each other and repeat across requests."""
+    logprobs: int | None = None
+    """Report each sampled token's log-probability and this many most likely alternatives (0: none); None: off."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability under the logits its sampler saw (the model's, plus `logit_bias`)."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[int, bytes, float], ...] = ()
+    """The most likely tokens at that step, most likely first: (token id, bytes, log-probability)."""
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     """UTF-8-safe text to append; may be empty while a multi-byte character or a possible stop string is held back."""
+    index: int = 0
+    """The choice this text belongs to (0 .. n - 1)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens sampled for this delta, when the request asked for logprobs (a held-back token is reported here
+    even while its text waits)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +75,8 @@ class Finished:
     reason: Literal["stop", "length", "cancelled"]
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
+    """The choice that finished; a stream of n choices ends after n `Finished` events."""
 
 
 GenerationEvent = TextDelta | Finished
@@ -93,6 +123,18 @@ class EngineUnavailable(EngineError):
     """The backend failed or is shutting down: answer 503."""
 
 
+class EngineLoadError(EngineUnavailable):
+    """The backend could not load the model file (or build a context for it): the model is not served."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be served as given (an empty prompt, a grammar that does not parse): answer 400."""
+
+
+class GrammarError(InvalidRequest):
+    """The request's GBNF grammar does not parse."""
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str
@@ -107,6 +149,23 @@ class ModelCard:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """How an engine is sized and placed (from `runtime.memory_plan`): see `LlamaBatchEngine` for each."""
+
+    n_seq_max: int
+    n_ctx_per_seq: int
+    queue_size: int
+    kv_cells: int | None = None
+    n_gpu_layers: int = 0
+    n_threads: int | None = None
+    embeddings: bool = False
+    flash_attention: bool = False
+    extra_buffers: bool = True
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+
 class Engine(Protocol):
     card: ModelCard
 
@@ -116,8 +175,12 @@ class Engine(Protocol):
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]: ...
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """Raises InvalidRequest for a token id outside the vocabulary."""
+        ...
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
-        """Admit, then stream events ending in exactly one `Finished`.
+        """Admit, then stream events ending in exactly one `Finished` per choice (`request.n`).
 
         Raises ContextLengthExceeded or Overloaded before the first event. Closing the iterator (client gone)
         cancels the request and frees its sequence and KV cells at the next scheduler step.
@@ -127,3 +190,8 @@ class Engine(Protocol):
     async def embed(self, texts: list[str]) -> Embeddings: ...
 
     def stats(self) -> EngineStats: ...
+
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        """Prompt tokens computed since start (prefix reuse and shared choices keep it below those submitted)."""
+        ...

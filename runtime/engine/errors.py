@@ -1,13 +1,8 @@
-"""Errors the batching engine adds to the seam's tree (`runtime.engine.base`): both mean 400, never 5xx."""
+"""The engine's 400-class errors, kept importable here for the engine's own modules; they live in the seam
+(`runtime.engine.base`), which is what the server imports."""
 
 from __future__ import annotations
 
-from sealbox.runtime.engine.base import EngineError
+from sealbox.runtime.engine.base import GrammarError, InvalidRequest
 
-
-class InvalidRequest(EngineError):
-    """The request cannot be served as given (an empty prompt, a grammar that does not parse): answer 400."""
-
-
-class GrammarError(InvalidRequest):
-    """The request's GBNF grammar does not parse."""
+__all__ = ["GrammarError", "InvalidRequest"]

@@ -1,4 +1,5 @@
-"""The async iterator a request handler reads: events of one request, and its cancellation when closed or dropped."""
+"""The async iterator a request handler reads: events of one request's choices, and their cancellation when closed
+or dropped."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from sealbox.runtime.engine.task import Failed, GenerationTask
 
 
 class EventStream(AsyncIterator[GenerationEvent]):
-    """Yields a request's events up to and including `Finished`; raises the engine's error if it failed.
+    """Yields the events of a request's choices (they share one queue) up to the last choice's `Finished`; raises the
+    engine's error if any choice failed.
 
     Closing it (`aclose`), cancelling the task that awaits it, or dropping it unread all cancel the request: a queued
-    request leaves the queue at once, a running one frees its sequence at the next scheduler step.
+    choice leaves the queue at once, a running one frees its sequence at the next scheduler step.
     """
 
-    def __init__(self, task: GenerationTask, cancel: Callable[[GenerationTask], None]) -> None:
-        self._task = task
+    def __init__(self, tasks: list[GenerationTask], cancel: Callable[[GenerationTask], None]) -> None:
+        self._tasks = tasks
+        self._events = tasks[0].events
         self._cancel = cancel
+        self._open = len(tasks)
         self._closed = False
 
     def __aiter__(self) -> EventStream:
@@ -27,15 +31,17 @@ class EventStream(AsyncIterator[GenerationEvent]):
         if self._closed:
             raise StopAsyncIteration
         try:
-            event = await self._task.events.get()
+            event = await self._events.get()
         except BaseException:  # CancelledError: whoever was reading is gone
             self.close()
             raise
         if isinstance(event, Failed):
-            self._closed = True
+            self.close()
             raise event.error
         if isinstance(event, Finished):
-            self._closed = True
+            self._open -= 1
+            if self._open == 0:
+                self._closed = True
         return event
 
     async def aclose(self) -> None:
@@ -44,7 +50,8 @@ class EventStream(AsyncIterator[GenerationEvent]):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._cancel(self._task)
+            for task in self._tasks:
+                self._cancel(task)
 
     def __del__(self) -> None:
         self.close()

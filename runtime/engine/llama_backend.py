@@ -17,7 +17,7 @@ import gguf
 import llama_cpp as llama
 import numpy as np
 
-from sealbox.runtime.engine.base import EngineError, EngineUnavailable
+from sealbox.runtime.engine.base import EngineError, EngineLoadError, EngineUnavailable, InvalidRequest
 
 log = logging.getLogger("sealbox.llama")
 
@@ -52,7 +52,7 @@ def _init_once() -> None:
             _initialised = True
 
 
-class ModelLoadError(EngineUnavailable):
+class ModelLoadError(EngineLoadError):
     """llama.cpp could not load the GGUF file (or build a context for it)."""
 
 
@@ -156,8 +156,6 @@ class Model:
         Raises:
             InvalidRequest: a token id is outside 0 .. n_vocab - 1.
         """
-        from sealbox.runtime.engine.errors import InvalidRequest
-
         if any(token < 0 or token >= self.n_vocab for token in tokens):
             raise InvalidRequest(f"{what} holds a token id outside the vocabulary (0..{self.n_vocab - 1})")
 
@@ -268,6 +266,13 @@ class Context:
 
     def clear(self) -> None:
         llama.llama_memory_clear(self.memory, True)
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """A copy of the logits the last decode produced at `batch_index` (one float per vocabulary token)."""
+        pointer = llama.llama_get_logits_ith(self.handle, batch_index)
+        if not pointer:
+            raise EngineError(f"the context has no logits at batch index {batch_index}")
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,)).copy()
 
     def sequence_embedding(self, seq_id: int) -> list[float]:
         pointer = llama.llama_get_embeddings_seq(self.handle, seq_id)

@@ -29,12 +29,12 @@ from sealbox.runtime.engine.base import (
     ModelCard,
     Overloaded,
 )
-from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.engine.base import InvalidRequest
 from sealbox.runtime.engine.event_stream import EventStream
 from sealbox.runtime.engine.llama_backend import Context, ContextSettings, Model, ModelLoadError
 from sealbox.runtime.engine.sampling import SamplerChain
 from sealbox.runtime.engine.scheduler import EmbeddingJob, Scheduler
-from sealbox.runtime.engine.task import GenerationTask
+from sealbox.runtime.engine.task import Failed, GenerationTask
 
 DEFAULT_BATCH = 512
 """Tokens decoded per step at most (prompt chunks and one token per running stream)."""
@@ -231,28 +231,42 @@ class LlamaBatchEngine:
         except InvalidRequest:
             self._metrics.rejected("invalid")
             raise
-        loop = asyncio.get_running_loop()
-        if request.max_tokens == 0:
-            return _finished_at_once(n_prompt)
         try:
-            sampler = SamplerChain(model, request.sampling, request.prompt_tokens)
+            self._check_choices(request, model)
         except InvalidRequest:
             self._metrics.rejected("invalid")
             raise
-        task = GenerationTask(request=request, sampler=sampler, loop=loop, events=asyncio.Queue(), cells=needed)
+        loop = asyncio.get_running_loop()
+        if request.max_tokens == 0:
+            return _finished_at_once(n_prompt, request.n)
+        events: asyncio.Queue[GenerationEvent | Failed] = asyncio.Queue()
+        tasks: list[GenerationTask] = []
         try:
-            admitted = admission.submit(task)
-        except Overloaded:
-            sampler.free()
-            self._metrics.rejected("overloaded")
+            for index in range(request.n):
+                sampling = request.sampling
+                if index and sampling.seed is not None:
+                    sampling = replace(sampling, seed=(sampling.seed + index) & 0xFFFFFFFF)
+                sampler = SamplerChain(model, sampling, request.prompt_tokens, logprobs=request.logprobs)
+                tasks.append(GenerationTask(request=request, sampler=sampler, loop=loop, events=events, cells=needed,
+                                            index=index, leader=tasks[0] if tasks else None))  # fmt: skip
+            admitted = admission.submit_all(tasks)
+        except (InvalidRequest, Overloaded, ContextLengthExceeded) as exc:
+            for task in tasks:
+                task.sampler.free()
+            self._metrics.rejected(_REJECTIONS.get(type(exc), "invalid"))
             raise
-        except ContextLengthExceeded:
-            sampler.free()
-            self._metrics.rejected("context_length")
-            raise
-        if admitted:
+        if any(admitted):
             scheduler.wake()
-        return EventStream(task, self._cancel)
+        return EventStream(tasks, self._cancel)
+
+    def _check_choices(self, request: GenerationRequest, model: Model) -> None:
+        """Refuse what the sampler would otherwise take as given: an n below 1, a biased token outside the
+        vocabulary (llama.cpp would read past its logits), a negative count of alternatives."""
+        if request.n < 1:
+            raise InvalidRequest(f"n must be at least 1 (got {request.n})")
+        if request.logprobs is not None and request.logprobs < 0:
+            raise InvalidRequest(f"the number of top logprobs must not be negative (got {request.logprobs})")
+        model.check_tokens([token for token, _ in request.sampling.logit_bias], "logit_bias")
 
     def _cancel(self, task: GenerationTask) -> None:
         if task.done:
@@ -320,5 +334,9 @@ class LlamaBatchEngine:
         return self._model
 
 
-async def _finished_at_once(n_prompt: int) -> AsyncIterator[GenerationEvent]:
-    yield Finished("length", prompt_tokens=n_prompt, completion_tokens=0)
+_REJECTIONS: dict[type[Exception], str] = {Overloaded: "overloaded", ContextLengthExceeded: "context_length"}
+
+
+async def _finished_at_once(n_prompt: int, n: int) -> AsyncIterator[GenerationEvent]:
+    for index in range(n):
+        yield Finished("length", prompt_tokens=n_prompt, completion_tokens=0, index=index)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 
 import llama_cpp as llama
+import numpy as np
 
-from sealbox.runtime.engine.base import SamplingParams
-from sealbox.runtime.engine.errors import GrammarError
+from sealbox.runtime.engine.base import SamplingParams, TokenLogprob
+from sealbox.runtime.engine.base import GrammarError
 from sealbox.runtime.engine.llama_backend import Context, Model
 
 PENALTY_WINDOW = 64
@@ -20,11 +21,23 @@ class SamplerChain:
     Grammar runs before the truncating samplers so that a constrained token is never cut away by top-k.
     """
 
-    def __init__(self, model: Model, params: SamplingParams, prompt_tokens: list[int]) -> None:
+    def __init__(self, model: Model, params: SamplingParams, prompt_tokens: list[int], *, logprobs: int | None = None) -> None:
+        """`logprobs`: report each sampled token's log-probability and this many alternatives (None: off)."""
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self._handle = llama.llama_sampler_chain_init(chain_params)
+        self._model = model
+        self._logprobs = logprobs
+        self._bias = np.zeros(model.n_vocab, dtype=np.float32) if params.logit_bias else None
         try:
+            if params.logit_bias:
+                entries = (llama.llama_logit_bias * len(params.logit_bias))()
+                for entry, (token, bias) in zip(entries, params.logit_bias):
+                    entry.token, entry.bias = token, bias
+                    self._bias[token] += bias  # type: ignore[index]
+                llama.llama_sampler_chain_add(
+                    self._handle, llama.llama_sampler_init_logit_bias(model.n_vocab, len(params.logit_bias), entries)
+                )
             if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
                 penalties = llama.llama_sampler_init_penalties(
                     model.n_vocab, PENALTY_WINDOW, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
@@ -57,6 +70,27 @@ class SamplerChain:
     def sample(self, context: Context, batch_index: int) -> int:
         """Sample from the logits at `batch_index` of the last decode, and accept the token into the chain's state."""
         return llama.llama_sampler_sample(self._handle, context.handle, batch_index)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self._logprobs is not None
+
+    def logprob(self, context: Context, batch_index: int, token: int) -> TokenLogprob:
+        """The log-probability of `token` and the top alternatives, from the logits at `batch_index` plus the
+        request's logit bias: what the sampler chain saw before temperature and truncation."""
+        logits = context.logits(batch_index).astype(np.float64)
+        if self._bias is not None:
+            logits += self._bias
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        top: tuple[tuple[int, bytes, float], ...] = ()
+        k = min(self._logprobs or 0, len(logprobs))
+        if k:
+            best = np.argpartition(-logprobs, k - 1)[:k]
+            best = best[np.argsort(-logprobs[best], kind="stable")]
+            piece = self._model.piece
+            top = tuple((int(t), piece(int(t)), float(logprobs[t])) for t in best)
+        return TokenLogprob(token=token, piece=self._model.piece(token), logprob=float(logprobs[token]), top=top)
 
     def free(self) -> None:
         if self._handle:

@@ -9,6 +9,22 @@ consecutive and appear in the batch in increasing order; any gap starts another 
 batch is written in sequence-id order, and a new request is placed where it keeps the running sequences contiguous
 (a cached prefix elsewhere is copied in rather than chosen at the price of a gap). A unified pool has no such rule.
 
+A request of n choices evaluates its prompt once: choices 1 .. n-1 wait on sequences of their own until choice 0's
+prompt is in the cache, then copy its cells and sample from the same logits, each with its own sampler.
+
+Reproducible requests (seeded or greedy) answer the same whatever ran before or beside them. Sequences never mix
+within a step's arithmetic, but how a prompt is cut into chunks does: llama.cpp computes a chunk of k query rows with
+kernels (flash attention's tiles, matrix products) whose summation order depends on k, so the same prompt evaluated
+in one chunk, or in two because its first half was cached, gives logits that differ in the last bits and, sooner or
+later, a different token. So a reproducible prompt is always cut at the same places, multiples of the prefill chunk
+counted from position 0, whatever else runs; and it reuses cached cells only up to a chunk boundary, and only cells
+that were themselves computed in such chunks (`Slot.canonical`). The cost: up to a chunk of tokens computed again
+that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
+evaluated a chunk per step even on an idle engine, each chunk in a step of its own (the streams running pause for
+it, as they do for any prompt chunk). A step of a single token is padded with a second one on an idle
+sequence (dropped after the decode): llama.cpp multiplies a lone row with other kernels than two or more, so a
+request's tokens would otherwise come out differently alone than beside others.
+
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
 """
@@ -65,6 +81,8 @@ class Scheduler:
         stream_bytes = context.n_ctx_seq * context.kv_bytes_per_cell
         self.stream_copy_min_tokens = max(1, math.ceil(2 * stream_bytes / max(1, model.size_bytes)))
         """Prompt tokens a copy between split streams must save to be worth it (at least 1)."""
+        self.canonical_chunk = max(1, min(prefill_chunk, context.n_batch))
+        """The chunk a reproducible prompt is cut into, counted from position 0 (see the module docstring)."""
         self.batch = BatchBuffer(context.n_batch)
         self.step_count = 0
         self.prompt_tokens_decoded = 0
@@ -118,9 +136,38 @@ class Scheduler:
         self.drop_cancelled()
         self.build_batch()
         if self.batch.n_tokens:
-            if self.decode():
+            padding = self._pad_lone_token()
+            decoded = self.decode()
+            if padding is not None:
+                self.context.forget(padding.id, len(padding.cached))
+            if decoded:
                 self.sample_outputs()
         self.flush()
+
+    def _pad_lone_token(self) -> Slot | None:
+        """Add a throwaway token on an idle sequence to a batch of one (see the module docstring); the slot used.
+
+        A neighbour of the lone sequence, in sequence-id order, so that split streams still compute in one pass."""
+        batch = self.batch
+        if batch.n_tokens != 1:
+            return None
+        seq, token, pos, output = int(batch.seq[0]), int(batch.token[0]), int(batch.pos[0]), bool(batch.logits[0])
+        for neighbour in (seq + 1, seq - 1):
+            if not 0 <= neighbour < len(self.slots):
+                continue
+            pad = self.slots[neighbour]
+            if pad.task is not None or len(pad.cached) >= self.context.n_ctx_seq:
+                continue
+            if neighbour < seq:
+                batch.clear()
+                batch.add(token, len(pad.cached), pad.id, False)
+                index = batch.add(token, pos, seq, output)
+                if self.slots[seq].output_index >= 0:
+                    self.slots[seq].output_index = index
+            else:
+                batch.add(token, len(pad.cached), pad.id, False)
+            return pad
+        return None
 
     # -- placing admitted requests ---------------------------------------------------------------------------------
 
@@ -139,6 +186,13 @@ class Scheduler:
         """Put a task on an idle slot, reusing the longest cached prefix of its prompt that is worth reusing."""
         prompt = task.prompt_tokens
         limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
+        reproducible = task.request.sampling.reproducible
+        chunk = self.canonical_chunk
+
+        def usable(slot: Slot) -> int:
+            n = min(slot.common_prefix(prompt), limit)
+            return min(n, slot.canonical) // chunk * chunk if reproducible else n
+
         idle = [slot for slot in self.slots if slot.task is None]
         if self.context.unified:
             # Any sequences batch together: the idle slot already holding the longest prefix, else the least recent.
@@ -146,11 +200,20 @@ class Scheduler:
         else:
             # Keep the busy slots contiguous (a gap costs a pass per step); then the longest prefix, then the lowest id.
             target = min(idle, key=lambda slot: (self._gaps_added(slot), -slot.common_prefix(prompt), slot.id))
-        reuse = min(target.common_prefix(prompt), limit)
+        leader = self._prefilling_slot(task.leader) if task.leader is not None else None
+        if leader is not None:
+            # A further choice of a prompt still being evaluated: wait for it, then copy its cells (`_fork`).
+            self.context.forget(target.id)
+            target.cached.clear()
+            target.assign(task, 0, self.step_count)
+            target.follows = leader
+            self.metrics.prompt_tokens.inc(len(prompt))
+            return
+        reuse = usable(target)
         source, source_n = None, reuse
         for slot in self.slots:
             if slot is not target:
-                n = min(slot.common_prefix(prompt), limit)
+                n = usable(slot)
                 if n > source_n:
                     source, source_n = slot, n
         if source is not None and (self.context.unified or source_n - reuse >= self.stream_copy_min_tokens):
@@ -158,6 +221,7 @@ class Scheduler:
             reuse = source_n
             self.context.share(source.id, target.id, reuse)
             target.cached[:] = prompt[:reuse]
+            target.canonical = min(source.canonical, reuse)
         else:
             self.context.forget(target.id, reuse)
         target.assign(task, reuse, self.step_count)
@@ -165,6 +229,13 @@ class Scheduler:
         self.metrics.prompt_tokens.inc(len(prompt))
         if reuse:
             self.metrics.prompt_tokens_reused.inc(reuse)
+
+    def _prefilling_slot(self, task: GenerationTask) -> Slot | None:
+        """The slot evaluating `task`'s prompt, or None once it has (or if it never got one)."""
+        for slot in self.slots:
+            if slot.task is task and slot.state is SlotState.PREFILL and slot.follows is None:
+                return slot
+        return None
 
     def _gaps_added(self, slot: Slot) -> int:
         """How many more runs of consecutive busy slots there are once `slot` is busy: 1, 0, or -1 (a gap closed)."""
@@ -205,12 +276,17 @@ class Scheduler:
         so that llama.cpp can compute consecutive sequences in one pass (see the module docstring).
         """
         slots = self.slots
+        for slot in slots:
+            leader = slot.follows
+            if leader is not None and (leader.task is None or leader.task is not slot.task.leader  # type: ignore[union-attr]
+                                       or leader.state is not SlotState.PREFILL):  # fmt: skip
+                slot.follows = None  # its leader is gone before evaluating the prompt: evaluate it here
         generating = sum(slot.pending >= 0 for slot in slots)
-        chunks = self._prompt_chunk_sizes(self.batch.room - generating, streams_running=generating > 0)
+        chunks, alone = self._prompt_chunk_sizes(self.batch.room - generating, streams_running=generating > 0)
         batch = self.batch
         for slot in slots:
             token = slot.pending
-            if token >= 0:
+            if token >= 0 and not alone:
                 cached = slot.cached
                 slot.output_index = batch.add(token, len(cached), slot.id, True)
                 cached.append(token)
@@ -225,24 +301,43 @@ class Scheduler:
                 if last:
                     slot.output_index = index
                 slot.cached.extend(chunk)
+                end = start + n
+                if slot.canonical == start and end % self.canonical_chunk == 0 and self._reproducible(slot):
+                    slot.canonical = end
                 self.prompt_tokens_decoded += n
 
-    def _prompt_chunk_sizes(self, room: int, *, streams_running: bool) -> dict[int, int]:
+    def _prompt_chunk_sizes(self, room: int, *, streams_running: bool) -> tuple[dict[int, int], bool]:
         """Prompt tokens each prefilling slot adds this step: the earliest admitted first, within `room` (and within
-        the prefill chunk while streams run, to bound how long this step makes them wait)."""
-        prefilling = [slot for slot in self.slots if slot.state is SlotState.PREFILL and slot.output_index < 0]
+        the prefill chunk while streams run, to bound how long this step makes them wait); and whether the step is a
+        reproducible request's canonical chunk alone.
+
+        A reproducible chunk is decoded alone because llama.cpp splits a batch over split streams into micro-batches
+        of as many tokens per sequence as the shortest run has: beside another sequence's tokens the chunk would be
+        cut again, wherever the other's run ends."""
+        prefilling = [slot for slot in self.slots
+                      if slot.state is SlotState.PREFILL and slot.output_index < 0 and slot.follows is None]  # fmt: skip
         if not prefilling:
-            return {}
+            return {}, False
         prefilling.sort(key=lambda slot: slot.task.admitted_at)  # type: ignore[union-attr]
         budget = min(room, self.prefill_chunk) if streams_running else room
+        chunk = self.canonical_chunk
         sizes: dict[int, int] = {}
         for slot in prefilling:
             if budget <= 0:
                 break
-            n = min(len(slot.prompt) - len(slot.cached), budget)
+            start = len(slot.cached)
+            n = min(len(slot.prompt) - start, budget)
+            if self._reproducible(slot):
+                if sizes:
+                    continue  # its chunk goes alone, in a step of its own
+                return {slot.id: min(len(slot.prompt) - start, chunk - start % chunk)}, True
             sizes[slot.id] = n
             budget -= n
-        return sizes
+        return sizes, False
+
+    @staticmethod
+    def _reproducible(slot: Slot) -> bool:
+        return slot.task is not None and slot.task.request.sampling.reproducible
 
     # -- decoding and sampling ----------------------------------------------------------------------------------------
 
@@ -273,6 +368,7 @@ class Scheduler:
         metrics = self.metrics
         outbox = self._outbox
         sampled = 0
+        self._fork()
         for slot in self.slots:
             index = slot.output_index
             if index < 0:
@@ -282,6 +378,7 @@ class Scheduler:
             assert task is not None
             slot.state = SlotState.GENERATING
             token = task.sampler.sample(context, index)
+            logprob = task.sampler.logprob(context, index, token) if task.sampler.wants_logprobs else None
             sampled += 1
             if slot.generated == 0:
                 slot.first_token_at = now
@@ -294,8 +391,8 @@ class Scheduler:
                 self._finish(slot, "stop")
                 continue
             text = slot.text.feed(model.piece(token))
-            if text:
-                outbox.append((task, TextDelta(text)))
+            if text or logprob is not None:
+                outbox.append((task, TextDelta(text, task.index, (logprob,) if logprob is not None else ())))
             if slot.text.stopped:
                 self._finish(slot, "stop")
             elif slot.generated >= task.request.max_tokens or len(slot.cached) >= self.n_ctx_per_seq:
@@ -305,6 +402,22 @@ class Scheduler:
         if sampled:
             metrics.generated_tokens.inc(sampled)
 
+    def _fork(self) -> None:
+        """Give every choice waiting on a prompt that this step finished evaluating a copy of its cells, and the
+        same logits to sample from."""
+        for slot in self.slots:
+            leader = slot.follows
+            if leader is None or leader.output_index < 0:
+                continue
+            n = len(leader.cached)
+            self.context.share(leader.id, slot.id, n)
+            slot.cached[:] = leader.cached
+            slot.canonical = leader.canonical
+            slot.follows = None
+            slot.output_index = leader.output_index
+            self.prompt_tokens_reused += n
+            self.metrics.prompt_tokens_reused.inc(n)
+
     # -- finishing ------------------------------------------------------------------------------------------------------
 
     def _finish(self, slot: Slot, reason: str) -> None:
@@ -312,10 +425,10 @@ class Scheduler:
         if reason != "cancelled":
             tail = slot.text.finish()
             if tail:
-                self._outbox.append((task, TextDelta(tail)))
-        self._outbox.append(
-            (task, Finished(reason, prompt_tokens=len(task.prompt_tokens), completion_tokens=slot.generated))  # type: ignore[arg-type]
-        )
+                self._outbox.append((task, TextDelta(tail, task.index)))
+        finished = Finished(reason, prompt_tokens=len(task.prompt_tokens), completion_tokens=slot.generated,  # type: ignore[arg-type]
+                            index=task.index)  # fmt: skip
+        self._outbox.append((task, finished))
         self._end(task, reason)
 
     def _end(self, task: GenerationTask, status: str) -> None:
@@ -325,7 +438,9 @@ class Scheduler:
         self.metrics.finished(status)
 
     def _end_unplaced(self, task: GenerationTask) -> None:
-        self._outbox.append((task, Finished("cancelled", prompt_tokens=len(task.prompt_tokens), completion_tokens=0)))
+        self._outbox.append(
+            (task, Finished("cancelled", prompt_tokens=len(task.prompt_tokens), completion_tokens=0, index=task.index))
+        )
         self._end(task, "cancelled")
 
     def _fail_batch(self, error: EngineError) -> None:

@@ -30,6 +30,11 @@ class Slot:
     """Tokens in this sequence's cells, position i at index i."""
     last_used: int = 0
     """Scheduler step at which the slot last held a request (least recently used is evicted first)."""
+    canonical: int = 0
+    """Leading cells computed in whole canonical prompt chunks (see `Scheduler`): a reproducible request may reuse
+    these and only these, since any other chunking moves the logits."""
+    follows: Slot | None = None
+    """While set, this slot waits for that slot's prompt to be evaluated and copies its cells (a choice of n > 1)."""
 
     # Per request; reset by `assign`.
     prompt: list[int] = field(default_factory=list)
@@ -54,7 +59,9 @@ class Slot:
         self.first_token_at = 0.0
         self.last_token_at = 0.0
         self.last_used = step
+        self.follows = None
         del self.cached[reused:]
+        self.canonical = min(self.canonical, reused)
 
     def release(self, step: int) -> GenerationTask:
         task = self.task
@@ -63,6 +70,7 @@ class Slot:
         self.state = SlotState.IDLE
         self.pending = -1
         self.output_index = -1
+        self.follows = None
         self.last_used = step
         return task
 

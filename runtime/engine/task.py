@@ -29,6 +29,10 @@ class GenerationTask:
     events: asyncio.Queue[GenerationEvent | Failed]
     cells: int
     """KV cells reserved for this request while it runs: prompt + max_tokens."""
+    index: int = 0
+    """Which of the request's n choices this task generates."""
+    leader: GenerationTask | None = None
+    """For choices 1 .. n-1: the task of choice 0, whose evaluated prompt this one copies instead of computing it."""
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float = 0.0
     cancelled: bool = False

@@ -175,9 +175,38 @@ def read_header(path: Path) -> GGUFHeader:
     return GGUFHeader(version=version, tensor_count=tensor_count, metadata=metadata, tensors=tuple(tensors))
 
 
+@dataclass(frozen=True)
+class ModelFile:
+    """A GGUF file's header, read once, and what it says: what a server needs to start the model (its facts, its
+    chat template, its tensors' sizes), so that no step reads the header again."""
+
+    path: Path
+    header: GGUFHeader
+    facts: ModelFacts
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.header.metadata.get("tokenizer.chat_template")
+        return template if isinstance(template, str) else None
+
+    def tensor_sizes(self) -> list[tuple[str, int]]:
+        """(name, bytes) of every tensor, from its shape and type."""
+        return [(name, _tensor_bytes(self.path, name, shape, kind)) for name, shape, kind in self.header.tensors]
+
+
+def read_model_file(path: Path) -> ModelFile:
+    """Read the header once; raises NotGGUFError naming the file and the fault."""
+    header = read_header(path)
+    return ModelFile(Path(path), header, facts_from_header(path, header))
+
+
 def read_facts(path: Path) -> ModelFacts:
     """The model's facts from its header; raises NotGGUFError naming the file and the fault."""
-    header = read_header(path)
+    return facts_from_header(path, read_header(path))
+
+
+def facts_from_header(path: Path, header: GGUFHeader) -> ModelFacts:
+    """The facts a parsed header states; raises NotGGUFError when it lacks the architecture."""
     meta = header.metadata
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
@@ -219,11 +248,6 @@ def read_facts(path: Path) -> ModelFacts:
         tensor_count=header.tensor_count,
         pooling_type=int(pooling) if pooling is not None else None,
     )
-
-
-def chat_template(path: Path) -> str | None:
-    template = read_header(path).metadata.get("tokenizer.chat_template")
-    return template if isinstance(template, str) else None
 
 
 def kv_bytes_per_token(facts: ModelFacts, type_k: str = "f16", type_v: str = "f16") -> int:

@@ -37,13 +37,15 @@ class ProbeResult:
     """False when the model works only without llama.cpp's CPU extra buffer types: load it that way."""
 
 
-def probe_model(path: Path, *, timeout_s: float = 120) -> ProbeResult:
-    """Check `path` in a child process; never raises for a bad model."""
+def probe_model(path: Path, *, facts: ModelFacts | None = None, timeout_s: float = 120) -> ProbeResult:
+    """Check `path` in a child process; never raises for a bad model. `facts`: the header's, when the caller has
+    read it already (it is not read again)."""
     path = Path(path)
-    try:
-        facts = read_facts(path)
-    except ModelFileError as exc:
-        return ProbeResult(False, str(exc))
+    if facts is None:
+        try:
+            facts = read_facts(path)
+        except ModelFileError as exc:
+            return ProbeResult(False, str(exc))
     result, killed_by = _run_child(path, facts, extra_buffers=True, timeout_s=timeout_s)
     if killed_by not in CPU_FAULTS:  # an abort (a malformed file) or a kill (OOM) is not the CPU's doing
         return result

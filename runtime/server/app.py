@@ -24,8 +24,7 @@ from starlette.types import ASGIApp
 
 from sealbox.runtime.api_keys import ApiKeyError, Authenticator
 from sealbox.runtime.audit.log import AuditLog
-from sealbox.runtime.engine.base import EngineError
-from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.engine import EngineError, InvalidRequest
 from sealbox.runtime.metrics import render_latest
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.server import generation
@@ -33,7 +32,7 @@ from sealbox.runtime.server.authentication import Authentication
 from sealbox.runtime.server.body_limit import BodyLimit
 from sealbox.runtime.server.errors import ERROR_SCHEMA, ApiError, from_engine_error, install_error_handlers
 from sealbox.runtime.server.host_check import HostCheck, loopback_hosts
-from sealbox.runtime.server.model_registry import ModelRegistry, ModelSource, ServedModel
+from sealbox.runtime.server.model_registry import FailedModel, ModelRegistry, ModelSource, ServedModel
 from sealbox.runtime.server.refusal_tally import RefusalTally
 from sealbox.runtime.server.request_record import RequestRecord, RequestRecorder, current_record
 from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -72,7 +71,7 @@ def _model(config: ServerConfig, name: str, record: RequestRecord, *, embeddings
     if model is None:
         raise ApiError(404, f"the model {name!r} does not exist", code="model_not_found", param="model")
     record.model_sha256 = model.sha256 or None
-    if not model.ready:
+    if isinstance(model, FailedModel):
         raise ApiError(503, f"the model {name!r} is not available: {model.problem}", code="model_unavailable")
     if embeddings and not model.embeddings:
         raise ApiError(400, f"the model {name!r} is not an embedding model", code="invalid_model", param="model")
@@ -160,7 +159,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
             prepared = await generation.prepare_chat(body, model, cap=limits.max_tokens, principal=record.principal)
         else:
             prepared = generation.prepare_completion(body, model, cap=limits.max_tokens, principal=record.principal)
-        record.prompt_tokens = len(prepared.generation.prompt_tokens)
+        record.prompt_tokens = prepared.prompt_tokens
         events = generation.start(model, prepared)
         if body.stream:
             return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
@@ -182,7 +181,6 @@ def create_app(config: ServerConfig) -> ASGIApp:
         record = _record(request)
         model = _model(config, body.model, record, embeddings=True)
         engine = model.engine
-        assert engine is not None
         texts = _embedding_texts(body, engine)
         try:
             embedded = await engine.embed(texts)

@@ -15,8 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sealbox.runtime.engine.base import ContextLengthExceeded, EngineError, EngineUnavailable, Overloaded
-from sealbox.runtime.engine.errors import InvalidRequest
+from sealbox.runtime.engine import ContextLengthExceeded, EngineError, EngineUnavailable, InvalidRequest, Overloaded
 from sealbox.runtime.server import schemas
 from sealbox.runtime.server.schemas import UNENCODABLE_TEXT
 

@@ -19,15 +19,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive
 
 from sealbox.runtime.audit.errors import AuditError
-from sealbox.runtime.engine.base import (
+from sealbox.runtime.engine import (
     EngineError,
     Finished,
     GenerationEvent,
     GenerationRequest,
+    InvalidRequest,
     SamplingParams,
     TextDelta,
 )
 from sealbox.runtime.server.chat_template import ChatTemplateError, TemplateLimitExceeded
+from sealbox.runtime.server.choices import Choices, MergedEvents, chat_logprobs, completion_logprobs
 from sealbox.runtime.server.errors import ApiError, from_engine_error
 from sealbox.runtime.server.model_registry import ServedModel
 from sealbox.runtime.server.request_record import RequestRecord
@@ -40,12 +42,31 @@ CLIENT_CLOSED_REQUEST = 499
 
 @dataclass(frozen=True)
 class Prepared:
-    """A request ready for the engine, and how to shape its answer."""
+    """A request ready for the engine (one generation per prompt, each of n choices), and how to shape its answer."""
 
-    generation: GenerationRequest
+    generations: tuple[GenerationRequest, ...]
     chat: bool
     tools: ToolPlan | None
-    prompt_text: str | None
+    prompt_text: str | list[str] | None
+    echo: tuple[str, ...] = ()
+    """Per prompt, the text an `echo` request puts before each of its choices' completions."""
+
+    @property
+    def generation(self) -> GenerationRequest:
+        return self.generations[0]
+
+    @property
+    def n(self) -> int:
+        """Choices per prompt."""
+        return self.generation.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(generation.prompt_tokens) for generation in self.generations)
+
+    @property
+    def logprobs(self) -> bool:
+        return self.generation.logprobs is not None
 
 
 def _sampling(body: _Sampling, grammar: str | None) -> SamplingParams:
@@ -59,6 +80,7 @@ def _sampling(body: _Sampling, grammar: str | None) -> SamplingParams:
         presence_penalty=body.presence_penalty,
         seed=(body.seed & 0xFFFFFFFF) if body.seed is not None else None,
         grammar=grammar,
+        logit_bias=body.token_bias(),
     )
 
 
@@ -90,7 +112,6 @@ def _token_budget(requested: int | None, n_prompt: int, context: int, cap: int) 
 
 def _tokenize_rendered(model: ServedModel, text: str) -> list[int]:
     engine = model.engine
-    assert engine is not None
     bos = engine.card.bos_token
     return engine.tokenize(text, add_bos=not (bos and text.startswith(bos)), special=True)
 
@@ -121,13 +142,15 @@ async def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: 
         raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
     tokens = _tokenize_rendered(model, text)
     generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal)
-    return Prepared(generation, chat=True, tools=plan, prompt_text=text)
+    return Prepared((generation,), chat=True, tools=plan, prompt_text=text)
 
 
 def _request(kind: str, body: ChatCompletionRequest | CompletionRequest, tokens: list[int], model: ServedModel, *,
-             cap: int, grammar: str | None, principal: str) -> GenerationRequest:  # fmt: skip
+             cap: int, grammar: str | None, principal: str, id: str | None = None) -> GenerationRequest:  # fmt: skip
     return GenerationRequest(
-        id=f"{kind}-{uuid.uuid4().hex}",
+        id=id or f"{kind}-{uuid.uuid4().hex}",
+        n=body.n,
+        logprobs=body.logprob_alternatives,
         prompt_tokens=tokens,
         max_tokens=_token_budget(body.token_limit, len(tokens), model.context, cap),
         sampling=_sampling(body, grammar),
@@ -160,28 +183,46 @@ def _arguments(text: str) -> Any:
 
 def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
     engine = model.engine
-    assert engine is not None
-    prompt = body.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        tokens = [int(token) for token in prompt]  # type: ignore[arg-type]
-        text = None
-    else:
-        text = prompt[0] if isinstance(prompt, list) else prompt
-        if not text:
-            raise ApiError(400, "prompt is empty", param="prompt")
-        tokens = engine.tokenize(str(text), add_bos=True, special=False)
-    generation = _request("cmpl", body, tokens, model, cap=cap, grammar=None, principal=principal)
-    return Prepared(generation, chat=False, tools=None, prompt_text=text)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    generations: list[GenerationRequest] = []
+    texts: list[str] = []
+    prompts = body.prompts
+    for i, prompt in enumerate(prompts):
+        where = f"prompt {i}" if len(prompts) > 1 else "prompt"
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ApiError(400, f"{where} is empty", param="prompt")
+            tokens = engine.tokenize(prompt, add_bos=True, special=False)
+            text = prompt
+        else:
+            tokens = [int(token) for token in prompt]
+            try:  # the engine refuses a token id outside the vocabulary (llama.cpp would abort the process)
+                text = engine.detokenize(tokens) if body.echo else ""
+            except InvalidRequest as exc:
+                raise ApiError(400, f"{where}: {exc}", param="prompt") from exc
+        generations.append(_request("cmpl", body, tokens, model, cap=cap, grammar=None, principal=principal,
+                                    id=request_id))  # fmt: skip
+        texts.append(text)
+    prompt_text = (texts[0] if len(texts) == 1 else texts) if any(isinstance(p, str) for p in prompts) else None
+    return Prepared(tuple(generations), chat=False, tools=None, prompt_text=prompt_text,
+                    echo=tuple(texts) if body.echo else ())  # fmt: skip
 
 
 def start(model: ServedModel, prepared: Prepared) -> AsyncIterator[GenerationEvent]:
-    """Admit the request now (or queue it); admission's refusals become their HTTP answers here."""
+    """Admit the request now (or queue it): every prompt's choices, or none; admission's refusals become their HTTP
+    answers here."""
     engine = model.engine
-    assert engine is not None
+    streams: list[AsyncIterator[GenerationEvent]] = []
     try:
-        return engine.generate(prepared.generation)
+        for generation in prepared.generations:
+            streams.append(engine.generate(generation))
     except EngineError as exc:
+        for admitted in streams:
+            close = getattr(admitted, "close", None)
+            if close is not None:
+                close()
         raise from_engine_error(exc) from exc
+    return MergedEvents(streams, prepared.n)
 
 
 def _finish_reason(reason: str, tool_calls: list[dict[str, Any]]) -> str:
@@ -203,7 +244,8 @@ def _usage(finished: Finished) -> dict[str, int]:
     }
 
 
-def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, text: str, log_content: bool) -> None:
+def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, text: str | list[str],
+          log_content: bool) -> None:  # fmt: skip
     """What the audit record says of the answer (its prompt tokens were noted when the request was prepared)."""
     if finished is not None:
         record.completion_tokens = finished.completion_tokens
@@ -212,16 +254,17 @@ def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, 
         record.content = {"prompt": prepared.prompt_text, "completion": text}
 
 
-async def _collect(events: AsyncIterator[GenerationEvent]) -> tuple[list[str], Finished]:
-    parts: list[str] = []
-    finished: Finished | None = None
+async def _collect(events: AsyncIterator[GenerationEvent], n: int) -> Choices:
+    choices = Choices(n)
     async for event in events:
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            finished = event
-    assert finished is not None
-    return parts, finished
+        choices.add(event)
+    return choices
+
+
+def _completions(choices: Choices) -> str | list[str]:
+    """The audit record's completion: the text, or each choice's text when there are several."""
+    texts = [choice.text for choice in choices.ordered()]
+    return texts[0] if len(texts) == 1 else texts
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -236,7 +279,7 @@ async def answer(
 ) -> Response:  # fmt: skip
     """The whole answer as one JSON body. A client that hangs up while it waits cancels the request at the next
     scheduler step (its sequence and KV cells are freed), as a closed stream does; the record says 499."""
-    collecting = asyncio.ensure_future(_collect(events))
+    collecting = asyncio.ensure_future(_collect(events, prepared.n))
     watching = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((collecting, watching), return_when=asyncio.FIRST_COMPLETED)
@@ -249,32 +292,40 @@ async def answer(
         record.finish_reason = "cancelled"
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     try:
-        parts, finished = collecting.result()
+        choices = collecting.result()
     except EngineError as exc:
         raise from_engine_error(exc) from exc
-    assert finished is not None
-    text = "".join(parts)
-    _note(record, prepared, finished, text, log_content)
+    finished = choices.total()
+    _note(record, prepared, finished, _completions(choices), log_content)
     created = int(time.time())
     generation = prepared.generation
     if not prepared.chat:
+        shaped = []
+        for choice in choices.ordered():
+            echo = prepared.echo[choice.index // prepared.n] if prepared.echo else ""
+            logprobs = completion_logprobs(choice.logprobs, offset=len(echo)) if prepared.logprobs else None
+            reason = choice.finished.reason if choice.finished is not None else "stop"
+            shaped.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
+                           "finish_reason": _finish_reason(reason, [])})  # fmt: skip
         body: dict[str, Any] = {
             "id": generation.id, "object": "text_completion", "created": created, "model": model.name,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": _finish_reason(finished.reason, [])}],
-            "usage": _usage(finished),
+            "choices": shaped, "usage": _usage(finished),
         }  # fmt: skip
         return JSONResponse(body)
-    calls = parse_tool_calls(text, tools or [], forced=prepared.tools.forced) if prepared.tools else []
-    message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
+    shaped = []
+    for choice in choices.ordered():
+        text = choice.text
+        calls = parse_tool_calls(text, tools or [], forced=prepared.tools.forced) if prepared.tools else []
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
+        reason = choice.finished.reason if choice.finished is not None else "stop"
+        shaped.append({"index": choice.index, "message": message,
+                       "logprobs": chat_logprobs(choice.logprobs) if prepared.logprobs else None,
+                       "finish_reason": _finish_reason(reason, calls)})  # fmt: skip
     body = {
         "id": generation.id, "object": "chat.completion", "created": created, "model": model.name,
-        "system_fingerprint": _fingerprint(model),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": _finish_reason(finished.reason, calls)}],
-        "usage": _usage(finished),
+        "system_fingerprint": _fingerprint(model), "choices": shaped, "usage": _usage(finished),
     }  # fmt: skip
     return JSONResponse(body)
 
@@ -299,36 +350,47 @@ def stream(
             data["usage"] = usage
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
-    def choice(text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
+    def choice(index: int, text: str | None, finish: str | None, *, first: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
         if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         delta: dict[str, Any] = {}
         if first:
             delta = {"role": "assistant", "content": ""}
         elif text is not None:
             delta = {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs_of(event: TextDelta, offset: int) -> dict[str, Any] | None:
+        if not prepared.logprobs:
+            return None
+        items = list(event.logprobs)
+        return chat_logprobs(items) if chat else completion_logprobs(items, offset=offset)
 
     async def body() -> AsyncIterator[str]:
-        parts: list[str] = []
-        finished: Finished | None = None
+        choices = Choices(prepared.n)
+        count = len(prepared.generations) * prepared.n
         try:
-            if chat:
-                yield chunk([choice(None, None, first=True)])
+            for index in range(count):
+                if chat:
+                    yield chunk([choice(index, None, None, first=True)])
+                elif prepared.echo:
+                    yield chunk([choice(index, prepared.echo[index // prepared.n], None)])
             async for event in events:
+                current = choices.add(event)
                 if isinstance(event, TextDelta):
-                    if event.text:
-                        parts.append(event.text)
-                        yield chunk([choice(event.text, None)])
+                    if event.text or event.logprobs:
+                        echo = len(prepared.echo[event.index // prepared.n]) if prepared.echo else 0
+                        offset = echo + len(current.text) - len(event.text)
+                        yield chunk([choice(event.index, event.text, None, logprobs=logprobs_of(event, offset))])
                 else:
-                    finished = event
-            assert finished is not None
-            yield chunk([choice(None, _finish_reason(finished.reason, []))])
-            _note(record, prepared, finished, "".join(parts), log_content)
+                    yield chunk([choice(event.index, None, _finish_reason(event.reason, []))])
+            finished = choices.total()
+            _note(record, prepared, finished, _completions(choices), log_content)
             if include_usage:
                 yield chunk([], _usage(finished))
         except EngineError as exc:
-            _note(record, prepared, None, "".join(parts), log_content)
+            _note(record, prepared, None, _completions(choices), log_content)
             error = from_engine_error(exc)
             yield f"data: {json.dumps(error.body())}\n\n"
             await _commit_or_fail(record, error.status)

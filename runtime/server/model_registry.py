@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
-from sealbox.runtime.engine.base import Engine, ModelCard
+from sealbox.runtime.engine import Engine, EngineLoadError, EngineOptions, ModelCard, open_engine
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
-from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, read_facts
+from sealbox.runtime.models.gguf_facts import ModelFileError, read_model_file
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
 from sealbox.runtime.release import ReleaseFileError, current_directory, read_record
@@ -68,73 +69,96 @@ class ActiveRelease:
         return cls(directory, record.name, record.version, models, directory / record.policy)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServedModel:
+    """A model that passed its checks and whose engine is running: what a request is served by."""
+
     source: ModelSource
-    sha256: str = ""
-    engine: Engine | None = None
-    problem: str | None = None
-    embeddings: bool = False
-    context: int = 0
-    sequences: int = 0
-    gpu_layers: int = 0
+    sha256: str
+    engine: Engine
+    embeddings: bool
+    context: int
+    sequences: int
+    gpu_layers: int
     template: ChatTemplate | None = None
     """The chat template, compiled once when the model starts; None with `template_problem` when it does not compile."""
     template_problem: str | None = None
+    ready: ClassVar[bool] = True
+    problem: ClassVar[None] = None
 
     @property
     def name(self) -> str:
         return self.source.name
 
-    def compile_template(self) -> None:
-        """Compile the engine's chat template (its BOS/EOS texts are known once it has loaded the vocabulary)."""
-        assert self.engine is not None
+    def with_template(self) -> ServedModel:
+        """This model with the engine's chat template compiled (its BOS/EOS texts are known once the vocabulary has
+        loaded); a template that does not compile is kept as `template_problem` and reported in `/ready`."""
         card = self.engine.card
         try:
-            self.template = ChatTemplate(card.chat_template, bos_token=card.bos_token, eos_token=card.eos_token)
+            return replace(self, template=ChatTemplate(card.chat_template, bos_token=card.bos_token,
+                                                       eos_token=card.eos_token))  # fmt: skip
         except ChatTemplateError as exc:
-            self.template_problem = str(exc)
             log.error("model %s: %s", self.name, exc)
+            return replace(self, template_problem=str(exc))
+
+@dataclass(frozen=True)
+class FailedModel:
+    """A model that is not served, and why (listed in `/ready`; a request for it is a 503 naming the problem)."""
+
+    source: ModelSource
+    problem: str
+    sha256: str = ""
+    """The file's digest, when it was taken before the model failed (the audit record names it)."""
+    ready: ClassVar[bool] = False
+    embeddings: ClassVar[bool] = False
+    context: ClassVar[int] = 0
+    sequences: ClassVar[int] = 0
+    gpu_layers: ClassVar[int] = 0
 
     @property
-    def ready(self) -> bool:
-        return self.engine is not None and self.problem is None
+    def name(self) -> str:
+        return self.source.name
 
 
 @dataclass
 class ModelRegistry:
-    models: dict[str, ServedModel] = field(default_factory=dict)
+    models: dict[str, ServedModel | FailedModel] = field(default_factory=dict)
 
-    def get(self, name: str) -> ServedModel | None:
+    def get(self, name: str) -> ServedModel | FailedModel | None:
         return self.models.get(name)
 
     @property
     def ready(self) -> list[ServedModel]:
-        return [model for model in self.models.values() if model.ready]
+        return [model for model in self.models.values() if isinstance(model, ServedModel)]
 
     @property
-    def failed(self) -> list[ServedModel]:
-        return [model for model in self.models.values() if not model.ready]
+    def failed(self) -> list[FailedModel]:
+        return [model for model in self.models.values() if isinstance(model, FailedModel)]
 
     async def start(self, sources: list[ModelSource], policy: Policy, *, threads: int | None = None) -> None:
         """Check and start every model; a failure is kept as the model's `problem`, never raised."""
         for source in sources:
-            served = ServedModel(source)
-            self.models[source.name] = served
+            digest = _Digest()
             try:
-                served.engine = await _start_engine(served, policy.limits, threads=threads)
-                await asyncio.to_thread(served.compile_template)
+                served = await _start(source, policy.limits, digest, threads=threads)
+                self.models[source.name] = await asyncio.to_thread(served.with_template)
             except _Refused as exc:
-                served.problem = str(exc)
+                self.models[source.name] = FailedModel(source, str(exc), digest.value)
                 log.error("model %s is not served: %s", source.name, exc)
             except Exception as exc:  # a file the checks let through and something else refused: still one model only
-                served.problem = f"{source.path}: cannot be served: {exc}"
+                self.models[source.name] = FailedModel(source, f"{source.path}: cannot be served: {exc}", digest.value)
                 log.exception("model %s is not served", source.name)
 
     async def stop(self) -> None:
-        for model in self.models.values():
-            if model.engine is not None:
-                await model.engine.stop()
+        for model in self.ready:
+            await model.engine.stop()
+
+
+@dataclass
+class _Digest:
+    """The file's sha256 once taken: kept for the failed model's record when a later check refuses it."""
+
+    value: str = ""
 
 
 class _Refused(Exception):
@@ -149,63 +173,65 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: int | None) -> Engine:
+async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, threads: int | None) -> ServedModel:
+    """Prove, size and start one model. The GGUF header is read once, here; the probe, the memory plan and the chat
+    template take what it says."""
     import asyncio
 
-    from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
-    from sealbox.runtime.engine.llama_backend import ModelLoadError
-
-    source = served.source
     try:
-        served.sha256 = await asyncio.to_thread(file_sha256, source.path)
+        digest.value = await asyncio.to_thread(file_sha256, source.path)
     except OSError as exc:
         raise _Refused(f"{source.path}: cannot read: {exc.strerror}") from exc
-    if source.sha256 is not None and served.sha256 != source.sha256:
+    if source.sha256 is not None and digest.value != source.sha256:
         raise _Refused(
-            f"{source.path}: sha256 {served.sha256} does not match the release's {source.sha256} (the file was changed)"
+            f"{source.path}: sha256 {digest.value} does not match the release's {source.sha256} (the file was changed)"
         )
-    probe = await asyncio.to_thread(probe_model, source.path)
+    try:
+        model_file = await asyncio.to_thread(read_model_file, source.path)
+    except ModelFileError as exc:
+        raise _Refused(str(exc)) from exc
+    probe = await asyncio.to_thread(probe_model, source.path, facts=model_file.facts)
     if not probe.ok:
         raise _Refused(probe.reason)
     if not probe.extra_buffers:
         log.warning("%s", probe.reason)
     try:
-        facts = probe.facts or read_facts(source.path)
-        template = chat_template(source.path)
-        sizing = plan_for_policy(source.path, limits).engine_sizing()
+        sizing = plan_for_policy(source.path, limits, model_file=model_file).engine_sizing()
     except (ModelFileError, MemoryPlanError) as exc:
         raise _Refused(str(exc)) from exc
-    served.embeddings = facts.pooling_type is not None
-    served.context, served.sequences, served.gpu_layers = sizing.n_ctx_per_seq, sizing.n_seq_max, sizing.n_gpu_layers
+    embeddings = model_file.facts.pooling_type is not None
     card = ModelCard(
         name=source.name,
-        sha256=served.sha256,
+        sha256=digest.value,
         n_ctx=sizing.n_ctx_per_seq,
-        embeddings=served.embeddings,
-        chat_template=template,
+        embeddings=embeddings,
+        chat_template=model_file.chat_template,
     )
-    engine = LlamaBatchEngine(
+    engine = open_engine(
         source.path,
         card,
-        n_seq_max=sizing.n_seq_max,
-        n_ctx_per_seq=sizing.n_ctx_per_seq,
-        kv_cells=sizing.kv_cells,
-        queue_size=limits.queue_size,
-        n_gpu_layers=sizing.n_gpu_layers,
-        n_threads=threads,
-        embeddings=served.embeddings,
-        flash_attention=sizing.n_gpu_layers > 0,
-        extra_buffers=probe.extra_buffers,
-        type_k=sizing.type_k,
-        type_v=sizing.type_v,
+        EngineOptions(
+            n_seq_max=sizing.n_seq_max,
+            n_ctx_per_seq=sizing.n_ctx_per_seq,
+            kv_cells=sizing.kv_cells,
+            queue_size=limits.queue_size,
+            n_gpu_layers=sizing.n_gpu_layers,
+            n_threads=threads,
+            embeddings=embeddings,
+            flash_attention=sizing.n_gpu_layers > 0,
+            extra_buffers=probe.extra_buffers,
+            type_k=sizing.type_k,
+            type_v=sizing.type_v,
+        ),
     )
     try:
         await engine.start()
-    except ModelLoadError as exc:
+    except EngineLoadError as exc:
         raise _Refused(str(exc)) from exc
     log.info(
         "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers",
-        source.name, served.sha256[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
+        source.name, digest.value[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
         sizing.type_v, sizing.n_gpu_layers,
     )  # fmt: skip
-    return engine
+    return ServedModel(source, digest.value, engine, embeddings=embeddings, context=sizing.n_ctx_per_seq,
+                       sequences=sizing.n_seq_max, gpu_layers=sizing.n_gpu_layers)  # fmt: skip

@@ -2,7 +2,7 @@
 
 Unknown fields are refused rather than ignored: a misspelt `max_token` silently ignored would hand a client a
 completion it did not ask for. Fields OpenAI defines that sealbox does not implement are accepted only at their
-neutral value (`n=1`, no `logprobs`, no `logit_bias`), and refused with a message naming them otherwise.
+neutral value (`best_of=1`, no `suffix`), and refused with a message naming them otherwise.
 
 Numbers must be finite (`NaN` and `Infinity` are JSON extensions Python accepts), and text must be valid Unicode: a
 lone surrogate (`"\\ud800"`) parses in Python but cannot be encoded for the tokenizer or the audit log.
@@ -20,6 +20,14 @@ MAX_STOP_LENGTH = 256
 MAX_SEED = 2**64 - 1
 MAX_TOP_K = 2**31 - 1
 """llama.cpp takes top_k as a C int."""
+MAX_CHOICES = 16
+"""`n` at most: each choice holds a sequence of its own (OpenAI allows 128; a host serves a few sequences at once)."""
+MAX_PROMPTS = 16
+"""Prompts in one `/v1/completions` request at most (a LangChain `batch`)."""
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20
+"""OpenAI's bound for chat's `top_logprobs`; text completions' `logprobs` stops at 5."""
+MAX_COMPLETION_LOGPROBS = 5
 
 UNENCODABLE_TEXT = "unencodable_text"
 """The pydantic error type of a string holding a lone surrogate; its `where` names the field."""
@@ -158,7 +166,7 @@ class _Sampling(_Request):
     repeat_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: int | None = Field(None, ge=-(2**63), le=MAX_SEED)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -179,10 +187,22 @@ class _Sampling(_Request):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported")
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """Token ids (as strings, the JSON object's keys) to a bias in [-100, 100]; the engine checks each id
+        against the model's vocabulary."""
+        if not value:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
+        for key, bias in value.items():
+            if not key.isdigit() or len(key) > 10:
+                raise ValueError(f"logit_bias keys are token ids; {key[:20]!r} is not one")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {key} is {bias}; a bias lies in [-100, 100]")
         return value
+
+    def token_bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(key), float(bias)) for key, bias in (self.logit_bias or {}).items())
 
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -202,14 +222,14 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             if self.max_tokens != self.max_completion_tokens:
                 raise ValueError("max_tokens and max_completion_tokens disagree; give one")
@@ -221,33 +241,52 @@ class ChatCompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives to report per token (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] = Field(...)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(...)
+    """One prompt (text or token ids) or several (a list of texts, or of token-id lists): choice i·n + j is the
+    j-th choice of prompt i."""
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=1)
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: the prompt's own logprobs are not computed")
         if isinstance(self.prompt, list):
             if not self.prompt:
                 raise ValueError("prompt is empty")
-            if isinstance(self.prompt[0], str) and len(self.prompt) != 1:
-                raise ValueError("one prompt per request (a list of one string, or token ids)")
+            if not isinstance(self.prompt[0], int) and len(self.prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt[0], int):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
 
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(_Request):
