@@ -201,10 +201,12 @@ def create_app(config: ServerConfig) -> ASGIApp:
     return RequestRecorder(checked, audit=config.audit, tally=tally)
 
 
-def _model_details(model: ServedModel) -> dict[str, Any]:
+def _model_details(model: ServedModel | FailedModel) -> dict[str, Any]:
     details: dict[str, Any] = {"id": model.name, "ready": model.ready, "path": str(model.source.path),
                                "sha256": model.sha256 or None, "problem": model.problem, "context": model.context,
                                "sequences": model.sequences, "gpu_layers": model.gpu_layers}  # fmt: skip
+    if isinstance(model, FailedModel):
+        return details
     template = model.template
     if template is not None or model.template_problem is not None:
         refusals = template.refusals if template is not None else None
