@@ -54,6 +54,8 @@ _TRUE = {"yes", "true", "on", "1"}
 REQUIRED_UNIT_DIRECTIVES: dict[str, Callable[[str], bool]] = {
     "IPAddressDeny": lambda v: "any" in v.split(),
     "RestrictAddressFamilies": lambda v: bool(v) and not v.startswith("~") and "AF_PACKET" not in v.split(),
+    # No resolver: the release's empty resolv.conf bound over the system's (issue 13).
+    "BindReadOnlyPaths": lambda v: any(item.endswith(":/etc/resolv.conf") for item in v.split()),
     "NoNewPrivileges": lambda v: v.lower() in _TRUE,
     "ProtectSystem": lambda v: v == "strict",
     "PrivateTmp": lambda v: v.lower() in _TRUE,

@@ -47,6 +47,7 @@ CapabilityBoundingSet=
 IPAddressDeny=any
 IPAddressAllow=localhost
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+BindReadOnlyPaths=/var/lib/sealbox/current/service/resolv.conf:/etc/resolv.conf
 SystemCallFilter=@system-service
 SystemCallArchitectures=native
 

@@ -72,3 +72,11 @@ def test_the_doctor_sees_the_releases_resolver_walls_and_fence_in_force(tmp_path
 def test_lockdown_md_says_what_each_wall_closes(wall: str):
     text = (REPO / "docs" / "lockdown.md").read_text()
     assert wall.split(" (")[0].lower() in text.lower()
+
+
+def test_a_rendered_unit_that_leaves_the_service_a_resolver_fails_the_doctors_unit_check():
+    from sealbox.runtime.doctor import REQUIRED_UNIT_DIRECTIVES
+
+    holds = REQUIRED_UNIT_DIRECTIVES["BindReadOnlyPaths"]
+    assert holds("/r/service/resolv.conf:/etc/resolv.conf /r/service/hosts:/etc/hosts")
+    assert not holds("/r/service/hosts:/etc/hosts")

@@ -39,13 +39,14 @@ class Allowlist:
         return any(address.version == net.version and address in net for net in self.networks)
 
     def permits(self, address: IPAddress, port: int) -> bool:
+        """The allowlist alone; the rules add that port 53 is reachable only when listed by number."""
         return self.permits_address(address) and (not self.ports or port in self.ports)
 
     def describe(self) -> str:
         """The allowlist as an operator wrote it, for error messages and the doctor's report."""
         networks = ", ".join(str(net) for net in self.networks) or "nothing"
         if not self.ports:
-            return f"{networks} (any port)"
+            return f"{networks} (any port but 53)"
         return f"{networks} (ports {', '.join(str(p) for p in sorted(self.ports))})"
 
 
