@@ -2,8 +2,12 @@
 
 Writers use `AuditLog` (see `runtime.audit.log` for the interface, the events and the durability bound);
 auditors use `verify_directory` / `verify_export` and `export_log`; `build_report` summarises a window.
-Layout of `<root>/audit/`: `segment-<first seq>-<date>.jsonl` (the chain), `checkpoints.jsonl` (signed heads),
-`audit-key` (Ed25519, 0600) and `audit-key.pub`, `*.torn` (torn tails set aside), `.lock` (writers' flock).
+Layout of `<root>/audit/`: `segment-<first seq>-<date>.jsonl` (the chain), `checkpoints.jsonl` (signed heads, from
+a genesis checkpoint written before the first record; each one a C2SP tlog-checkpoint note body), `audit-key`
+(Ed25519, 0600) and `audit-key.pub`, `*.torn` (torn tails set aside), `.lock` (writers' flock).
+What holds without trusting the host's files: every record but a bounded live tail is covered by a signed checkpoint;
+an export carries a signed statement of its extent; an anchor kept off the host (`runtime.audit.anchor`) shows
+rollback or wipe.
 """
 
 from __future__ import annotations

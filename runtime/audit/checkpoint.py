@@ -129,7 +129,7 @@ def origin_for(key: str) -> str:
 
 
 def signed_message(size: int, head: str, time: str, key: str) -> bytes:
-    """The note body a checkpoint signs: origin, size, base64 head, time (an extension line), each ending in a newline."""
+    """The note body a checkpoint signs: origin, size, base64 head, time (an extension line), each line ending in \\n."""
     try:
         root = base64.b64encode(bytes.fromhex(head)).decode("ascii")
     except ValueError:

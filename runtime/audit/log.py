@@ -15,9 +15,10 @@ The interface the server, `bundle install`, the trust store and the egress guard
 log cannot write (disk full, I/O error, closed, failed before), and from then on the log refuses every append:
 callers fail closed. The outage ends by itself: every `recovery_retry_seconds` the writer thread reloads the tail and
 tries to write an `audit.outage` record (started, ended, refused_requests, error); once that is durable the log
-accepts appends again. `refusal()` is the server's per-request check, and counts the requests it refuses. Events: `api.request`, `auth.failure`, `api.rate_limited`, `server.start` (config_digest,
-models), `server.stop`, `bundle.install`, `bundle.activate`, `bundle.rollback`, `bundle.refused`, `trust.add`,
-`trust.remove`, `egress.blocked`; the log itself writes `audit.torn_tail`, `audit.retention`, `audit.outage`, and the export
+accepts appends again. `refusal()` is the server's per-request check, and counts the requests it refuses.
+Events: `api.request`, `auth.failure`, `api.rate_limited`, `server.start` (config_digest, models), `server.stop`,
+`bundle.install`, `bundle.activate`, `bundle.rollback`, `bundle.refused`, `trust.add`, `trust.remove`,
+`egress.blocked`; the log itself writes `audit.torn_tail`, `audit.retention`, `audit.outage`, and the export
 command `audit.export`. Fields are any JSON; the field `content` (prompt/completion text) is dropped unless
 `policy.log_content` is true, and while it is, every record carries `"content_logged": true`.
 

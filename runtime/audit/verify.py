@@ -525,7 +525,9 @@ def check_anchor(
             and item.checkpoint.signature_holds(public)
             for item in checkpoints
         ):
-            why = f"the log starts after seq {size} and no checkpoint in it matches the anchor: cannot show it extends it"
+            why = (
+                f"the log starts after seq {size} and no checkpoint in it matches the anchor: cannot show it extends it"
+            )
     if why is not None:
         report.problems.append(Problem(min(size + 1, (chain.last_seq or 0) + 1), f"anchor: {why}", where))
 
@@ -603,7 +605,9 @@ def _read_anchor(path: Path | None) -> Anchor | None:
     return Anchor.parse(text, source=str(path))
 
 
-def _verify_directory(directory: Path, pubkey: Path | None, bound: TailBound, anchor: Anchor | None) -> VerificationReport:
+def _verify_directory(
+    directory: Path, pubkey: Path | None, bound: TailBound, anchor: Anchor | None
+) -> VerificationReport:
     if not directory.is_dir():
         raise AuditFormatError(f"{directory}: not an audit directory")
     report = VerificationReport(source=str(directory))

@@ -82,8 +82,9 @@ def export(
     try:
         through = _record_export(log, start, stop, fmt, out)
         result = export_log(
-            directory, out, sign=log.sign_statement, since=start, until=stop, fmt=fmt, through_seq=through  # type: ignore[arg-type]
-        )
+            directory, out, sign=log.sign_statement, since=start, until=stop,
+            fmt=fmt, through_seq=through,  # type: ignore[arg-type]
+        )  # fmt: skip
     except (AuditFormatError, AuditUnavailableError, OSError) as exc:
         console.print(f"[red]export failed:[/] {escape(str(exc))}")
         raise typer.Exit(2) from exc
@@ -124,13 +125,17 @@ def verify(
     pubkey: PubkeyOption = None,
     anchor: Annotated[
         Path | None,
-        typer.Option("--anchor", help="A checkpoint note kept off the host (`sealbox audit anchor`): the log must extend it."),
+        typer.Option(
+            "--anchor", help="A checkpoint note kept off the host (`sealbox audit anchor`): the log must extend it."
+        ),
     ] = None,
     max_unsigned_records: Annotated[
-        int, typer.Option("--max-unsigned-records", min=1, help="Records the live tail may hold past the last checkpoint.")
+        int,
+        typer.Option("--max-unsigned-records", min=1, help="Records the live tail may hold past the last checkpoint."),
     ] = AuditPolicy().max_unsigned_records,
     max_unsigned_seconds: Annotated[
-        float, typer.Option("--max-unsigned-seconds", min=0, help="Seconds the live tail may span past the last checkpoint.")
+        float,
+        typer.Option("--max-unsigned-seconds", min=0, help="Seconds the live tail may span past the last checkpoint."),
     ] = AuditPolicy().max_unsigned_seconds,
     as_json: JsonOption = False,
 ) -> None:
