@@ -35,7 +35,7 @@ from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, format_bytes, gpu_free_bytes, host_memory_bytes, plan_for_policy
-from sealbox.runtime.policy import Policy, PolicyError
+from sealbox.runtime.policy import Policy, PolicyError, is_loopback_host
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
 UNIT_NAME = "sealbox.service"
@@ -463,11 +463,7 @@ def check_listen(appliance: Appliance) -> Finding:
     """The policy's listen address against its transport: beyond loopback, clear text exposes keys and prompts."""
     server = appliance.policy.server
     address = f"{server.host}:{server.port}"
-    host = server.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback_host(server.host)
     if server.tls_cert:
         missing = [path for path in (server.tls_cert, server.tls_key) if not Path(path).is_file()]
         if missing:
