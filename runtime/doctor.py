@@ -472,8 +472,8 @@ def check_listen(appliance: Appliance) -> Finding:
     if loopback:
         return Finding(CheckStatus.PASS, f"plain HTTP on loopback ({address}): nothing outside this host reaches it")
     if server.allow_plain_http:
-        return Finding(CheckStatus.WARN, f"plain HTTP on {address}, beyond loopback (allow_plain_http = true): API keys "
-                       "and prompts cross the network in clear text; set tls_cert and tls_key")  # fmt: skip
+        return Finding(CheckStatus.WARN, f"plain HTTP on {address}, beyond loopback (allow_plain_http = true): "
+                       "API keys and prompts cross the network in clear text; set tls_cert and tls_key")  # fmt: skip
     return Finding(CheckStatus.FAIL, f"{address} is beyond loopback without TLS: `sealbox serve` refuses to start")
 
 

@@ -40,7 +40,8 @@ def test_500_bad_key_requests_from_one_client_leave_a_bounded_number_of_records_
     with ServerProcess(root, models=[tiny_model], policy_text=POLICY) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for i in range(500):
-                answer = http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer sbx-wrong-{i}"})
+                wrong = {"Authorization": f"Bearer sbx-wrong-{i}"}
+                answer = http.post("/v1/chat/completions", json=CHAT, headers=wrong)
                 assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
             served = http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert served.status_code == 200  # the stranger's flood did not stop a client with a key
@@ -54,7 +55,9 @@ def test_500_bad_key_requests_from_one_client_leave_a_bounded_number_of_records_
     assert not any(b"sbx-wrong" in path.read_bytes() for path in (root / "audit").rglob("*") if path.is_file())
 
 
-def test_missing_malformed_and_wrong_keys_from_one_client_are_one_summary_counting_them_all(tmp_path: Path, tiny_model: Path) -> None:
+def test_missing_malformed_and_wrong_keys_from_one_client_are_one_summary_counting_them_all(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     root = tmp_path / "root"
     create_api_key(root, "alice")
     with ServerProcess(root, models=[tiny_model], policy_text=POLICY) as server:

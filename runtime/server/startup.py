@@ -97,7 +97,7 @@ class PreparedServer:
                 ssl_certfile=limits.tls_cert or None,
                 ssl_keyfile=limits.tls_key or None,
                 timeout_graceful_shutdown=10,
-                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # call_later takes a float
+                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
             )
         )
         try:
@@ -172,9 +172,9 @@ def prepare(options: ServeOptions) -> PreparedServer:
     if options.no_auth and not is_loopback_host(host):
         raise ServeRefused(f"--no-auth serves anyone who can reach {host}; it is allowed on a loopback address only")
     if not is_loopback_host(host) and not policy.server.tls and not policy.server.allow_plain_http:
-        raise ServeRefused(f"{host} is beyond loopback and the policy has no TLS certificate: API keys and prompts would "
-                           "cross the network in clear text; set [server] tls_cert and tls_key (or, accepting that risk, "
-                           "allow_plain_http = true)")  # fmt: skip
+        raise ServeRefused(f"{host} is beyond loopback and the policy has no TLS certificate: API keys and prompts "
+                           "would cross the network in clear text; set [server] tls_cert and tls_key (or, accepting "
+                           "that risk, allow_plain_http = true)")  # fmt: skip
     if options.no_audit and options.strict:
         raise ServeRefused("--no-audit and --strict contradict each other")
     if options.strict:
