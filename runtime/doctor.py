@@ -33,7 +33,7 @@ from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_networ
 from sealbox.runtime.egress.walls import read_walls
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, host_memory_bytes, plan_for_policy
-from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
+from sealbox.runtime.policy import Policy, PolicyError, default_policy_text, is_loopback_host
 from sealbox.runtime.regular_file import sha256_regular
 from sealbox.runtime.release import (
     ReleaseFileError,
@@ -487,11 +487,7 @@ def check_listen(appliance: Appliance) -> Finding:
     """The policy's listen address against its transport: beyond loopback, clear text exposes keys and prompts."""
     server = appliance.policy.server
     address = f"{server.host}:{server.port}"
-    host = server.host
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback_host(server.host)
     if server.tls_cert:
         missing = [path for path in (server.tls_cert, server.tls_key) if not Path(path).is_file()]
         if missing:
@@ -500,8 +496,8 @@ def check_listen(appliance: Appliance) -> Finding:
     if loopback:
         return Finding(CheckStatus.PASS, f"plain HTTP on loopback ({address}): nothing outside this host reaches it")
     if server.allow_plain_http:
-        return Finding(CheckStatus.WARN, f"plain HTTP on {address}, beyond loopback (allow_plain_http = true): API keys "
-                       "and prompts cross the network in clear text; set tls_cert and tls_key")  # fmt: skip
+        return Finding(CheckStatus.WARN, f"plain HTTP on {address}, beyond loopback (allow_plain_http = true): "
+                       "API keys and prompts cross the network in clear text; set tls_cert and tls_key")  # fmt: skip
     return Finding(CheckStatus.FAIL, f"{address} is beyond loopback without TLS: `sealbox serve` refuses to start")
 
 

@@ -21,6 +21,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address: what only this host can reach (plain HTTP and --no-auth stay there)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ServerPolicy(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

@@ -109,3 +109,43 @@ def test_a_template_that_does_not_compile_is_reported_at_start_and_refused_per_r
 def test_the_ordinary_model_answers_after_the_hostile_templates(served: Served):
     reply = served.chat("tiny")
     assert reply.usage is not None and reply.usage.completion_tokens == 2
+
+
+# --- the budget itself, one attack at a time (the same ChatTemplate the server compiles) --------------------------
+
+ATTACKS = {
+    "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "a macro calling itself": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "a loop calling itself": "{% for m in [1, 2] recursive %}{{ loop([m]) }}{% endfor %}",
+    "a string doubled with ~": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+                               "{% endfor %}",
+    "a string doubled with +": "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}"
+                               "{% endfor %}",
+    "a string repeated": "{{ 'a' * 1000000000 }}",
+    "a filter's width": "{{ 'a'|center(1000000000) }}",
+    "a method's width": "{{ 'a'.ljust(1000000000) }}",
+    "a %-format width": "{{ '%999999999d' % 1 }}",
+    "a str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "a huge power": "{{ 2 ** 100000000 }}",
+    "a long output": "{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}",
+}
+
+
+@pytest.mark.parametrize("source", list(ATTACKS.values()), ids=list(ATTACKS))
+def test_a_template_over_its_budget_is_stopped_quickly_and_counted(source: str):
+    from sealbox.runtime.server.chat_template import ChatTemplate, TemplateLimitExceeded
+
+    template = ChatTemplate(source)
+    with pytest.raises(TemplateLimitExceeded):
+        template.render([{"role": "user", "content": "hi"}])
+    assert template.refusals.count == 1 and template.refusals.last
+
+
+def test_an_ordinary_tool_template_renders_within_the_budget():
+    from sealbox.runtime.server.chat_template import ChatTemplate
+
+    source = ("{% if tools %}{{ tools|tojson }}{% endif %}{% for message in messages %}{{ loop.index }}:"
+              "{{ message['role']|upper }}={{ message['content']|trim }}\n{% endfor %}")  # fmt: skip
+    messages = [{"role": "user", "content": f" message {i} "} for i in range(500)]
+    text = ChatTemplate(source).render(messages, tools=[{"type": "function", "function": {"name": "f"}}])
+    assert text.startswith('[{"type": "function"') and "500:USER=message 499\n" in text

@@ -32,13 +32,15 @@ def namespace() -> None:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 @pytest.mark.parametrize("strict", [False, True], ids=["plain", "strict"])
-def test_plain_http_beyond_loopback_is_refused_at_start_without_tls(namespace: None, tmp_path: Path,
-                                                                     tiny_model: Path, host: str, strict: bool):  # fmt: skip
+def test_plain_http_beyond_loopback_is_refused_at_start_without_tls(
+    namespace: None, tmp_path: Path, tiny_model: Path, host: str, strict: bool
+) -> None:
+    create_api_key(tmp_path, "alice")  # everything else it needs is there: only the listen check can refuse
     server = ServerProcess(tmp_path, models=[tiny_model], policy_text=POLICY, host=host, executable=IN_NAMESPACE,
                            extra_args=["--strict"] if strict else [])  # fmt: skip
     server.policy = tmp_path / "policy.toml"
     server.policy.write_text(POLICY)
-    done = server.run_to_exit(timeout_s=60)
+    done = server.run_to_exit(timeout_s=60)  # a server that started instead runs into this timeout
     assert done.returncode == 3, done.stderr  # EXIT_REFUSED
     assert "sealbox serving" not in done.stderr
     message = " ".join(done.stderr.split())
@@ -74,7 +76,8 @@ def release_with_policy(root: Path, policy: str) -> Path:
     release = root / "releases" / "demo-1"
     release.mkdir(parents=True)
     (release / "policy.toml").write_text(policy)
-    (release / "release.json").write_text(json.dumps({"name": "demo", "version": 1, "models": [], "policy": "policy.toml"}))
+    record = {"name": "demo", "version": 1, "models": [], "policy": "policy.toml"}
+    (release / "release.json").write_text(json.dumps(record))
     (root / "current").symlink_to(Path("releases") / "demo-1")
     return root
 

@@ -8,11 +8,13 @@ per interval (and at shutdown) with that count. The log is read back through the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from audit_records import audit_records
 from server_support import ServerProcess, create_api_key, sealbox
 
 # One interval longer than any test: the records counted come from the flush at shutdown, not from a race with a timer.
@@ -40,7 +42,8 @@ def test_500_bad_key_requests_from_one_client_leave_a_bounded_number_of_records_
     with ServerProcess(root, models=[tiny_model], policy_text=POLICY) as server:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for i in range(500):
-                answer = http.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer sbx-wrong-{i}"})
+                wrong = {"Authorization": f"Bearer sbx-wrong-{i}"}
+                answer = http.post("/v1/chat/completions", json=CHAT, headers=wrong)
                 assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
             served = http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert served.status_code == 200  # the stranger's flood did not stop a client with a key
@@ -54,7 +57,9 @@ def test_500_bad_key_requests_from_one_client_leave_a_bounded_number_of_records_
     assert not any(b"sbx-wrong" in path.read_bytes() for path in (root / "audit").rglob("*") if path.is_file())
 
 
-def test_missing_malformed_and_wrong_keys_from_one_client_are_one_summary_counting_them_all(tmp_path: Path, tiny_model: Path) -> None:
+def test_missing_malformed_and_wrong_keys_from_one_client_are_one_summary_counting_them_all(
+    tmp_path: Path, tiny_model: Path
+) -> None:
     root = tmp_path / "root"
     create_api_key(root, "alice")
     with ServerProcess(root, models=[tiny_model], policy_text=POLICY) as server:
@@ -80,3 +85,26 @@ def test_a_wrong_key_sent_to_ready_is_counted_as_a_refusal_too(tmp_path: Path, t
             assert answer.status_code == 200 and "models" in answer.json()
     (summary,) = failures(exported(root, tmp_path / "export.jsonl"))
     assert (summary["count"], summary["endpoints"]) == (4, ["/ready"])
+
+
+def test_counts_are_recorded_at_each_intervals_end_and_the_rest_at_shutdown(tmp_path: Path, tiny_model: Path) -> None:
+    root = tmp_path / "root"
+    create_api_key(root, "alice")
+    policy = "[server]\nrefusal_summary_seconds = 1\n[limits]\ncontext = 512\n"
+    with ServerProcess(root, models=[tiny_model], policy_text=policy) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for _ in range(5):
+                assert http.get("/v1/models").status_code == 401
+            deadline = time.monotonic() + 30  # observing the log while the server runs: the intervals' own flushes
+            while logged_count(root) < 5:
+                assert time.monotonic() < deadline, "no summary was written at the end of the interval"
+                time.sleep(0.05)
+            for _ in range(3):
+                assert http.get("/v1/models").status_code == 401
+    counts = [fields["count"] for fields in failures(exported(root, tmp_path / "export.jsonl"))]
+    assert sum(counts) == 8  # the 3 later ones: in a later interval's record, or the shutdown's
+    assert len(counts) <= 4  # 8 refusals across at most a few 1-second intervals: one record per interval
+
+
+def logged_count(root: Path) -> int:
+    return sum(record.fields["count"] for record in audit_records(root / "audit") if record.event == "auth.failure")

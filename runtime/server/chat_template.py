@@ -7,7 +7,7 @@ loop would hold a CPU (and, rendered on the event loop, the whole server) for as
 has a budget: loop iterations and calls count as steps, strings and lists built by operators, filters and calls are
 capped in size (checked before the big ones are built), the output is capped, and a wall-clock deadline backs them
 up. A render that exceeds the budget raises `TemplateLimitExceeded` (a 400 for that request) and is counted on the
-template (shown in `/ready`). Renders run on a small thread pool of their own, so the event loop keeps answering.
+template (shown in `/ready`). Renders run on a small thread pool of the model's own, so the event loop keeps answering.
 
 A model without a template gets ChatML, which is what most instruction-tuned GGUFs use. Tools are offered to the
 template only when the template mentions them, since a template that ignores `tools` would drop them without a word.
@@ -53,7 +53,8 @@ class RenderLimits:
 
 DEFAULT_LIMITS = RenderLimits()
 RENDER_THREADS = 2
-"""Templates render on their own threads: a slow one never takes the threads the audit log and hashing use."""
+"""Threads per model for rendering its template: a hostile template queues its own model's requests only, never
+another model's nor the threads the audit log and hashing use."""
 
 
 class ChatTemplateError(Exception):
@@ -210,9 +211,6 @@ class TemplateRefusals:
     last_at: str | None = None
 
 
-_render_pool = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="chat-template")
-
-
 class ChatTemplate:
     """One model's chat template, compiled once (at model start) and rendered per request."""
 
@@ -223,6 +221,7 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.limits = limits
         self.refusals = TemplateRefusals()
+        self._threads: ThreadPoolExecutor | None = None
         environment = BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise
         environment.globals["strftime_now"] = lambda fmt: datetime.now(UTC).strftime(fmt)
@@ -291,5 +290,7 @@ class ChatTemplate:
 
         Raises the same errors as `render`.
         """
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(max_workers=RENDER_THREADS, thread_name_prefix="chat-template")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_render_pool, partial(self.render, messages, tools=tools))
+        return await loop.run_in_executor(self._threads, partial(self.render, messages, tools=tools))

@@ -41,6 +41,6 @@ class HostCheck:
         if record is not None:
             record.refusal = REASON
         shown = hosts[0][:100] if hosts else "none"
-        error = ApiError(403, f"Host {shown!r} is not this server's loopback address; without API keys (--no-auth) only "
-                         f"{', '.join(sorted(self.allowed))} are served", code=REASON)  # fmt: skip
+        error = ApiError(403, f"Host {shown!r} is not this server's loopback address; without API keys (--no-auth) "
+                         f"only {', '.join(sorted(self.allowed))} are served", code=REASON)  # fmt: skip
         await error.response()(scope, receive, send)

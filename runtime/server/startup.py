@@ -8,7 +8,6 @@ stops the start; the command line only translates options and refusals.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING
 from sealbox.runtime.egress.guard import EgressGuard, audit_log_reporter, guard_status_path, install_egress_guard
 from sealbox.runtime.egress.offline_env import RemoteReferenceError, apply_offline_environment, require_local_reference
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.policy import Policy, PolicyError
+from sealbox.runtime.policy import Policy, PolicyError, is_loopback_host
 from sealbox.runtime.server.model_registry import ActiveRelease, ModelSource, ReleaseError
 
 if TYPE_CHECKING:
@@ -54,15 +53,6 @@ class ServeOptions:
     strict: bool = False
     threads: int | None = None
     no_audit: bool = False
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -107,7 +97,7 @@ class PreparedServer:
                 ssl_certfile=limits.tls_cert or None,
                 ssl_keyfile=limits.tls_key or None,
                 timeout_graceful_shutdown=10,
-                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # call_later takes a float
+                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
             )
         )
         try:
@@ -138,7 +128,7 @@ class PreparedServer:
     @property
     def plain_http_beyond_loopback(self) -> bool:
         """The policy accepted clear-text HTTP on a network address (`allow_plain_http`): recorded and reported."""
-        return not is_loopback(self.host) and not self.policy.server.tls
+        return not is_loopback_host(self.host) and not self.policy.server.tls
 
     def _release_state(self) -> None:
         """Withdraw the guard report doctor reads and close the log (a final signed checkpoint). Idempotent."""
@@ -179,12 +169,12 @@ def prepare(options: ServeOptions) -> PreparedServer:
     guard = install_egress_guard(policy.egress)
     host = options.host or policy.server.host
     port = options.port or policy.server.port
-    if options.no_auth and not is_loopback(host):
+    if options.no_auth and not is_loopback_host(host):
         raise ServeRefused(f"--no-auth serves anyone who can reach {host}; it is allowed on a loopback address only")
-    if not is_loopback(host) and not policy.server.tls and not policy.server.allow_plain_http:
-        raise ServeRefused(f"{host} is beyond loopback and the policy has no TLS certificate: API keys and prompts would "
-                           "cross the network in clear text; set [server] tls_cert and tls_key (or, accepting that risk, "
-                           "allow_plain_http = true)")  # fmt: skip
+    if not is_loopback_host(host) and not policy.server.tls and not policy.server.allow_plain_http:
+        raise ServeRefused(f"{host} is beyond loopback and the policy has no TLS certificate: API keys and prompts "
+                           "would cross the network in clear text; set [server] tls_cert and tls_key (or, accepting "
+                           "that risk, allow_plain_http = true)")  # fmt: skip
     if options.no_audit and options.strict:
         raise ServeRefused("--no-audit and --strict contradict each other")
     if options.strict:
