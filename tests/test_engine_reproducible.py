@@ -1,5 +1,6 @@
 """The same seed gives the same answer: a seeded (or greedy) request answers the same whatever the engine served
-before it, though prefix reuse would otherwise evaluate its prompt in other chunks (and move llama.cpp's logits)."""
+before it or serves beside it, though prefix reuse and load would otherwise evaluate its prompt in other chunks and
+its tokens in other batch shapes (and move llama.cpp's logits)."""
 
 from __future__ import annotations
 
@@ -32,10 +33,11 @@ async def complete(engine: LlamaBatchEngine, tokens: list[int], sampling: Sampli
 Answer = tuple[str, list[float]]
 
 
-def answers(model: Path, sampling: SamplingParams) -> tuple[Answer, Answer]:
-    """The request on a fresh engine, and again after traffic that left parts of its prompt in the cache."""
+def answers(model: Path, sampling: SamplingParams) -> tuple[Answer, Answer, Answer]:
+    """The request on a fresh engine; again after traffic that left parts of its prompt in the cache; and on a fresh
+    engine again, beside a stream that started first."""
 
-    async def scenario() -> tuple[Answer, Answer]:
+    async def scenario() -> tuple[Answer, Answer, Answer]:
         fresh = make_engine(model)
         await fresh.start()
         try:
@@ -51,16 +53,32 @@ def answers(model: Path, sampling: SamplingParams) -> tuple[Answer, Answer]:
             after = await complete(engine, prompt, sampling)
         finally:
             await engine.stop()
-        return alone, after
+        busy = make_engine(model)
+        await busy.start()
+        try:
+            other = busy.generate(GenerationRequest(id="other", prompt_tokens=busy.tokenize("a long story " * 3),
+                                                    max_tokens=400, sampling=SamplingParams(temperature=0.7)))  # fmt: skip
+            assert isinstance(await anext(other), TextDelta)  # it is generating now
+            beside = await complete(busy, prompt, sampling)
+            await other.aclose()
+        finally:
+            await busy.stop()
+        return alone, after, beside
 
     return asyncio.run(scenario())
 
 
 def test_a_seeded_request_answers_the_same_after_traffic_that_shares_its_prefix(tiny_model: Path) -> None:
-    alone, after = answers(tiny_model, SEEDED)
+    alone, after, _ = answers(tiny_model, SEEDED)
     assert after == alone
 
 
-def test_a_greedy_request_answers_the_same_after_traffic_that_shares_its_prefix(tiny_model: Path) -> None:
-    alone, after = answers(tiny_model, GREEDY)
+def test_a_seeded_request_answers_the_same_beside_a_running_stream(tiny_model: Path) -> None:
+    alone, _, beside = answers(tiny_model, SEEDED)
+    assert beside == alone
+
+
+def test_a_greedy_request_answers_the_same_after_and_beside_other_traffic(tiny_model: Path) -> None:
+    alone, after, beside = answers(tiny_model, GREEDY)
     assert after == alone
+    assert beside == alone

@@ -22,8 +22,9 @@ that were themselves computed in such chunks (`Slot.canonical`). The cost: up to
 that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
 evaluated a chunk per step even on an idle engine, each chunk in a step of its own (the streams running pause for
 it, as they do for any prompt chunk). A step of a single token is padded with a second one on an idle
-sequence (dropped after the decode): llama.cpp multiplies a lone row with other kernels than two or more, so a
-request's tokens would otherwise come out differently alone than beside others.
+sequence, its logits asked for too (dropped after the decode): llama.cpp multiplies a lone row, and computes a lone
+output row, with other kernels than two or more, so a request's tokens would otherwise come out differently alone
+than beside others.
 
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
@@ -160,12 +161,12 @@ class Scheduler:
                 continue
             if neighbour < seq:
                 batch.clear()
-                batch.add(token, len(pad.cached), pad.id, False)
+                batch.add(token, len(pad.cached), pad.id, True)
                 index = batch.add(token, pos, seq, output)
                 if self.slots[seq].output_index >= 0:
                     self.slots[seq].output_index = index
             else:
-                batch.add(token, len(pad.cached), pad.id, False)
+                batch.add(token, len(pad.cached), pad.id, True)
             return pad
         return None
 
