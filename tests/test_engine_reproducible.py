@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from sealbox.runtime.engine import GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
 CONTEXT = 1024
@@ -82,3 +82,22 @@ def test_a_greedy_request_answers_the_same_after_and_beside_other_traffic(tiny_m
     alone, after, beside = answers(tiny_model, GREEDY)
     assert after == alone
     assert beside == alone
+
+
+def test_a_request_that_reserves_a_whole_shared_pool_still_completes_beside_its_padding(tiny_model: Path) -> None:
+    """The padding token of a lone step takes a cell the reservation leaves free: the decode never finds the pool full."""
+
+    async def scenario() -> None:
+        engine = LlamaBatchEngine(tiny_model, ModelCard(name="tiny-full", sha256="0" * 64, n_ctx=256), n_seq_max=2,
+                                  n_ctx_per_seq=256, kv_cells=256, queue_size=2, n_threads=1)  # fmt: skip
+        await engine.start()
+        try:
+            prompt = engine.tokenize("the water " * 10)
+            request = GenerationRequest(id="full", prompt_tokens=prompt, max_tokens=256 - len(prompt),
+                                        sampling=SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root"))  # fmt: skip
+            events = [event async for event in engine.generate(request)]
+        finally:
+            await engine.stop()
+        assert events[-1] == Finished("length", prompt_tokens=len(prompt), completion_tokens=256 - len(prompt))
+
+    asyncio.run(scenario())

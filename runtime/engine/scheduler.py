@@ -148,7 +148,9 @@ class Scheduler:
     def _pad_lone_token(self) -> Slot | None:
         """Add a throwaway token on an idle sequence to a batch of one (see the module docstring); the slot used.
 
-        A neighbour of the lone sequence, in sequence-id order, so that split streams still compute in one pass."""
+        A neighbour of the lone sequence, in sequence-id order, so that split streams still compute in one pass. Its
+        cell is always free: a running request holds at most prompt + max_tokens - 1 cells of its reservation (its
+        last token is never decoded), and reservations plus idle caches stay within the cache."""
         batch = self.batch
         if batch.n_tokens != 1:
             return None
