@@ -326,14 +326,14 @@ class Scheduler:
         chunk = self.canonical_chunk
         sizes: dict[int, int] = {}
         for slot in prefilling:
-            if budget <= 0:
-                break
             start = len(slot.cached)
-            n = min(len(slot.prompt) - start, budget)
             if self._reproducible(slot):
                 if sizes:
                     continue  # its chunk goes alone, in a step of its own
                 return {slot.id: min(len(slot.prompt) - start, chunk - start % chunk)}, True
+            if budget <= 0:
+                continue  # no room left for free chunks; a reproducible one further on may still go alone
+            n = min(len(slot.prompt) - start, budget)
             sizes[slot.id] = n
             budget -= n
         return sizes, False
