@@ -47,6 +47,7 @@ def test_n_3_returns_3_indexed_choices_from_one_evaluation_of_the_prompt(client:
                                                                           server: ServerProcess) -> None:  # fmt: skip
     submitted = counter(server, "sealbox_prompt_tokens_total")
     reused = counter(server, "sealbox_prompt_tokens_reused_total")
+    requests = counter(server, "sealbox_requests_total")
     answer = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "three answers about the river delta, please"}],
         n=3, max_tokens=12, temperature=1.0, seed=11,
@@ -60,6 +61,7 @@ def test_n_3_returns_3_indexed_choices_from_one_evaluation_of_the_prompt(client:
     # Choices 1 and 2 copied choice 0's evaluated prompt: at least 2 × the prompt was not computed again.
     assert counter(server, "sealbox_prompt_tokens_reused_total") - reused >= 2 * prompt
     assert 3 <= answer.usage.completion_tokens <= 3 * 12  # every choice's completion, the prompt counted once
+    assert counter(server, "sealbox_requests_total") - requests == 1  # one request, however many choices
 
 
 def test_n_3_streams_chunks_for_each_choice_each_ending_with_a_finish_reason(client: openai.OpenAI) -> None:

@@ -438,7 +438,8 @@ class Scheduler:
         task.done = True
         task.sampler.free()
         self.admission.release(task)
-        self.metrics.finished(status)
+        if task.index == 0:  # a request of n choices ends once, as its first choice ends
+            self.metrics.finished(status)
 
     def _end_unplaced(self, task: GenerationTask) -> None:
         self._outbox.append(
@@ -514,7 +515,8 @@ class Scheduler:
             self._outbox.append((task, Failed(error)))  # type: ignore[arg-type]
             task.done = True  # type: ignore[attr-defined]
             task.sampler.free()  # type: ignore[attr-defined]
-            self.metrics.finished("error")
+            if task.index == 0:  # type: ignore[attr-defined]
+                self.metrics.finished("error")
         while self._embedding_jobs:
             job = self._embedding_jobs.popleft()
             if job.result.set_running_or_notify_cancel():
