@@ -1,12 +1,13 @@
 """The same seed gives the same answer: a seeded (or greedy) request answers the same whatever the engine served
-before it, though prefix reuse would otherwise evaluate its prompt in other chunks (and move llama.cpp's logits)."""
+before it or serves beside it, though prefix reuse and load would otherwise evaluate its prompt in other chunks and
+its tokens in other batch shapes (and move llama.cpp's logits)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from sealbox.runtime.engine import GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
 
 CONTEXT = 1024
@@ -15,9 +16,11 @@ SEEDED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_engine(model: Path) -> LlamaBatchEngine:
+def make_engine(model: Path, *, pooled: bool = False) -> LlamaBatchEngine:
+    """Split streams (a sequence's own cells, flash attention), or with `pooled` one pool of cells shared by all."""
     return LlamaBatchEngine(model, ModelCard(name="tiny-repro", sha256="0" * 64, n_ctx=CONTEXT), n_seq_max=4,
-                            n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1, prefill_chunk=32)  # fmt: skip
+                            n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1, prefill_chunk=32,
+                            kv_cells=2 * CONTEXT if pooled else None)  # fmt: skip
 
 
 async def complete(engine: LlamaBatchEngine, tokens: list[int], sampling: SamplingParams,
@@ -32,18 +35,19 @@ async def complete(engine: LlamaBatchEngine, tokens: list[int], sampling: Sampli
 Answer = tuple[str, list[float]]
 
 
-def answers(model: Path, sampling: SamplingParams) -> tuple[Answer, Answer]:
-    """The request on a fresh engine, and again after traffic that left parts of its prompt in the cache."""
+def answers(model: Path, sampling: SamplingParams, *, pooled: bool = False) -> tuple[Answer, Answer, Answer]:
+    """The request on a fresh engine; again after traffic that left parts of its prompt in the cache; and on a fresh
+    engine again, beside a stream that started first."""
 
-    async def scenario() -> tuple[Answer, Answer]:
-        fresh = make_engine(model)
+    async def scenario() -> tuple[Answer, Answer, Answer]:
+        fresh = make_engine(model, pooled=pooled)
         await fresh.start()
         try:
             prompt = fresh.tokenize(SYSTEM + "what is the question")
             alone = await complete(fresh, prompt, sampling)
         finally:
             await fresh.stop()
-        engine = make_engine(model)
+        engine = make_engine(model, pooled=pooled)
         await engine.start()
         try:
             for other in ("and something else", "what is", SYSTEM[:50]):
@@ -51,16 +55,58 @@ def answers(model: Path, sampling: SamplingParams) -> tuple[Answer, Answer]:
             after = await complete(engine, prompt, sampling)
         finally:
             await engine.stop()
-        return alone, after
+        busy = make_engine(model, pooled=pooled)
+        await busy.start()
+        try:
+            other = busy.generate(GenerationRequest(id="other", prompt_tokens=busy.tokenize("a long story " * 3),
+                                                    max_tokens=400, sampling=SamplingParams(temperature=0.7)))  # fmt: skip
+            assert isinstance(await anext(other), TextDelta)  # it is generating now
+            beside = await complete(busy, prompt, sampling)
+            await other.aclose()
+        finally:
+            await busy.stop()
+        return alone, after, beside
 
     return asyncio.run(scenario())
 
 
 def test_a_seeded_request_answers_the_same_after_traffic_that_shares_its_prefix(tiny_model: Path) -> None:
-    alone, after = answers(tiny_model, SEEDED)
+    alone, after, _ = answers(tiny_model, SEEDED)
     assert after == alone
 
 
-def test_a_greedy_request_answers_the_same_after_traffic_that_shares_its_prefix(tiny_model: Path) -> None:
-    alone, after = answers(tiny_model, GREEDY)
+def test_a_seeded_request_answers_the_same_beside_a_running_stream(tiny_model: Path) -> None:
+    alone, _, beside = answers(tiny_model, SEEDED)
+    assert beside == alone
+
+
+def test_a_greedy_request_answers_the_same_after_and_beside_other_traffic(tiny_model: Path) -> None:
+    alone, after, beside = answers(tiny_model, GREEDY)
     assert after == alone
+    assert beside == alone
+
+
+def test_a_seeded_request_answers_the_same_after_traffic_in_a_shared_pool(tiny_model: Path) -> None:
+    """In a pool shared by all sequences a request's cells lie between the others', and the order llama.cpp sums
+    them in follows: beside other traffic the last bits still move there (the README says so)."""
+    alone, after, _ = answers(tiny_model, SEEDED, pooled=True)
+    assert after == alone
+
+
+def test_a_request_that_reserves_a_whole_shared_pool_still_completes_beside_its_padding(tiny_model: Path) -> None:
+    """The padding token of a lone step takes a cell the reservation leaves free: the decode never finds the pool full."""
+
+    async def scenario() -> None:
+        engine = LlamaBatchEngine(tiny_model, ModelCard(name="tiny-full", sha256="0" * 64, n_ctx=256), n_seq_max=2,
+                                  n_ctx_per_seq=256, kv_cells=256, queue_size=2, n_threads=1)  # fmt: skip
+        await engine.start()
+        try:
+            prompt = engine.tokenize("the water " * 10)
+            request = GenerationRequest(id="full", prompt_tokens=prompt, max_tokens=256 - len(prompt),
+                                        sampling=SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root"))  # fmt: skip
+            events = [event async for event in engine.generate(request)]
+        finally:
+            await engine.stop()
+        assert events[-1] == Finished("length", prompt_tokens=len(prompt), completion_tokens=256 - len(prompt))
+
+    asyncio.run(scenario())

@@ -47,6 +47,7 @@ def test_n_3_returns_3_indexed_choices_from_one_evaluation_of_the_prompt(client:
                                                                           server: ServerProcess) -> None:  # fmt: skip
     submitted = counter(server, "sealbox_prompt_tokens_total")
     reused = counter(server, "sealbox_prompt_tokens_reused_total")
+    requests = counter(server, "sealbox_requests_total")
     answer = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "three answers about the river delta, please"}],
         n=3, max_tokens=12, temperature=1.0, seed=11,
@@ -60,6 +61,7 @@ def test_n_3_returns_3_indexed_choices_from_one_evaluation_of_the_prompt(client:
     # Choices 1 and 2 copied choice 0's evaluated prompt: at least 2 × the prompt was not computed again.
     assert counter(server, "sealbox_prompt_tokens_reused_total") - reused >= 2 * prompt
     assert 3 <= answer.usage.completion_tokens <= 3 * 12  # every choice's completion, the prompt counted once
+    assert counter(server, "sealbox_requests_total") - requests == 1  # one request, however many choices
 
 
 def test_n_3_streams_chunks_for_each_choice_each_ending_with_a_finish_reason(client: openai.OpenAI) -> None:
@@ -194,3 +196,26 @@ def test_a_seeded_request_gives_the_same_answer_before_and_after_traffic_sharing
     after = client.chat.completions.create(model="tiny", messages=question, **options)
     assert after.choices[0].message.content == before.choices[0].message.content
     assert [e.logprob for e in after.choices[0].logprobs.content] == [e.logprob for e in before.choices[0].logprobs.content]
+
+
+def test_streamed_chat_logprobs_equal_the_unstreamed_ones(client: openai.OpenAI) -> None:
+    options = {"model": "tiny", "messages": [{"role": "user", "content": "the hills"}], "max_tokens": 8,
+               "temperature": 0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = client.chat.completions.create(**options)
+    streamed = [entry for chunk in client.chat.completions.create(**options, stream=True)
+                for choice in chunk.choices if choice.logprobs is not None for entry in choice.logprobs.content]  # fmt: skip
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+
+
+def test_a_streamed_list_of_prompts_sends_each_choice_under_its_index(client: openai.OpenAI) -> None:
+    prompts = ["the water", "the hills"]
+    whole = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0)
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for chunk in client.completions.create(model="tiny", prompt=prompts, max_tokens=5, temperature=0, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason is not None:
+                finished[choice.index] = choice.finish_reason
+    assert texts == {choice.index: choice.text for choice in whole.choices}
+    assert sorted(finished) == [0, 1]

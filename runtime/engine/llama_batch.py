@@ -276,7 +276,8 @@ class LlamaBatchEngine:
         if admission is not None and admission.withdraw(task):
             task.done = True
             task.sampler.free()
-            self._metrics.finished("cancelled")
+            if task.index == 0:  # a request of n choices ends once
+                self._metrics.finished("cancelled")
         elif scheduler is not None:
             scheduler.wake()
 

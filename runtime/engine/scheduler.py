@@ -22,8 +22,9 @@ that were themselves computed in such chunks (`Slot.canonical`). The cost: up to
 that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
 evaluated a chunk per step even on an idle engine, each chunk in a step of its own (the streams running pause for
 it, as they do for any prompt chunk). A step of a single token is padded with a second one on an idle
-sequence (dropped after the decode): llama.cpp multiplies a lone row with other kernels than two or more, so a
-request's tokens would otherwise come out differently alone than beside others.
+sequence, its logits asked for too (dropped after the decode): llama.cpp multiplies a lone row, and computes a lone
+output row, with other kernels than two or more, so a request's tokens would otherwise come out differently alone
+than beside others.
 
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
@@ -147,7 +148,9 @@ class Scheduler:
     def _pad_lone_token(self) -> Slot | None:
         """Add a throwaway token on an idle sequence to a batch of one (see the module docstring); the slot used.
 
-        A neighbour of the lone sequence, in sequence-id order, so that split streams still compute in one pass."""
+        A neighbour of the lone sequence, in sequence-id order, so that split streams still compute in one pass. Its
+        cell is always free: a running request holds at most prompt + max_tokens - 1 cells of its reservation (its
+        last token is never decoded), and reservations plus idle caches stay within the cache."""
         batch = self.batch
         if batch.n_tokens != 1:
             return None
@@ -160,12 +163,12 @@ class Scheduler:
                 continue
             if neighbour < seq:
                 batch.clear()
-                batch.add(token, len(pad.cached), pad.id, False)
+                batch.add(token, len(pad.cached), pad.id, True)
                 index = batch.add(token, pos, seq, output)
                 if self.slots[seq].output_index >= 0:
                     self.slots[seq].output_index = index
             else:
-                batch.add(token, len(pad.cached), pad.id, False)
+                batch.add(token, len(pad.cached), pad.id, True)
             return pad
         return None
 
@@ -323,14 +326,14 @@ class Scheduler:
         chunk = self.canonical_chunk
         sizes: dict[int, int] = {}
         for slot in prefilling:
-            if budget <= 0:
-                break
             start = len(slot.cached)
-            n = min(len(slot.prompt) - start, budget)
             if self._reproducible(slot):
                 if sizes:
                     continue  # its chunk goes alone, in a step of its own
                 return {slot.id: min(len(slot.prompt) - start, chunk - start % chunk)}, True
+            if budget <= 0:
+                continue  # no room left for free chunks; a reproducible one further on may still go alone
+            n = min(len(slot.prompt) - start, budget)
             sizes[slot.id] = n
             budget -= n
         return sizes, False
@@ -435,7 +438,8 @@ class Scheduler:
         task.done = True
         task.sampler.free()
         self.admission.release(task)
-        self.metrics.finished(status)
+        if task.index == 0:  # a request of n choices ends once, as its first choice ends
+            self.metrics.finished(status)
 
     def _end_unplaced(self, task: GenerationTask) -> None:
         self._outbox.append(
@@ -511,7 +515,8 @@ class Scheduler:
             self._outbox.append((task, Failed(error)))  # type: ignore[arg-type]
             task.done = True  # type: ignore[attr-defined]
             task.sampler.free()  # type: ignore[attr-defined]
-            self.metrics.finished("error")
+            if task.index == 0:  # type: ignore[attr-defined]
+                self.metrics.finished("error")
         while self._embedding_jobs:
             job = self._embedding_jobs.popleft()
             if job.result.set_running_or_notify_cancel():
