@@ -138,8 +138,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         if body.stream:
             return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
                                      log_content=log_content)  # fmt: skip
-        tools = body.tools if isinstance(body, ChatCompletionRequest) else None
-        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=tools,
+        return await generation.answer(model, prepared, events, record, log_content=log_content,
                                        receive=request.receive)  # fmt: skip
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -27,12 +27,15 @@ from sealbox.runtime.engine.base import (
     SamplingParams,
     TextDelta,
 )
+from sealbox.runtime.models.builtin_templates import turn_markers
 from sealbox.runtime.server.chat_template import ChatTemplate, ChatTemplateError
 from sealbox.runtime.server.errors import ApiError, from_engine_error
 from sealbox.runtime.server.model_registry import ServedModel
 from sealbox.runtime.server.request_record import RequestRecord
+from sealbox.runtime.server.response_shape import CompletionShape, usage
 from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from sealbox.runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
+from sealbox.runtime.server.structured_output import response_format_grammar
+from sealbox.runtime.server.tool_calls import ToolPlan, generic_messages, native_message, plan_tools
 
 CLIENT_CLOSED_REQUEST = 499
 """Status recorded for a request whose client hung up before its answer (nginx's convention; never sent)."""
@@ -46,6 +49,15 @@ class Prepared:
     chat: bool
     tools: ToolPlan | None
     prompt_text: str | None
+
+    def shape(self, model: ServedModel) -> CompletionShape:
+        """How this request's answer is shaped, whole or streamed (a fresh parser each time)."""
+        tools = self.tools
+        return CompletionShape(
+            id=self.generation.id, model=model.name, chat=self.chat,
+            fingerprint=_fingerprint(model) if self.chat else None,
+            parser=tools.parser() if tools is not None else None, legacy=bool(tools and tools.legacy),
+        )  # fmt: skip
 
 
 def _sampling(body: _Sampling, grammar: str | None) -> SamplingParams:
@@ -103,59 +115,39 @@ def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: int, p
                                 eos_token=engine.card.eos_token)  # fmt: skip
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), code="chat_template_error") from exc
-    plan = tool_plan(body)
-    if plan is not None and not template.supports_tools:
-        raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools",
-                       code="tools_not_supported")  # fmt: skip
+    plan = plan_tools(body, native_syntax=template.supports_tools)
     grammar = response_format_grammar(body.response_format)
     if plan is not None and plan.grammar is not None:
         if grammar is not None:
-            raise ApiError(400, "a forced tool_choice and a JSON response_format cannot both constrain the answer",
-                           param="response_format")  # fmt: skip
+            raise ApiError(400, "tool calls and a JSON response_format cannot both constrain the answer of this model "
+                           "(send tool_choice none, or no response_format)", param="response_format")  # fmt: skip
         grammar = plan.grammar
-    messages = [_template_message(message) for message in body.messages]
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if plan is not None and body.tools else None
+    if plan is not None and not plan.native:
+        messages = generic_messages(body.messages, plan)
+    else:
+        messages = [native_message(message) for message in body.messages]
     try:
-        text = template.render(messages, tools=tools)
+        text = template.render(messages, tools=plan.template_tools() if plan is not None else None)
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
     tokens = _tokenize_rendered(model, text)
-    generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal)
+    # The template's own turn markers end the answer too: a model that spells one out must not show it.
+    markers = tuple(m for m in turn_markers(template.source) if m not in body.stop_sequences())
+    generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal,
+                          extra_stops=markers)  # fmt: skip
     return Prepared(generation, chat=True, tools=plan, prompt_text=text)
 
 
 def _request(kind: str, body: ChatCompletionRequest | CompletionRequest, tokens: list[int], model: ServedModel, *,
-             cap: int, grammar: str | None, principal: str) -> GenerationRequest:  # fmt: skip
+             cap: int, grammar: str | None, principal: str, extra_stops: tuple[str, ...] = ()) -> GenerationRequest:  # fmt: skip
     return GenerationRequest(
         id=f"{kind}-{uuid.uuid4().hex}",
         prompt_tokens=tokens,
         max_tokens=_token_budget(body.token_limit, len(tokens), model.context, cap),
         sampling=_sampling(body, grammar),
-        stop=body.stop_sequences(),
+        stop=body.stop_sequences() + extra_stops,
         principal=principal,
     )
-
-
-def _template_message(message: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"role": message.role, "content": message.text()}
-    if message.name:
-        data["name"] = message.name
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {**call.model_dump(), "function": {"name": call.function.name,
-                                                "arguments": _arguments(call.function.arguments)}}
-            for call in message.tool_calls
-        ]  # fmt: skip
-    if message.tool_call_id:
-        data["tool_call_id"] = message.tool_call_id
-    return data
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
@@ -184,23 +176,13 @@ def start(model: ServedModel, prepared: Prepared) -> AsyncIterator[GenerationEve
         raise from_engine_error(exc) from exc
 
 
-def _finish_reason(reason: str, tool_calls: list[dict[str, Any]]) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if reason == "length" else "stop"
-
-
 def _fingerprint(model: ServedModel) -> str:
     """`system_fingerprint`: which model file answered (its digest's prefix)."""
     return f"sealbox-{model.sha256[:12]}"
 
 
 def _usage(finished: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-    }
+    return usage(finished.prompt_tokens, finished.completion_tokens)
 
 
 def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, text: str, log_content: bool) -> None:
@@ -232,7 +214,7 @@ async def _disconnected(receive: Receive) -> None:
 
 async def answer(
     model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
-    *, log_content: bool, tools: list[Any] | None, receive: Receive,
+    *, log_content: bool, receive: Receive,
 ) -> Response:  # fmt: skip
     """The whole answer as one JSON body. A client that hangs up while it waits cancels the request at the next
     scheduler step (its sequence and KV cells are freed), as a closed stream does; the record says 499."""
@@ -255,28 +237,7 @@ async def answer(
     assert finished is not None
     text = "".join(parts)
     _note(record, prepared, finished, text, log_content)
-    created = int(time.time())
-    generation = prepared.generation
-    if not prepared.chat:
-        body: dict[str, Any] = {
-            "id": generation.id, "object": "text_completion", "created": created, "model": model.name,
-            "choices": [{"index": 0, "text": text, "logprobs": None,
-                         "finish_reason": _finish_reason(finished.reason, [])}],
-            "usage": _usage(finished),
-        }  # fmt: skip
-        return JSONResponse(body)
-    calls = parse_tool_calls(text, tools or [], forced=prepared.tools.forced) if prepared.tools else []
-    message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    body = {
-        "id": generation.id, "object": "chat.completion", "created": created, "model": model.name,
-        "system_fingerprint": _fingerprint(model),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": _finish_reason(finished.reason, calls)}],
-        "usage": _usage(finished),
-    }  # fmt: skip
-    return JSONResponse(body)
+    return JSONResponse(prepared.shape(model).whole(text, finished.reason, _usage(finished)))
 
 
 def stream(
@@ -284,49 +245,33 @@ def stream(
     *, include_usage: bool, log_content: bool,
 ) -> StreamingResponse:  # fmt: skip
     record.stream = True
-    generation = prepared.generation
-    created = int(time.time())
-    chat = prepared.chat
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    fingerprint = _fingerprint(model)
+    shape = prepared.shape(model)
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        data: dict[str, Any] = {"id": generation.id, "object": kind, "created": created, "model": model.name,
-                                "choices": choices}  # fmt: skip
-        if chat:
-            data["system_fingerprint"] = fingerprint
+    def chunk(data: dict[str, Any], counted: dict[str, int] | None = None) -> str:
         if include_usage:
-            data["usage"] = usage
+            data["usage"] = counted
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-    def choice(text: str | None, finish: str | None, *, first: bool = False) -> dict[str, Any]:
-        if not chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        delta: dict[str, Any] = {}
-        if first:
-            delta = {"role": "assistant", "content": ""}
-        elif text is not None:
-            delta = {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     async def body() -> AsyncIterator[str]:
         parts: list[str] = []
         finished: Finished | None = None
         try:
-            if chat:
-                yield chunk([choice(None, None, first=True)])
+            for data in shape.opening():
+                yield chunk(data)
             async for event in events:
                 if isinstance(event, TextDelta):
                     if event.text:
                         parts.append(event.text)
-                        yield chunk([choice(event.text, None)])
+                        for data in shape.text(event.text):
+                            yield chunk(data)
                 else:
                     finished = event
             assert finished is not None
-            yield chunk([choice(None, _finish_reason(finished.reason, []))])
+            for data in shape.closing(finished.reason):
+                yield chunk(data)
             _note(record, prepared, finished, "".join(parts), log_content)
             if include_usage:
-                yield chunk([], _usage(finished))
+                yield chunk(shape.envelope([]), _usage(finished))
         except EngineError as exc:
             _note(record, prepared, None, "".join(parts), log_content)
             error = from_engine_error(exc)

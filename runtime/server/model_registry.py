@@ -17,7 +17,8 @@ from pathlib import Path
 from sealbox.runtime.engine.base import Engine, ModelCard
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
-from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, read_facts
+from sealbox.runtime.models.builtin_templates import template_for
+from sealbox.runtime.models.gguf_facts import ModelFileError, chat_template, read_facts, read_header
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
 
@@ -160,7 +161,8 @@ async def _start_engine(served: ServedModel, limits: LimitsPolicy, *, threads: i
         log.warning("%s", probe.reason)
     try:
         facts = probe.facts or read_facts(source.path)
-        template = chat_template(source.path)
+        # A GGUF without a template gets its architecture's: only its own turn format makes the model stop.
+        template = chat_template(source.path) or template_for(read_header(source.path).metadata).source
         sizing = plan_for_policy(source.path, limits).engine_sizing()
     except (ModelFileError, MemoryPlanError) as exc:
         raise _Refused(str(exc)) from exc
