@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -26,6 +27,16 @@ class ServerPolicy(_Section):
     tls_cert: str = ""
     tls_key: str = ""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    cors_origins: list[str] = Field(default_factory=list)
+    """Web origins whose pages may call the API from a browser (CORS); empty: none. Each still needs an API key."""
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path, no *)")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerPolicy":

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API of `sealbox serve`, assembled: routes, then auth, body limit and the audit record around.
 
-Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write) →
+Layers, outermost first: CORS (only for the policy's `cors_origins`; answers a browser's preflight) → `RequestRecorder` (one audit record per API request, 503 when the log cannot write) →
 `Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded with the caller's principal) →
 FastAPI (validation 400, routes, OpenAI-shaped errors).
 """
@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from sealbox.runtime.api_keys import Authenticator
@@ -170,7 +171,13 @@ def create_app(config: ServerConfig) -> ASGIApp:
 
     plugin_hook(app)
     limited = BodyLimit(app, max_bytes=config.policy.server.max_body_bytes)
-    return RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
+    recorded = RequestRecorder(Authentication(limited, authenticator=config.authenticator), audit=config.audit)
+    origins = config.policy.server.cors_origins
+    if not origins:
+        return recorded
+    # Outermost: a browser's preflight carries no key and is answered here; answers (401s too) get the CORS headers.
+    return CORSMiddleware(recorded, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+                          expose_headers=["Retry-After"], max_age=600)  # fmt: skip
 
 
 def _embedding_texts(body: EmbeddingRequest, engine: Any) -> list[str]:
