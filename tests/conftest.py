@@ -50,3 +50,6 @@ def network_namespace_available() -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     return probe.returncode == 0
+
+
+from real_model import gemma_model  # noqa: E402, F401  (the real Gemma 3 270M, for what a generated model cannot show)
