@@ -273,3 +273,18 @@ def test_a_json_schema_answer_streams_as_content_that_validates(client: openai.O
     assert streamed.finishes == ["stop"] and not streamed.calls
     assert streamed.content == whole.choices[0].message.content
     jsonschema_rs.validate(WEATHER, json.loads(streamed.content))
+
+
+def test_allowed_tools_limit_the_calls_to_the_tools_they_name(client: openai.OpenAI) -> None:
+    choice = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "get_time"}}]}}  # fmt: skip
+    for seed in (1, 2, 3):
+        reply = client.chat.completions.create(model="plain", messages=PUNE, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=120, seed=seed, parallel_tool_calls=False)  # fmt: skip
+        assert reply.choices[0].finish_reason == "tool_calls"
+        assert {call.function.name for call in reply.choices[0].message.tool_calls or []} == {"get_time"}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="plain", messages=PUNE, tools=TOOLS, max_tokens=5, tool_choice={
+            "type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [
+                {"type": "function", "function": {"name": "launch"}}]}})  # fmt: skip
+    assert "launch" in refused.value.body["message"]  # type: ignore[index]

@@ -183,6 +183,18 @@ class NamedToolChoice(_Body):
     function: NamedFunction
 
 
+class AllowedTools(_Body):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolsChoice(_Body):
+    """`tool_choice: {"type": "allowed_tools", …}`: only these of the tools may be called (and only they are offered)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
+
+
 class JsonSchemaFormat(_Body):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -265,7 +277,7 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: list[FunctionDefinition] | None = Field(None, min_length=1)
     """The legacy form of `tools`; the answer then comes back as the legacy `function_call`."""
@@ -338,6 +350,11 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("send tool_choice or the legacy function_call, not both")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            offered = {tool.function.name for tool in self.tools or []}
+            unknown = [t.function.name for t in self.tool_choice.allowed_tools.tools if t.function.name not in offered]
+            if unknown:
+                raise ValueError(f"tool_choice allows {unknown[0]!r}, which is not among tools")
         if self.function_call not in (None, "none") and not self.functions:
             raise ValueError("function_call needs functions")
         return self
@@ -355,6 +372,9 @@ class ChatCompletionRequest(_Sampling):
         """The tools offered, whichever form the request used."""
         if self.functions is not None:
             return [ToolDefinition(type="function", function=function) for function in self.functions]
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            allowed = {tool.function.name for tool in self.tool_choice.allowed_tools.tools}
+            return [tool for tool in self.tools or [] if tool.function.name in allowed]
         return list(self.tools or [])
 
     def tool_choice_mode(self) -> tuple[Literal["none", "auto", "required", "named"], str | None]:
@@ -366,6 +386,8 @@ class ChatCompletionRequest(_Sampling):
             return choice, None  # type: ignore[return-value]
         if isinstance(choice, NamedFunction):
             return "named", choice.name
+        if isinstance(choice, AllowedToolsChoice):
+            return choice.allowed_tools.mode, None
         return "named", choice.function.name
 
 
