@@ -49,6 +49,16 @@ class ServerPolicy(_Section):
     refusal_summary_seconds: float = Field(60, ge=1, le=3600)
     """Requests refused before authentication are counted per client address and reason and recorded once per
     interval, so that strangers cannot fill the disk with audit records."""
+    cors_origins: list[str] = Field(default_factory=list)
+    """Web origins whose pages may call the API from a browser (CORS); empty: none. Each still needs an API key."""
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin (scheme://host[:port], no path, no *)")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerPolicy":

@@ -77,3 +77,6 @@ def require_lockdown(*tools: str, netns: bool = False, root: bool = False) -> No
     if os.environ.get("CI"):
         pytest.fail(f"CI must run the lockdown tests, but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+from real_model import gemma_model  # noqa: E402, F401  (the real Gemma 3 270M, for what a generated model cannot show)

@@ -282,11 +282,75 @@ def test_a_bad_parameter_is_refused_naming_it(client: openai.OpenAI, options: di
     assert refused.value.type == "invalid_request_error"
 
 
-def test_tools_are_refused_when_the_chat_template_does_not_mention_them(client: openai.OpenAI) -> None:
+def test_tools_are_served_when_the_chat_template_has_no_tool_syntax(client: openai.OpenAI) -> None:
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    reply = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=60, tools=tools,
+                                           tool_choice="required", seed=1)  # fmt: skip
+    assert reply.choices[0].finish_reason == "tool_calls"
+    assert [call.function.name for call in reply.choices[0].message.tool_calls or []][:1] == ["get_weather"]
+
+
+# -- what the openai client and other apps send ------------------------------------------------------------------------
+
+NULLS = ("temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream", "stop", "max_tokens", "seed",
+         "user", "tools", "tool_choice", "response_format", "stream_options", "logprobs", "top_logprobs", "logit_bias",
+         "max_completion_tokens", "parallel_tool_calls", "functions", "function_call", "metadata", "store",
+         "service_tier", "modalities", "reasoning_effort", "verbosity", "safety_identifier", "prompt_cache_key",
+         "prediction", "audio", "web_search_options")  # fmt: skip
+
+
+def test_null_means_the_default_for_every_optional_field(server: ServerProcess, api_key: str) -> None:
+    body = {"model": "tiny", "messages": HELLO, **{name: None for name in NULLS}}
+    headers = {"authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=server.url, headers=headers, timeout=60) as http:
+        answered = http.post("/v1/chat/completions", json=body)
+        assert answered.status_code == 200, answered.text
+        defaults = http.post("/v1/chat/completions", json={"model": "tiny", "messages": HELLO, "max_tokens": None,
+                                                           "temperature": 0, "seed": None})  # fmt: skip
+        assert defaults.status_code == 200, defaults.text
+        text = http.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": None, "n": None,
+                                                  "temperature": None, "echo": None, "suffix": None, "best_of": None})  # fmt: skip
+        assert text.status_code == 200, text.text
+        assert text.json()["usage"]["completion_tokens"] <= 16, "null max_tokens is the completions default, 16"
+    message = answered.json()["choices"][0]
+    assert message["finish_reason"] in ("stop", "length") and isinstance(message["message"]["content"], str)
+
+
+def test_fields_openai_defines_are_accepted_at_values_that_can_be_honoured(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="tiny", max_completion_tokens=4, safety_identifier="user-hash-1", prompt_cache_key="chat-42",
+        service_tier="auto", modalities=["text"], reasoning_effort="low", verbosity="low", parallel_tool_calls=True,
+        store=False, metadata={"app": "test"}, user="alice", stream_options=None,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "hi"}], "refusal": None, "annotations": [],
+             "audio": None},
+            {"role": "assistant", "content": None, "refusal": "I cannot help with that."},
+            {"role": "user", "content": "world"},
+        ],
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "param", "named"),
+    [
+        ({"modalities": ["text", "audio"]}, "modalities", "audio"),
+        ({"service_tier": "priority"}, "service_tier", "priority"),
+        ({"store": True}, "store", "store"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_value_that_cannot_be_honoured_is_refused_naming_it_and_why(
+    client: openai.OpenAI, options: dict, param: str, named: str
+) -> None:
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, tools=tools)
-    assert refused.value.param == "tools" and refused.value.code == "tools_not_supported"
+        client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4, **options)
+    assert refused.value.param == param
+    message = refused.value.body["message"]  # type: ignore[index]
+    assert named in message and ("not offered" in message or "not supported" in message), message
 
 
 def test_an_embedding_request_to_a_model_without_pooling_is_refused(client: openai.OpenAI) -> None:

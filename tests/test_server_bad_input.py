@@ -140,8 +140,16 @@ CASES = [
     pytest.param(CHAT, chat(top_k=2**40), 400, "top_k", id="top_k above a C int"),
     pytest.param(CHAT, chat(metadata={"a": 1}), 400, "metadata.a", id="metadata that is not text"),
     pytest.param(CHAT, chat(tool_choice="required"), 400, None, id="tool_choice without tools"),
-    pytest.param(CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools",
-                 id="tools the chat template does not support"),  # fmt: skip
+    pytest.param(CHAT, chat(tools=[{"type": "custom", "custom": {"name": "f"}}]), 400, "tools.0.type",
+                 id="a custom tool"),  # fmt: skip
+    pytest.param(CHAT, chat(modalities=["text", "audio"]), 400, "modalities", id="audio output"),
+    pytest.param(CHAT, chat(service_tier="priority"), 400, "service_tier", id="a service tier not offered"),
+    pytest.param(CHAT, chat(store=True), 400, "store", id="store true"),
+    pytest.param(CHAT, chat(web_search_options={}), 400, "web_search_options", id="web search"),
+    pytest.param(CHAT, chat(messages=[{"role": "assistant", "content": "x", "audio": {"id": "a1"}}]), 400,
+                 "messages.0.audio", id="replayed audio"),  # fmt: skip
+    pytest.param(CHAT, chat(functions=[{"name": "f"}], tools=[{"type": "function", "function": {"name": "f"}}]),
+                 400, None, id="functions and tools together"),  # fmt: skip
     pytest.param(CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format",
                  id="json_schema without a schema"),  # fmt: skip
     pytest.param(CHAT, chat(response_format={"type": "yaml"}), 400, "response_format.type", id="unknown format"),

@@ -1,9 +1,10 @@
 """The OpenAI-compatible API of `sealbox serve`, assembled: routes, then auth, body limit and the audit record around.
 
-Layers, outermost first: `RequestRecorder` (one audit record per API request, 503 when the log cannot write; a
-stranger's refusals counted per address in the `RefusalTally`) → `HostCheck` (`--no-auth` only: 403 for a `Host` that
-is not this loopback address) → `Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded
-with the caller's principal) → FastAPI (validation 400, routes, OpenAI-shaped errors).
+Layers, outermost first: CORS (only for the policy's `cors_origins`; answers a browser's preflight) →
+`RequestRecorder` (one audit record per API request, 503 when the log cannot write; a stranger's refusals counted per
+address in the `RefusalTally`) → `HostCheck` (`--no-auth` only: 403 for a `Host` that is not this loopback address) →
+`Authentication` (401: a stranger's body is never read) → `BodyLimit` (413, recorded with the caller's principal) →
+FastAPI (validation 400, routes, OpenAI-shaped errors).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from sealbox.runtime.api_keys import ApiKeyError, Authenticator
@@ -164,8 +166,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         if body.stream:
             return generation.stream(model, prepared, events, record, include_usage=body.include_usage,
                                      log_content=log_content)  # fmt: skip
-        tools = body.tools if isinstance(body, ChatCompletionRequest) else None
-        return await generation.answer(model, prepared, events, record, log_content=log_content, tools=tools,
+        return await generation.answer(model, prepared, events, record, log_content=log_content,
                                        receive=request.receive)  # fmt: skip
 
     @app.post("/v1/chat/completions", response_model=None)
@@ -198,7 +199,13 @@ def create_app(config: ServerConfig) -> ASGIApp:
     checked: ASGIApp = Authentication(limited, authenticator=config.authenticator)
     if config.authenticator is None:
         checked = HostCheck(checked, allowed=loopback_hosts(*config.listen))
-    return RequestRecorder(checked, audit=config.audit, tally=tally)
+    recorded = RequestRecorder(checked, audit=config.audit, tally=tally)
+    origins = config.policy.server.cors_origins
+    if not origins:
+        return recorded
+    # Outermost: a browser's preflight carries no key and is answered here; answers (401s too) get the CORS headers.
+    return CORSMiddleware(recorded, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+                          expose_headers=["Retry-After"], max_age=600)  # fmt: skip
 
 
 def _model_details(model: ServedModel | FailedModel) -> dict[str, Any]:

@@ -28,13 +28,16 @@ from sealbox.runtime.engine import (
     SamplingParams,
     TextDelta,
 )
+from sealbox.runtime.models.builtin_templates import turn_markers
 from sealbox.runtime.server.chat_template import ChatTemplateError, TemplateLimitExceeded
 from sealbox.runtime.server.choices import Choices, MergedEvents, chat_logprobs, completion_logprobs
 from sealbox.runtime.server.errors import ApiError, from_engine_error
 from sealbox.runtime.server.model_registry import ServedModel
 from sealbox.runtime.server.request_record import RequestRecord
+from sealbox.runtime.server.response_shape import CompletionShape, usage
 from sealbox.runtime.server.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from sealbox.runtime.server.structured_output import ToolPlan, parse_tool_calls, response_format_grammar, tool_plan
+from sealbox.runtime.server.structured_output import response_format_grammar
+from sealbox.runtime.server.tool_calls import ToolPlan, generic_messages, native_message, plan_tools
 
 CLIENT_CLOSED_REQUEST = 499
 """Status recorded for a request whose client hung up before its answer (nginx's convention; never sent)."""
@@ -67,6 +70,19 @@ class Prepared:
     @property
     def logprobs(self) -> bool:
         return self.generation.logprobs is not None
+
+    def shapes(self, model: ServedModel) -> list[CompletionShape]:
+        """How each choice of this request's answer is shaped, whole or streamed (a fresh parser each)."""
+        tools = self.tools
+        created = int(time.time())
+        return [
+            CompletionShape(
+                id=self.generation.id, model=model.name, chat=self.chat, index=index, created=created,
+                fingerprint=_fingerprint(model) if self.chat else None,
+                parser=tools.parser() if tools is not None else None, legacy=bool(tools and tools.legacy),
+            )
+            for index in range(len(self.generations) * self.n)
+        ]  # fmt: skip
 
 
 def _sampling(body: _Sampling, grammar: str | None) -> SamplingParams:
@@ -122,31 +138,34 @@ async def prepare_chat(body: ChatCompletionRequest, model: ServedModel, *, cap: 
     template = model.template
     if template is None:
         raise ApiError(400, model.template_problem or "the model has no chat template", code="chat_template_error")
-    plan = tool_plan(body)
-    if plan is not None and not template.supports_tools:
-        raise ApiError(400, f"model {model.name}'s chat template does not support tools", param="tools",
-                       code="tools_not_supported")  # fmt: skip
+    plan = plan_tools(body, native_syntax=template.supports_tools)
     grammar = response_format_grammar(body.response_format)
     if plan is not None and plan.grammar is not None:
         if grammar is not None:
-            raise ApiError(400, "a forced tool_choice and a JSON response_format cannot both constrain the answer",
-                           param="response_format")  # fmt: skip
+            raise ApiError(400, "tool calls and a JSON response_format cannot both constrain the answer of this model "
+                           "(send tool_choice none, or no response_format)", param="response_format")  # fmt: skip
         grammar = plan.grammar
-    messages = [_template_message(message) for message in body.messages]
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if plan is not None and body.tools else None
+    if plan is not None and not plan.native:
+        messages = generic_messages(body.messages, plan)
+    else:
+        messages = [native_message(message) for message in body.messages]
     try:
-        text = await template.render_off_loop(messages, tools=tools)
+        text = await template.render_off_loop(messages, tools=plan.template_tools() if plan is not None else None)
     except TemplateLimitExceeded as exc:
         raise ApiError(400, str(exc), code="chat_template_limit", param="messages") from exc
     except ChatTemplateError as exc:
         raise ApiError(400, str(exc), code="chat_template_error", param="messages") from exc
     tokens = _tokenize_rendered(model, text)
-    generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal)
+    # The template's own turn markers end the answer too: a model that spells one out must not show it.
+    markers = tuple(m for m in turn_markers(template.source) if m not in body.stop_sequences())
+    generation = _request("chatcmpl", body, tokens, model, cap=cap, grammar=grammar, principal=principal,
+                          extra_stops=markers)  # fmt: skip
     return Prepared((generation,), chat=True, tools=plan, prompt_text=text)
 
 
 def _request(kind: str, body: ChatCompletionRequest | CompletionRequest, tokens: list[int], model: ServedModel, *,
-             cap: int, grammar: str | None, principal: str, id: str | None = None) -> GenerationRequest:  # fmt: skip
+             cap: int, grammar: str | None, principal: str, id: str | None = None,
+             extra_stops: tuple[str, ...] = ()) -> GenerationRequest:  # fmt: skip
     return GenerationRequest(
         id=id or f"{kind}-{uuid.uuid4().hex}",
         n=body.n,
@@ -154,31 +173,9 @@ def _request(kind: str, body: ChatCompletionRequest | CompletionRequest, tokens:
         prompt_tokens=tokens,
         max_tokens=_token_budget(body.token_limit, len(tokens), model.context, cap),
         sampling=_sampling(body, grammar),
-        stop=body.stop_sequences(),
+        stop=body.stop_sequences() + extra_stops,
         principal=principal,
     )
-
-
-def _template_message(message: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {"role": message.role, "content": message.text()}
-    if message.name:
-        data["name"] = message.name
-    if message.tool_calls:
-        data["tool_calls"] = [
-            {**call.model_dump(), "function": {"name": call.function.name,
-                                                "arguments": _arguments(call.function.arguments)}}
-            for call in message.tool_calls
-        ]  # fmt: skip
-    if message.tool_call_id:
-        data["tool_call_id"] = message.tool_call_id
-    return data
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def prepare_completion(body: CompletionRequest, model: ServedModel, *, cap: int, principal: str) -> Prepared:
@@ -225,23 +222,13 @@ def start(model: ServedModel, prepared: Prepared) -> AsyncIterator[GenerationEve
     return MergedEvents(streams, prepared.n)
 
 
-def _finish_reason(reason: str, tool_calls: list[dict[str, Any]]) -> str:
-    if tool_calls:
-        return "tool_calls"
-    return "length" if reason == "length" else "stop"
-
-
 def _fingerprint(model: ServedModel) -> str:
     """`system_fingerprint`: which model file answered (its digest's prefix)."""
     return f"sealbox-{model.sha256[:12]}"
 
 
 def _usage(finished: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": finished.completion_tokens,
-        "total_tokens": finished.prompt_tokens + finished.completion_tokens,
-    }
+    return usage(finished.prompt_tokens, finished.completion_tokens)
 
 
 def _note(record: RequestRecord, prepared: Prepared, finished: Finished | None, text: str | list[str],
@@ -275,7 +262,7 @@ async def _disconnected(receive: Receive) -> None:
 
 async def answer(
     model: ServedModel, prepared: Prepared, events: AsyncIterator[GenerationEvent], record: RequestRecord,
-    *, log_content: bool, tools: list[Any] | None, receive: Receive,
+    *, log_content: bool, receive: Receive,
 ) -> Response:  # fmt: skip
     """The whole answer as one JSON body. A client that hangs up while it waits cancels the request at the next
     scheduler step (its sequence and KV cells are freed), as a closed stream does; the record says 499."""
@@ -297,37 +284,17 @@ async def answer(
         raise from_engine_error(exc) from exc
     finished = choices.total()
     _note(record, prepared, finished, _completions(choices), log_content)
-    created = int(time.time())
-    generation = prepared.generation
-    if not prepared.chat:
-        shaped = []
-        for choice in choices.ordered():
-            echo = prepared.echo[choice.index // prepared.n] if prepared.echo else ""
-            logprobs = completion_logprobs(choice.logprobs, offset=len(echo)) if prepared.logprobs else None
-            reason = choice.finished.reason if choice.finished is not None else "stop"
-            shaped.append({"index": choice.index, "text": echo + choice.text, "logprobs": logprobs,
-                           "finish_reason": _finish_reason(reason, [])})  # fmt: skip
-        body: dict[str, Any] = {
-            "id": generation.id, "object": "text_completion", "created": created, "model": model.name,
-            "choices": shaped, "usage": _usage(finished),
-        }  # fmt: skip
-        return JSONResponse(body)
+    shapes = prepared.shapes(model)
     shaped = []
     for choice in choices.ordered():
-        text = choice.text
-        calls = parse_tool_calls(text, tools or [], forced=prepared.tools.forced) if prepared.tools else []
-        message: dict[str, Any] = {"role": "assistant", "content": None if calls else text, "refusal": None}
-        if calls:
-            message["tool_calls"] = calls
+        echo = prepared.echo[choice.index // prepared.n] if prepared.echo else ""
+        logprobs = None
+        if prepared.logprobs:
+            logprobs = chat_logprobs(choice.logprobs) if prepared.chat else completion_logprobs(choice.logprobs,
+                                                                                                offset=len(echo))
         reason = choice.finished.reason if choice.finished is not None else "stop"
-        shaped.append({"index": choice.index, "message": message,
-                       "logprobs": chat_logprobs(choice.logprobs) if prepared.logprobs else None,
-                       "finish_reason": _finish_reason(reason, calls)})  # fmt: skip
-    body = {
-        "id": generation.id, "object": "chat.completion", "created": created, "model": model.name,
-        "system_fingerprint": _fingerprint(model), "choices": shaped, "usage": _usage(finished),
-    }  # fmt: skip
-    return JSONResponse(body)
+        shaped.append(shapes[choice.index].whole_choice(echo + choice.text, reason, logprobs))
+    return JSONResponse(shapes[0].whole(shaped, _usage(finished)))
 
 
 def stream(
@@ -335,60 +302,43 @@ def stream(
     *, include_usage: bool, log_content: bool,
 ) -> StreamingResponse:  # fmt: skip
     record.stream = True
-    generation = prepared.generation
-    created = int(time.time())
-    chat = prepared.chat
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    fingerprint = _fingerprint(model)
+    shapes = prepared.shapes(model)
 
-    def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        data: dict[str, Any] = {"id": generation.id, "object": kind, "created": created, "model": model.name,
-                                "choices": choices}  # fmt: skip
-        if chat:
-            data["system_fingerprint"] = fingerprint
+    def chunk(data: dict[str, Any], counted: dict[str, int] | None = None) -> str:
         if include_usage:
-            data["usage"] = usage
+            data["usage"] = counted
         return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-    def choice(index: int, text: str | None, finish: str | None, *, first: bool = False,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
-        if not chat:
-            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
-        delta: dict[str, Any] = {}
-        if first:
-            delta = {"role": "assistant", "content": ""}
-        elif text is not None:
-            delta = {"content": text}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def logprobs_of(event: TextDelta, offset: int) -> dict[str, Any] | None:
         if not prepared.logprobs:
             return None
         items = list(event.logprobs)
-        return chat_logprobs(items) if chat else completion_logprobs(items, offset=offset)
+        return chat_logprobs(items) if prepared.chat else completion_logprobs(items, offset=offset)
 
     async def body() -> AsyncIterator[str]:
         choices = Choices(prepared.n)
-        count = len(prepared.generations) * prepared.n
         try:
-            for index in range(count):
-                if chat:
-                    yield chunk([choice(index, None, None, first=True)])
-                elif prepared.echo:
-                    yield chunk([choice(index, prepared.echo[index // prepared.n], None)])
+            for index, shape in enumerate(shapes):
+                for data in shape.opening():
+                    yield chunk(data)
+                if prepared.echo:
+                    for data in shape.text(prepared.echo[index // prepared.n]):
+                        yield chunk(data)
             async for event in events:
                 current = choices.add(event)
                 if isinstance(event, TextDelta):
                     if event.text or event.logprobs:
                         echo = len(prepared.echo[event.index // prepared.n]) if prepared.echo else 0
                         offset = echo + len(current.text) - len(event.text)
-                        yield chunk([choice(event.index, event.text, None, logprobs=logprobs_of(event, offset))])
+                        for data in shapes[event.index].text(event.text, logprobs=logprobs_of(event, offset)):
+                            yield chunk(data)
                 else:
-                    yield chunk([choice(event.index, None, _finish_reason(event.reason, []))])
+                    for data in shapes[event.index].closing(event.reason):
+                        yield chunk(data)
             finished = choices.total()
             _note(record, prepared, finished, _completions(choices), log_content)
             if include_usage:
-                yield chunk([], _usage(finished))
+                yield chunk(shapes[0].envelope([]), _usage(finished))
         except EngineError as exc:
             _note(record, prepared, None, _completions(choices), log_content)
             error = from_engine_error(exc)

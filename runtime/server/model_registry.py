@@ -18,6 +18,7 @@ from typing import ClassVar
 from sealbox.runtime.engine import Engine, EngineLoadError, EngineOptions, ModelCard, open_engine
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
+from sealbox.runtime.models.builtin_templates import template_for
 from sealbox.runtime.models.gguf_facts import ModelFileError, read_model_file
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
@@ -205,7 +206,8 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
         sha256=digest.value,
         n_ctx=sizing.n_ctx_per_seq,
         embeddings=embeddings,
-        chat_template=model_file.chat_template,
+        # A GGUF without a template gets its architecture's: only its own turn format makes the model stop.
+        chat_template=model_file.chat_template or template_for(model_file.header.metadata).source,
     )
     engine = open_engine(
         source.path,

@@ -4,6 +4,9 @@ Unknown fields are refused rather than ignored: a misspelt `max_token` silently 
 completion it did not ask for. Fields OpenAI defines that sealbox does not implement are accepted only at their
 neutral value (`best_of=1`, no `suffix`), and refused with a message naming them otherwise.
 
+JSON `null` for an optional field means its default: the `openai` client sends `null` for every argument an app
+passes as `None`, so `temperature: null` is `temperature` left out.
+
 Numbers must be finite (`NaN` and `Infinity` are JSON extensions Python accepts), and text must be valid Unicode: a
 lone surrogate (`"\\ud800"`) parses in Python but cannot be encoded for the tokenizer or the audit log.
 """
@@ -35,6 +38,14 @@ UNENCODABLE_TEXT = "unencodable_text"
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """A field sent as `null` takes its default, as if it had been left out."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 def _unencodable_text(data: Any) -> str | None:
@@ -80,6 +91,34 @@ class TextPart(_Body):
     text: str
 
 
+class ContentPart(_Body):
+    """One part of a message's content: text, or (in a replayed assistant message) a refusal. Image, audio and file
+    parts are refused by name: the models served here read text only."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value not in ("text", "refusal"):
+            raise ValueError(f"content parts of type {value!r} are not supported: the models served here read text only")
+        return value
+
+    @model_validator(mode="after")
+    def _filled(self) -> ContentPart:
+        if (self.text if self.type == "text" else self.refusal) is None:
+            raise ValueError(f"a {self.type} part needs its {self.type} field")
+        return self
+
+    @property
+    def content(self) -> str:
+        return self.text if self.type == "text" else (self.refusal or "")
+
+
 class FunctionCall(_Body):
     name: str
     arguments: str
@@ -92,19 +131,35 @@ class ToolCall(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    """A message of the conversation. Assistant messages replayed as the API returned them are accepted whole
+    (`refusal`, `annotations`, `audio: null`, the legacy `function_call`); `function` is the legacy tool role."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
     name: str | None = Field(None, max_length=64)
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
     refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("replayed audio is not supported: the models served here produce text only (send null)")
+        return value
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+        answered = self.tool_calls or self.function_call or self.refusal is not None
+        if self.content is None and not (self.role == "assistant" and answered):
             raise ValueError(f"a {self.role} message needs content")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs tool_call_id")
+        if self.role == "function" and not self.name:
+            raise ValueError("a function message needs the function's name")
         return self
 
     def text(self) -> str:
@@ -112,7 +167,7 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.content for part in self.content)
 
 
 class FunctionDefinition(_Body):
@@ -127,9 +182,25 @@ class ToolDefinition(_Body):
     function: FunctionDefinition
 
 
+class NamedFunction(_Body):
+    name: str
+
+
 class NamedToolChoice(_Body):
     type: Literal["function"]
-    function: dict[str, str]
+    function: NamedFunction
+
+
+class AllowedTools(_Body):
+    mode: Literal["auto", "required"]
+    tools: list[NamedToolChoice] = Field(min_length=1)
+
+
+class AllowedToolsChoice(_Body):
+    """`tool_choice: {"type": "allowed_tools", …}`: only these of the tools may be called (and only they are offered)."""
+
+    type: Literal["allowed_tools"]
+    allowed_tools: AllowedTools
 
 
 class JsonSchemaFormat(_Body):
@@ -152,6 +223,8 @@ class ResponseFormat(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    include_obfuscation: bool = False
+    """OpenAI pads chunks against length side channels; accepted, and a stream here is not padded."""
 
 
 class _Sampling(_Request):
@@ -214,17 +287,75 @@ class _Sampling(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+ONE_TIER = ("auto", "default")
+"""The service tiers this server can honour: it has one, and every request is served in it."""
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | AllowedToolsChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = Field(None, min_length=1)
+    """The legacy form of `tools`; the answer then comes back as the legacy `function_call`."""
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    safety_identifier: str | None = Field(None, max_length=256)
+    prompt_cache_key: str | None = Field(None, max_length=1024)
+    """Accepted: the engine finds a shared prompt prefix in its cache by itself."""
+    service_tier: ServiceTier | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    """Accepted as the bound it is: a model without a reasoning phase spends less than any effort allows."""
+    verbosity: Literal["low", "medium", "high"] | None = None
+    """Accepted as the hint it is (OpenAI's models treat it as one too)."""
+    prediction: dict[str, Any] | None = None
+    """Predicted output only speeds an answer up, never changes it: accepted and not used."""
+    web_search_options: dict[str, Any] | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("store: true is not offered: this server keeps no completions to retrieve later "
+                             "(send false or leave it out)")  # fmt: skip
+        return value
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, value: str | None) -> str | None:
+        if value is not None and value not in ONE_TIER:
+            raise ValueError(f"service_tier {value!r} is not offered: this server has one tier (send auto or default)")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, value: list[str] | None) -> list[str] | None:
+        if value and "audio" in value:
+            raise ValueError("modality 'audio' is not offered: the models served here produce text only "
+                             "(send [\"text\"])")  # fmt: skip
+        return value
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio_out(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("audio output is not offered: the models served here produce text only")
+        return value
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _no_web_search(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            raise ValueError("web search is not offered: this server has no network to search")
+        return value
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
@@ -233,8 +364,19 @@ class ChatCompletionRequest(_Sampling):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             if self.max_tokens != self.max_completion_tokens:
                 raise ValueError("max_tokens and max_completion_tokens disagree; give one")
+        if self.functions is not None and self.tools is not None:
+            raise ValueError("send tools or the legacy functions, not both")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise ValueError("send tool_choice or the legacy function_call, not both")
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            offered = {tool.function.name for tool in self.tools or []}
+            unknown = [t.function.name for t in self.tool_choice.allowed_tools.tools if t.function.name not in offered]
+            if unknown:
+                raise ValueError(f"tool_choice allows {unknown[0]!r}, which is not among tools")
+        if self.function_call not in (None, "none") and not self.functions:
+            raise ValueError("function_call needs functions")
         return self
 
     @property
@@ -245,6 +387,33 @@ class ChatCompletionRequest(_Sampling):
     def logprob_alternatives(self) -> int | None:
         """Alternatives to report per token (None: no logprobs)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def legacy_functions(self) -> bool:
+        """The request used `functions`: the answer carries `function_call` and one call at most."""
+        return self.functions is not None
+
+    def offered_tools(self) -> list[ToolDefinition]:
+        """The tools offered, whichever form the request used."""
+        if self.functions is not None:
+            return [ToolDefinition(type="function", function=function) for function in self.functions]
+        if isinstance(self.tool_choice, AllowedToolsChoice):
+            allowed = {tool.function.name for tool in self.tool_choice.allowed_tools.tools}
+            return [tool for tool in self.tools or [] if tool.function.name in allowed]
+        return list(self.tools or [])
+
+    def tool_choice_mode(self) -> tuple[Literal["none", "auto", "required", "named"], str | None]:
+        """How tools may be used, whichever form the request used, and the named tool's name (`named` only)."""
+        choice = self.function_call if self.functions is not None else self.tool_choice
+        if choice is None:
+            return "auto", None
+        if isinstance(choice, str):
+            return choice, None  # type: ignore[return-value]
+        if isinstance(choice, NamedFunction):
+            return "named", choice.name
+        if isinstance(choice, AllowedToolsChoice):
+            return choice.allowed_tools.mode, None
+        return "named", choice.function.name
 
 
 class CompletionRequest(_Sampling):

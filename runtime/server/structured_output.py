@@ -1,4 +1,4 @@
-"""`response_format` and tool calls as llama.cpp grammars: the sampler can only emit text the schema allows.
+"""`response_format` (and tool calls, see `tool_calls`) as llama.cpp grammars: the sampler can only emit text the schema allows.
 
 The schema is compiled by llama-cpp-python's own JSON-schema-to-GBNF converter with remote `$ref`s disabled (an
 appliance fetches nothing). A schema the converter cannot handle is the client's 400, not our 500.
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from sealbox.runtime.server.errors import ApiError
-from sealbox.runtime.server.schemas import ChatCompletionRequest, ResponseFormat, ToolDefinition
+from sealbox.runtime.server.schemas import ResponseFormat
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_REPEAT = 1024
@@ -175,67 +173,3 @@ def response_format_grammar(response_format: ResponseFormat | None) -> str | Non
     schema = response_format.json_schema.schema_ or {"type": "object"}
     return schema_grammar(schema, param="response_format.json_schema.schema",
                           strict=bool(response_format.json_schema.strict))  # fmt: skip
-
-
-def _call_schema(tool: ToolDefinition) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "name": {"const": tool.function.name},
-            "arguments": tool.function.parameters or {"type": "object"},
-        },
-        "required": ["name", "arguments"],
-    }
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """How a request with tools is generated: a forced grammar (required / named choice) or free text parsed after."""
-
-    grammar: str | None
-    forced: bool
-
-
-def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
-    if not request.tools or request.tool_choice == "none":
-        return None
-    choice = request.tool_choice
-    if choice is None or choice == "auto":
-        return ToolPlan(grammar=None, forced=False)
-    tools = request.tools
-    if not isinstance(choice, str):
-        wanted = choice.function.get("name")
-        tools = [tool for tool in request.tools if tool.function.name == wanted]
-        if not tools:
-            raise ApiError(400, f"tool_choice names {wanted!r}, which is not among tools", param="tool_choice")
-    schema = _call_schema(tools[0]) if len(tools) == 1 else {"anyOf": [_call_schema(tool) for tool in tools]}
-    strict = any(tool.function.strict for tool in tools)
-    return ToolPlan(grammar=schema_grammar(schema, param="tools", strict=strict), forced=True)
-
-
-_TAGGED_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
-
-
-def parse_tool_calls(text: str, tools: list[ToolDefinition], *, forced: bool) -> list[dict[str, Any]]:
-    """Tool calls in generated text: the whole text as one call (forced), or `<tool_call>{…}</tool_call>` blocks."""
-    names = {tool.function.name for tool in tools}
-    candidates = [text] if forced else _TAGGED_CALL.findall(text)
-    if not forced and not candidates and text.strip().startswith("{"):
-        candidates = [text]
-    calls = []
-    for candidate in candidates:
-        try:
-            data = json.loads(candidate)
-        except ValueError:
-            continue
-        if not isinstance(data, dict) or data.get("name") not in names:
-            continue
-        arguments = data.get("arguments", data.get("parameters", {}))
-        calls.append(
-            {
-                "id": f"call_{uuid.uuid4().hex[:24]}",
-                "type": "function",
-                "function": {"name": data["name"], "arguments": json.dumps(arguments)},
-            }
-        )
-    return calls
