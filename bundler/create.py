@@ -29,6 +29,7 @@ from sealbox.bundler.sources.local import local_file, local_model, local_policy,
 
 WORK_DIR = ".sealbox-create"
 HF_SCHEME = "hf://"
+OLLAMA_SCHEME = "ollama://"
 DEFAULT_EXPIRY = timedelta(days=90)
 SBOM_PATH = "sbom.cdx.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -72,6 +73,8 @@ class CreateRequest:
     """Default: `now` + 90 days."""
     max_part_size: int = DEFAULT_MAX_PART_SIZE
     hf_cache: Path | None = None
+    ollama_store: Path | None = None
+    """Default: `$OLLAMA_MODELS`, else Ollama's default locations."""
     base: Base | None = None
     sbom: bool = True
     now: datetime | None = None
@@ -163,12 +166,19 @@ def _resolve_hf(ref: str, request: CreateRequest) -> Artifact:
     return replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})
 
 
+def _resolve_ollama(ref: str, request: CreateRequest) -> Artifact:
+    from sealbox.bundler.sources.ollama import resolve_ollama_model
+
+    artifact = resolve_ollama_model(ref, store=request.ollama_store)
+    return replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})
+
+
 def resolve_local(request: CreateRequest) -> list[Artifact]:
     """Every local input, checked (GGUF header, policy schema, readable file); writes nothing.
 
     Raises InputError."""
     artifacts = [local_policy(path) for path in request.policies]
-    artifacts += [local_model(Path(ref)) for ref in request.models if not ref.startswith(HF_SCHEME)]
+    artifacts += [local_model(Path(ref)) for ref in request.models if not ref.startswith((HF_SCHEME, OLLAMA_SCHEME))]
     artifacts += [local_file(path) for path in request.files]
     _check_unique_paths(artifacts)
     return artifacts
@@ -232,6 +242,9 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
         if ref.startswith(HF_SCHEME):
             progress.step(f"resolving {ref}")
             artifacts.append(_resolve_hf(ref, request))
+        elif ref.startswith(OLLAMA_SCHEME):
+            progress.step(f"resolving {ref} in the Ollama store")
+            artifacts.append(_resolve_ollama(ref, request))
     _check_unique_paths(artifacts)
 
     out = request.out
@@ -286,7 +299,15 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
 
 def _write(writer: BlobWriter, artifact: Artifact, progress: Progress) -> WrittenBlob:
     with progress.bytes(f"{artifact.role} {artifact.path}", artifact.file.stat().st_size) as advance:
-        return writer.write(artifact.file, advance)
+        blob = writer.write(artifact.file, advance)
+    if artifact.expected_sha256 is not None and blob.sha256 != artifact.expected_sha256:
+        for name in blob.files:  # the bytes are not what the source vouched for: they do not stay in the bundle
+            (writer.bundle_dir / name).unlink(missing_ok=True)
+        raise InputError(
+            f"{artifact.provenance}: {artifact.file} has sha256 {blob.sha256}, not the {artifact.expected_sha256} its "
+            "source names it by (a corrupt store; fetch the model again)"
+        )
+    return blob
 
 
 def _sbom(
