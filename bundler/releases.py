@@ -56,9 +56,15 @@ class ModelLink:
     path: str
     """`models/<file>`, relative to the release directory: a symlink into the store."""
     sha256: str
+    license: str | None = None
+    """As the signed manifest states it; served by `/v1/models` and shown by the doctor."""
+    origin: str | None = None
+    """The model's provenance (`hf://…@commit`, `ollama://…@sha256:…`, a local path)."""
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "path": self.path, "sha256": self.sha256}
+        data = {"name": self.name, "path": self.path, "sha256": self.sha256}
+        data |= {key: value for key, value in (("license", self.license), ("origin", self.origin)) if value}
+        return data
 
 
 @dataclass(frozen=True)
@@ -80,7 +86,10 @@ class ReleaseRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReleaseRecord:
-        models = tuple(ModelLink(str(m["name"]), str(m["path"]), str(m["sha256"])) for m in data["models"])
+        models = tuple(
+            ModelLink(str(m["name"]), str(m["path"]), str(m["sha256"]), m.get("license"), m.get("origin"))
+            for m in data["models"]
+        )
         return cls(str(data["name"]), int(data["version"]), models, str(data.get("policy", POLICY_FILE)))
 
 

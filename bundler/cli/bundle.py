@@ -130,6 +130,12 @@ def create(
         Path | None,
         typer.Option("--base", help="Earlier manifest.json (or bundle dir): make a delta carrying only new blobs."),
     ] = None,
+    eval_suite: Annotated[
+        Path | None, typer.Option("--eval-suite", help="Evaluation suite (TOML/JSON) that gates the install.")
+    ] = None,
+    record_expected: Annotated[
+        bool, typer.Option("--record-expected", help="Record the suite's exact greedy outputs by serving the models here.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Pack models, wheels, policies and files into a signed, content-addressed bundle directory."""
@@ -159,6 +165,8 @@ def create(
             expires=expiry,
             max_part_size=max_part_size,
             hf_cache=hf_cache,
+            eval_suite=eval_suite,
+            record_expected=record_expected,
             now=now,
         )
         base_manifest = BaseManifest.load(base) if base is not None else None

@@ -7,6 +7,7 @@ result or the refusal on stdout.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +25,13 @@ from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.delta import DeltaBaseError
 from sealbox.bundler.errors import BundleError
+from sealbox.bundler.evaluation_gate import staged_results
 from sealbox.bundler.install import InstallRequest, install_bundle
 from sealbox.bundler.offline_venv import VenvError
 from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
 from sealbox.bundler.trust import TrustStoreError
+from sealbox.runtime.evaluation import evaluation_text, read_result
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
 
@@ -58,8 +61,15 @@ def _refusals(as_json: bool) -> Iterator[None]:
 def _ask(question: str) -> bool:
     try:
         return typer.confirm(question, default=False)
-    except click.Abort:  # no terminal to answer on: a script must say --yes
+    except (click.Abort, typer.Abort):  # end of input: nobody answered yes
         return False
+
+
+def _ask_on_terminal(question: str) -> bool:
+    """Skipping the evaluation gate is asked of a person: without a terminal it is refused (a script says --yes)."""
+    if not sys.stdin.isatty():
+        return False
+    return _ask(question)
 
 
 def install(
@@ -68,7 +78,10 @@ def install(
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Install a version not above the installed one (asks; recorded).")
     ] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade question (for scripts).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade and skip-eval questions (for scripts).")] = False,
+    skip_eval: Annotated[
+        bool, typer.Option("--skip-eval", help="Go live without running the bundle's evaluation suite (asks; recorded).")
+    ] = False,
     enable_service: Annotated[
         bool, typer.Option("--enable", help="Also load the egress rules and enable and start the service (root).")
     ] = False,
@@ -78,7 +91,8 @@ def install(
     host = HostRoot.resolve(root)
     with _refusals(as_json):
         request = InstallRequest(
-            bundle=directory, root=host, allow_downgrade=allow_downgrade, confirm=(lambda _q: True) if yes else _ask
+            bundle=directory, root=host, allow_downgrade=allow_downgrade, confirm=(lambda _q: True) if yes else _ask,
+            skip_eval=skip_eval, confirm_skip_eval=(lambda _q: True) if yes else _ask_on_terminal,
         )
         with stderr_progress() as progress:
             result = install_bundle(request, progress)
@@ -117,6 +131,7 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
         releases = Releases(host)
         items, current = releases.all(), releases.current()
     live = current.label if current else None
+    staged = staged_results(host)
     if as_json:
         rows = [
             {
@@ -126,19 +141,25 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
                 "installed_at": r.install.installed_at,
                 "manifest_sha256": r.install.manifest_sha256,
                 "downgrade": r.install.downgrade,
+                "evaluation": read_result(r.directory),
             }
             for r in items
         ]
-        typer.echo(json.dumps({"current": live, "releases": rows}))
+        held = [{"release": label, "evaluation": result} for label, result in staged]
+        typer.echo(json.dumps({"current": live, "releases": rows, "staged": held}))
         return
-    if not items:
+    if not items and not staged:
         typer.echo(f"no releases in {host.releases}")
         return
-    table = Table("", "release", "version", "installed", "models", "manifest")
+    table = Table("", "release", "version", "installed", "models", "manifest", "evaluation")
     for r in items:
         models = ", ".join(m.name for m in r.release.models) or "-"
         table.add_row("*" if r.label == live else "", escape(r.label), str(r.release.version),
-                      r.install.installed_at[:19], escape(models), r.install.manifest_sha256[:16])
+                      r.install.installed_at[:19], escape(models), r.install.manifest_sha256[:16],
+                      escape(evaluation_text(read_result(r.directory))))  # fmt: skip
+    for label, result in staged:
+        table.add_row("", escape(label), "", "staged, not live", "", str(result.get("manifest_sha256", ""))[:16],
+                      escape(evaluation_text(result)))  # fmt: skip
     _out.print(table)
 
 

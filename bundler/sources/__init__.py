@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-Role = Literal["model", "wheel", "policy", "sbom", "file"]
+Role = Literal["model", "wheel", "policy", "sbom", "file", "eval"]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,10 @@ class ModelSource:
     path: Path
     sha256: str | None
     """The digest the release promises; None for a `--model` file (its digest is taken at start)."""
+    license: str | None = None
+    """The license the signed manifest states for the model (release.json), shown by `/v1/models` and the doctor."""
+    origin: str | None = None
+    """Where its bytes came from: `hf://…@commit`, `ollama://…@sha256:…`, or the publisher's local path."""
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,17 @@ class ActiveRelease:
         try:
             data = json.loads(record.read_text(encoding="utf-8"))
             models = tuple(
-                ModelSource(str(m["name"]), directory / str(m["path"]), str(m["sha256"])) for m in data["models"]
+                ModelSource(str(m["name"]), directory / str(m["path"]), str(m["sha256"]),
+                            _optional_text(m.get("license")), _optional_text(m.get("origin")))  # fmt: skip
+                for m in data["models"]
             )
             return cls(directory, str(data["name"]), int(data["version"]), models, directory / str(data["policy"]))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ReleaseError(f"{record}: not a readable release record: {exc}") from exc
+
+
+def _optional_text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass
