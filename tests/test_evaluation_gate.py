@@ -144,6 +144,7 @@ def test_gate_refuses_a_delta_whose_suite_fails_while_v1_keeps_serving_then_v3_g
         assert _complete(server, key, "The quick brown fox", 12) == v3_expected["continue-a-sentence"]
         models = OpenAI(base_url=server.base_url, api_key=key).models.list().data
         assert models[0].model_extra["origin"] == str(v2_model)  # the origin travels into /v1/models
+        assert models[0].model_extra["license"] == "apache-2.0"  # as the GGUF header states it
     listing = json.loads(sealbox("bundle", "list", "--json", root=root).stdout)
     assert {r["release"]: r["evaluation"]["status"] for r in listing["releases"]} == {"demo-1": "passed", "demo-3": "passed"}
 
@@ -158,6 +159,8 @@ def test_gate_refuses_a_delta_whose_suite_fails_while_v1_keeps_serving_then_v3_g
     doctor = json.loads(sealbox("doctor", "--json", root=root, check=False).stdout)
     [check] = [c for c in doctor["checks"] if c["name"] == "evaluation"]
     assert check["status"] == "pass" and "passed 2/2" in check["summary"]
+    [models_check] = [c for c in doctor["checks"] if c["name"] == "models"]
+    assert f"license apache-2.0 · origin {v2_model}" in models_check["details"][0]
 
     # On demand, against `current`: the same suite, recorded in the audit log.
     again = sealbox("eval", "--json", root=root)
