@@ -35,11 +35,13 @@ def free_loopback_port() -> int:
 
 
 def staging_policy_toml(policy_text: str) -> str:
-    """The release's policy with TLS off (the only client is the evaluator, on loopback); everything else as shipped."""
+    """The release's policy with TLS off (the only client is the evaluator, on loopback) and one sequence (cases run
+    one at a time, and the live server may hold most of the memory meanwhile); everything else as shipped."""
     data = tomllib.loads(policy_text)
     server = data.setdefault("server", {})
     server["tls_cert"] = ""
     server["tls_key"] = ""
+    data.setdefault("limits", {})["max_sequences"] = 1
     lines = []
     for section, values in data.items():
         if not isinstance(values, dict):
