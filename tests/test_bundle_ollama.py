@@ -223,3 +223,15 @@ def test_create_refuses_a_symlink_where_the_model_blob_belongs(
 def test_create_refuses_a_store_without_manifests(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no Ollama store"):
         resolve_ollama_model("ollama://tiny", store=tmp_path / "empty")
+
+
+def test_create_reads_the_store_named_by_ollama_models_option(
+    tmp_path: Path, keys: Path, store: OllamaStore, tiny_model: Path
+) -> None:
+    _, digest = store.add("tiny", "latest", tiny_model)
+    out = tmp_path / "bundle"
+    args = ["bundle", "create", "--name", "demo", "--version", "1", "--out", str(out), "--sign-key",
+            str(keys / "alice.key"), "--model", "ollama://tiny", "--ollama-models", str(store.path), "--json"]  # fmt: skip
+    result = runner.invoke(app, args, env={"OLLAMA_MODELS": str(tmp_path / "elsewhere")})
+    assert result.exit_code == 0, result.output
+    assert signed_manifest(out).entries("model")[0].sha256 == digest

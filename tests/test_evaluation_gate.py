@@ -193,3 +193,12 @@ def test_skip_eval_is_refused_without_an_answer_and_recorded_when_confirmed(tmp_
     doctor = json.loads(sealbox("doctor", "--json", root=root, check=False).stdout)
     [check] = [c for c in doctor["checks"] if c["name"] == "evaluation"]
     assert check["status"] == "warn" and "skipped" in check["summary"]
+
+    # On demand, a suite the live release fails: exit 29, recorded, and the doctor reports the drift as a failure.
+    drifted = sealbox("eval", "--suite", str(suite), root=root, check=False)
+    assert drifted.returncode == 29, drifted.stderr
+    assert "evaluation FAILED: 0/2" not in drifted.stdout and "evaluation FAILED: 1/2 cases" in drifted.stdout
+    assert [f["passed"] for name, f in _exported_events(root, tmp_path) if name == "eval.run"] == [False]
+    doctor = json.loads(sealbox("doctor", "--json", root=root, check=False).stdout)
+    [check] = [c for c in doctor["checks"] if c["name"] == "evaluation"]
+    assert check["status"] == "fail" and "the last evaluation failed" in check["summary"]
