@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sealbox.bundler.audit_trail import record
+from sealbox.bundler.blobs import write_atomically
 from sealbox.bundler.errors import BundleError, InputError
 from sealbox.bundler.manifest import BlobEntry, Manifest
 from sealbox.bundler.sources import Artifact
@@ -63,7 +64,8 @@ def suite_entry(manifest: Manifest) -> BlobEntry | None:
 
 
 def _write_result(release_dir: Path, data: dict[str, Any]) -> None:
-    (release_dir / RESULT_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    # Replaced, never written through: whatever is at that name (a link into the store) is not followed.
+    write_atomically(release_dir / RESULT_FILE, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def already_passed(release_dir: Path, manifest_sha256: str) -> bool:

@@ -202,3 +202,35 @@ def test_skip_eval_is_refused_without_an_answer_and_recorded_when_confirmed(tmp_
     doctor = json.loads(sealbox("doctor", "--json", root=root, check=False).stdout)
     [check] = [c for c in doctor["checks"] if c["name"] == "evaluation"]
     assert check["status"] == "fail" and "the last evaluation failed" in check["summary"]
+
+
+def test_a_bundle_cannot_bring_its_own_evaluation_result(tmp_path: Path, keys: Path) -> None:
+    from tests.install_support import Item, Publisher, model_item
+
+    root = tmp_path / "root"
+    sealbox("trust", "add", str(keys / "alice.pub"), root=root)
+    forged = tmp_path / "evaluation.json"
+    forged.write_text(json.dumps({"status": "passed", "cases": []}))
+    model = _model(tmp_path / "m", seed=0)
+    bundle = Publisher(keys).publish(tmp_path / "b", [model_item(model), Item("file", "evaluation.json", forged)],
+                                     version=1)  # fmt: skip
+    refused = _install(bundle, root)
+    assert refused.returncode == 27, refused.stderr
+    assert "evaluation.json: the release keeps that name for itself" in refused.stderr
+    assert not (root / "current").exists()
+
+
+def test_a_bundle_with_two_suites_is_refused_before_anything_goes_live(tmp_path: Path, keys: Path) -> None:
+    from tests.install_support import Item, Publisher, model_item
+
+    root = tmp_path / "root"
+    sealbox("trust", "add", str(keys / "alice.pub"), root=root)
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text('{"cases": [{"name": "a", "prompt": "x", "expect": {"regex": "."}}]}')
+    second.write_text('{"cases": [{"name": "b", "prompt": "x", "expect": {"regex": "."}}]}')
+    items = [model_item(_model(tmp_path / "m", seed=0)), Item("eval", "eval/a.json", first), Item("eval", "eval/b.json", second)]
+    bundle = Publisher(keys).publish(tmp_path / "b", items, version=1)
+    refused = _install(bundle, root)
+    assert refused.returncode == 29, refused.stderr
+    assert "carries 2 evaluation suites" in refused.stderr
+    assert not (root / "current").exists()
