@@ -29,12 +29,13 @@ from sealbox.bundler.sources.local import local_file, local_model, local_policy,
 
 WORK_DIR = ".sealbox-create"
 HF_SCHEME = "hf://"
+OLLAMA_SCHEME = "ollama://"
 DEFAULT_EXPIRY = timedelta(days=90)
 SBOM_PATH = "sbom.cdx.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_ROLE_ORDER = {"policy": 0, "model": 1, "wheel": 2, "file": 3, "sbom": 4}
+_ROLE_ORDER = {"policy": 0, "model": 1, "wheel": 2, "file": 3, "eval": 4, "sbom": 5}
 
 
 def parse_expiry(text: str, now: datetime) -> datetime:
@@ -72,6 +73,12 @@ class CreateRequest:
     """Default: `now` + 90 days."""
     max_part_size: int = DEFAULT_MAX_PART_SIZE
     hf_cache: Path | None = None
+    eval_suite: Path | None = None
+    """An evaluation suite (TOML or JSON) carried as `eval/suite.json`; `install` runs it before going live."""
+    record_expected: bool = False
+    """Record each case's exact greedy output by serving the bundled models on this host first."""
+    ollama_store: Path | None = None
+    """Default: `$OLLAMA_MODELS`, else Ollama's default locations."""
     base: Base | None = None
     sbom: bool = True
     now: datetime | None = None
@@ -136,6 +143,8 @@ def _check_request(request: CreateRequest) -> None:
         raise InputError("at least one --sign-key is required: an unsigned bundle can never be installed")
     if request.max_part_size < 1:
         raise InputError("--max-part-size must be at least 1 byte")
+    if request.record_expected and request.eval_suite is None:
+        raise InputError("--record-expected records the outputs of an --eval-suite; give one")
     if not (request.models or request.policies or request.files or request.wants_wheels or request.include_sealbox):
         raise InputError("nothing to bundle: give --model, --policy, --file, --requirements, --wheel or --wheelhouse")
 
@@ -163,12 +172,31 @@ def _resolve_hf(ref: str, request: CreateRequest) -> Artifact:
     return replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})
 
 
+def _resolve_ollama(ref: str, request: CreateRequest) -> Artifact:
+    from sealbox.bundler.sources.ollama import resolve_ollama_model
+
+    artifact = resolve_ollama_model(ref, store=request.ollama_store)
+    return replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})
+
+
+def _suite(request: CreateRequest, artifacts: list[Artifact], work: Path) -> Artifact:
+    from sealbox.bundler.evaluation_gate import suite_artifact
+    from sealbox.runtime.policy import default_policy_text
+
+    assert request.eval_suite is not None
+    models = {Path(a.path).stem: a.file for a in artifacts if a.role == "model"}
+    policies = [a.file for a in artifacts if a.role == "policy"]
+    policy_text = policies[0].read_text(encoding="utf-8") if policies else default_policy_text()
+    return suite_artifact(request.eval_suite, models=models, policy_text=policy_text,
+                          record_expected=request.record_expected, work=work / "eval")  # fmt: skip
+
+
 def resolve_local(request: CreateRequest) -> list[Artifact]:
     """Every local input, checked (GGUF header, policy schema, readable file); writes nothing.
 
     Raises InputError."""
     artifacts = [local_policy(path) for path in request.policies]
-    artifacts += [local_model(Path(ref)) for ref in request.models if not ref.startswith(HF_SCHEME)]
+    artifacts += [local_model(Path(ref)) for ref in request.models if not ref.startswith((HF_SCHEME, OLLAMA_SCHEME))]
     artifacts += [local_file(path) for path in request.files]
     _check_unique_paths(artifacts)
     return artifacts
@@ -232,6 +260,9 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
         if ref.startswith(HF_SCHEME):
             progress.step(f"resolving {ref}")
             artifacts.append(_resolve_hf(ref, request))
+        elif ref.startswith(OLLAMA_SCHEME):
+            progress.step(f"resolving {ref} in the Ollama store")
+            artifacts.append(_resolve_ollama(ref, request))
     _check_unique_paths(artifacts)
 
     out = request.out
@@ -239,6 +270,10 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
     work.mkdir(parents=True, exist_ok=True)
     progress.step("collecting wheels for the target")
     artifacts += _collect_wheels(request, work)
+    if request.eval_suite is not None:
+        progress.step("recording the evaluation suite's expected outputs" if request.record_expected
+                      else "checking the evaluation suite")  # fmt: skip
+        artifacts.append(_suite(request, artifacts, work))
     _check_unique_paths(artifacts)
 
     writer = BlobWriter(out, work_dir=work, max_part_size=request.max_part_size)
@@ -286,7 +321,15 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
 
 def _write(writer: BlobWriter, artifact: Artifact, progress: Progress) -> WrittenBlob:
     with progress.bytes(f"{artifact.role} {artifact.path}", artifact.file.stat().st_size) as advance:
-        return writer.write(artifact.file, advance)
+        blob = writer.write(artifact.file, advance)
+    if artifact.expected_sha256 is not None and blob.sha256 != artifact.expected_sha256:
+        for name in blob.files:  # the bytes are not what the source vouched for: they do not stay in the bundle
+            (writer.bundle_dir / name).unlink(missing_ok=True)
+        raise InputError(
+            f"{artifact.provenance}: {artifact.file} has sha256 {blob.sha256}, not the {artifact.expected_sha256} its "
+            "source names it by (a corrupt store; fetch the model again)"
+        )
+    return blob
 
 
 def _sbom(

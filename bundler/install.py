@@ -40,10 +40,12 @@ from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.crashpoints import crash_point
 from sealbox.bundler.delta import require_base_blobs
 from sealbox.bundler.errors import BundleError, IntegrityError, PathError
+from sealbox.bundler.evaluation_gate import already_passed, gate_release
 from sealbox.bundler.manifest import BlobEntry, Manifest
 from sealbox.bundler.offline_venv import VenvError, WheelFile, build_offline_venv, wheel_identity
 from sealbox.bundler.progress import Progress, SilentProgress
 from sealbox.bundler.releases import GcResult, InstallRecord, Release, Releases, policy_in_force, release_dir_name
+from sealbox.bundler.sources import model_license
 from sealbox.bundler.service_files import ServiceContext, ServiceFileError, write_service_files
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
@@ -62,7 +64,7 @@ from sealbox.runtime.release import (
 from sealbox.runtime.sizes import format_size
 
 STAGE_PREFIX = "install-"
-RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service"})
+RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service", "evaluation.json"})
 
 
 class RollbackError(BundleError):
@@ -115,6 +117,10 @@ class InstallRequest:
     now: datetime | None = None
     keep: int | None = None
     """Releases kept after the install (default: the installed policy's `releases.keep`)."""
+    skip_eval: bool = False
+    """Activate without running the bundle's evaluation suite (asked through `confirm_skip_eval`; recorded)."""
+    confirm_skip_eval: Confirm | None = None
+    """Asked before `skip_eval` takes effect; None refuses the skip."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ def plan_release(manifest: Manifest) -> ReleasePlan:
         wheels[filename] = entry
     files = []
     for entry in manifest.blobs:
-        if entry.role in ("file", "sbom"):
+        if entry.role in ("file", "sbom", "eval"):
             if PurePosixPath(entry.path).parts[0] in RESERVED:
                 raise ReleaseContentError(f"{entry.path}: the release keeps that name for itself")
             files.append((entry, entry.path))
@@ -450,7 +456,8 @@ class Installer:
         models = []
         for entry, path in plan.models:
             self._link(release, path, entry)
-            models.append(ModelLink(PurePosixPath(path).stem, path, entry.sha256))
+            models.append(ModelLink(PurePosixPath(path).stem, path, entry.sha256,
+                                    license=model_license(entry.meta), origin=entry.provenance or None))  # fmt: skip
         for entry, path in plan.files:
             self._link(release, path, entry)
         venv = bool(plan.wheels)
@@ -502,6 +509,15 @@ class Installer:
         link.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(store_link_target(self.root, path, entry.sha256), link)
 
+    def gate(self, release_dir: Path, models: dict[str, Path], blob: Callable[[BlobEntry], Path]) -> None:
+        """The bundle's evaluation suite against this release, before `current` can point at it (`evaluation_gate`)."""
+        assert self.verified is not None
+        self.progress.step("evaluating the release in a staging server")
+        outcome = gate_release(root=self.root, manifest=self.verified.manifest, manifest_sha256=self.verified.sha256,
+                               release_dir=release_dir, models=models, blob=blob, skip=self.request.skip_eval,
+                               confirm=self.request.confirm_skip_eval)  # fmt: skip
+        self.notes.append(outcome.summary)
+
     # -- 3. commit -----------------------------------------------------------------------------------------------
 
     def fill_store(self, stage: _Stage) -> None:
@@ -544,6 +560,9 @@ class Installer:
             except BaseException:
                 stage.discard()
                 raise
+            if placed is None:
+                # Before anything is placed: a failing suite leaves the release in staging and `current` as it was.
+                self.gate(stage.release, {PurePosixPath(p).stem: stage.blob(e) for e, p in plan.models}, stage.blob)
             self.fill_store(stage)
             crash_point("store-filled")
             if placed is None:
@@ -556,6 +575,11 @@ class Installer:
             if placed is None:
                 placed = self.releases.load(final)
                 assert placed is not None, f"{final} was placed whole"
+            else:
+                live = self.releases.current()
+                if (live is None or live.label != placed.label) and not already_passed(placed.directory, verified.sha256):
+                    models = {m.name: placed.directory / m.path for m in placed.release.models}
+                    self.gate(placed.directory, models, lambda entry: self.root.store / entry.sha256)
             return self.activate(placed, verified, downgrade, resumed, started, copied, bytes_copied, present, replaces)
 
     def activate(

@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 BLOB_DIR = "blobs/sha256"
 
-Role = Literal["model", "wheel", "policy", "sbom", "file"]
+Role = Literal["model", "wheel", "policy", "sbom", "file", "eval"]
 ROLES: frozenset[str] = frozenset(get_args(Role))
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

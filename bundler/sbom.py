@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import PurePosixPath
 from typing import Any
 
-from sealbox.bundler.sources import Artifact
+from sealbox.bundler.sources import Artifact, model_license
 
 SPEC_VERSION = "1.6"
 PROPERTY_PREFIX = "sealbox:"
@@ -99,15 +99,26 @@ def _component(artifact: Artifact, sha256: str) -> Any:
         if isinstance(repo, str) and "/" in repo and isinstance(commit, str):
             owner, name = repo.split("/", 1)
             purl = PackageURL(type="huggingface", namespace=owner, name=name, version=commit)
-        facts = {f"gguf:{key}": value for key, value in meta.items() if not key.startswith("hf_") and key not in _DESCRIBED}
+        facts = {
+            f"gguf:{key}": value
+            for key, value in meta.items()
+            if not key.startswith(("hf_", "ollama_")) and key not in _DESCRIBED
+        }
         hub = {f"hf:{key.removeprefix('hf_')}": value for key, value in meta.items() if key.startswith("hf_")}
+        # The license text is the license's (below); template and parameters are properties, readable as they are.
+        ollama = {
+            f"ollama:{key.removeprefix('ollama_')}": value
+            for key, value in meta.items()
+            if key.startswith("ollama_") and key != "ollama_license"
+        }
         return Component(
             type=ComponentType.MACHINE_LEARNING_MODEL,
             name=PurePosixPath(artifact.path).name,
             version=commit if isinstance(commit, str) else None,
             purl=purl,
-            licenses=_licenses(meta.get("license") or meta.get("hf_license")),
-            properties=_properties(properties, {**facts, **hub}),
+            licenses=_model_licenses(meta),
+            external_references=_origin(artifact.provenance),
+            properties=_properties(properties, {**facts, **hub, **ollama}),
             **common,
         )
     return Component(
@@ -116,6 +127,33 @@ def _component(artifact: Artifact, sha256: str) -> Any:
         properties=_properties(properties, meta),
         **common,
     )
+
+
+def _model_licenses(meta: dict[str, Any]) -> list[Any]:
+    """The model's license; when the model carries its license text (an Ollama license layer), the text goes with it."""
+    licenses = _licenses(model_license(meta))
+    text = meta.get("ollama_license")
+    if isinstance(text, str) and text.strip():
+        from cyclonedx.model import AttachedText
+        from cyclonedx.model.license import DisjunctiveLicense
+
+        for item in licenses:
+            if isinstance(item, DisjunctiveLicense):
+                item.text = AttachedText(content=text)
+    return licenses
+
+
+def _origin(provenance: str) -> list[Any]:
+    """Where the model's bytes came from, as a `distribution` reference: `hf://…@commit`, `ollama://…@sha256:…`, or
+    the `file://` path it was read from on the connected host."""
+    from cyclonedx.model import ExternalReference, ExternalReferenceType, XsUri
+
+    if not provenance:
+        return []
+    url = provenance if "://" in provenance else PurePosixPath(provenance).as_uri() if provenance.startswith("/") else None
+    if url is None:
+        return []
+    return [ExternalReference(type=ExternalReferenceType.DISTRIBUTION, url=XsUri(url), comment="origin of the model's bytes")]
 
 
 def _pypi_purl_name(name: str) -> str:

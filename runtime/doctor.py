@@ -501,11 +501,36 @@ def check_listen(appliance: Appliance) -> Finding:
     return Finding(CheckStatus.FAIL, f"{address} is beyond loopback without TLS: `sealbox serve` refuses to start")
 
 
+def check_evaluation(appliance: Appliance) -> Finding:
+    """The release's evaluation gate result (stored at install), and the last on-demand `sealbox eval` of it."""
+    from sealbox.runtime.evaluation import LAST_RUN_FILE, evaluation_text, read_result
+
+    if appliance.release_dir is None:
+        return Finding(CheckStatus.UNKNOWN, "no active release")
+    at_install = read_result(appliance.release_dir)
+    details = [f"at install: {evaluation_text(at_install)}"]
+    last = read_result(appliance.root.run, LAST_RUN_FILE)
+    if last is not None and last.get("release") == appliance.release_dir.name:
+        details.append(f"last `sealbox eval` ({last.get('started_at', '?')}): {evaluation_text(last)}")
+        if last.get("status") == "failed":  # the same release answered worse than it did: the host drifted
+            return Finding(CheckStatus.FAIL, f"the last evaluation failed: {evaluation_text(last)}", tuple(details))
+    status = (at_install or {}).get("status")
+    if status == "passed":
+        return Finding(CheckStatus.PASS, f"the release passed its evaluation suite: {evaluation_text(at_install)}",
+                       tuple(details))  # fmt: skip
+    if status == "failed":
+        return Finding(CheckStatus.FAIL, f"the live release failed its evaluation suite: {evaluation_text(at_install)}",
+                       tuple(details))  # fmt: skip
+    reason = "its evaluation was skipped at install (--skip-eval)" if status == "skipped" else "it carries no evaluation suite"
+    return Finding(CheckStatus.WARN, f"the release went live without a passing evaluation: {reason}", tuple(details))
+
+
 CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("release", "Active release", check_release),
     ("manifest-signature", "Manifest signature", check_manifest_signature),
     ("models", "Model files", check_models),
     ("release-files", "Release files", check_release_files),
+    ("evaluation", "Evaluation gate", check_evaluation),
     ("trust-store", "Trust store", check_trust_store),
     ("audit-chain", "Audit chain", check_audit_chain),
     ("egress-guard", "Egress guard (this process)", check_egress_guard),
@@ -554,7 +579,8 @@ def _check_model(release_dir: Path, entry: object, signed: frozenset[str] | None
         return f"{name}: {path}: sha256 {actual}, expected {expected} (modified since install)", False
     if signed is not None and expected not in signed:
         return f"{name}: sha256 {expected} is not in the signed manifest (release.json altered)", False
-    return f"{name}: {path} sha256 {expected[:16]}… ok", True
+    origin = "".join(f" · {key} {entry[key]}" for key in ("license", "origin") if isinstance(entry.get(key), str))
+    return f"{name}: {path} sha256 {expected[:16]}… ok{origin}", True
 
 
 def _sha256_values(data: object) -> Iterator[str]:

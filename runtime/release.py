@@ -41,9 +41,15 @@ class ModelLink:
     path: str
     """`models/<file>`, relative to the release directory: a symlink into the store."""
     sha256: str
+    license: str | None = None
+    """As the signed manifest states it; served by `/v1/models` and shown by the doctor."""
+    origin: str | None = None
+    """The model's provenance (`hf://…@commit`, `ollama://…@sha256:…`, a local path)."""
 
     def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "path": self.path, "sha256": self.sha256}
+        data = {"name": self.name, "path": self.path, "sha256": self.sha256}
+        data |= {key: value for key, value in (("license", self.license), ("origin", self.origin)) if value}
+        return data
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,16 @@ class ReleaseRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReleaseRecord:
         """Raises KeyError, TypeError, ValueError for a record of the wrong shape."""
-        models = tuple(ModelLink(str(m["name"]), str(m["path"]), str(m["sha256"])) for m in data["models"])
+        models = tuple(
+            ModelLink(str(m["name"]), str(m["path"]), str(m["sha256"]), _optional_text(m.get("license")),
+                      _optional_text(m.get("origin")))  # fmt: skip
+            for m in data["models"]
+        )
         return cls(str(data["name"]), int(data["version"]), models, str(data.get("policy", POLICY_FILE)))
+
+
+def _optional_text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def read_json(path: Path) -> Any:

@@ -1,7 +1,7 @@
 """The `sealbox` command's root: every sub-command, named by where it lives and imported only when run.
 
 Both wings register here by name, the bundle side (`keys`, `bundle`, `trust`) and the appliance side (`doctor`,
-`plan`, `audit`, `serve`); this root sits above both, so neither wing imports the other's commands. `doctor` and
+`plan`, `audit`, `serve`, `eval`); this root sits above both, so neither wing imports the other's commands. `doctor` and
 `serve` first register the bundle side's manifest-signature check, which the appliance cannot import itself.
 """
 
@@ -21,6 +21,7 @@ COMMANDS = {
     "plan": "sealbox.runtime.cli.plan:plan",
     "audit": "sealbox.runtime.cli.audit:audit_app",
     "serve": LazyCommand("sealbox.runtime.cli.serve:serve", prepare=(_MANIFEST_CHECK,)),  # `serve --strict` runs the doctor
+    "eval": "sealbox.runtime.cli.eval:eval_command",
 }
 
 app = typer.Typer(

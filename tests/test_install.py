@@ -93,7 +93,8 @@ def test_install_builds_the_release_the_server_reads_and_makes_it_current(
     assert json.loads((release / "release.json").read_text()) == {
         "name": "demo",
         "version": 1,
-        "models": [{"name": "alpha", "path": "models/alpha.gguf", "sha256": sha256(models["alpha"])}],
+        "models": [{"name": "alpha", "path": "models/alpha.gguf", "sha256": sha256(models["alpha"]),
+                    "origin": str(models["alpha"])}],  # the manifest's provenance travels with the model
         "policy": "policy.toml",
     }
     link = release / "models" / "alpha.gguf"

@@ -103,7 +103,7 @@ def create(
     version: Annotated[int, typer.Option("--version", help="Integer version; must grow for each bundle of NAME.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the bundle (or an interrupted one, to resume).")],
     sign_key: Annotated[list[Path], typer.Option("--sign-key", help="Private key (.key) to sign with; repeatable.")],
-    model: Annotated[list[str], typer.Option("--model", help="A local .gguf or hf://owner/repo/file.gguf[@rev].")] = [],
+    model: Annotated[list[str], typer.Option("--model", help="A local .gguf, hf://owner/repo/file.gguf[@rev] or ollama://NAME[:TAG].")] = [],
     policy: Annotated[list[Path], typer.Option("--policy", help="Policy TOML to carry (validated).")] = [],
     file: Annotated[list[Path], typer.Option("--file", help="Any other file to carry.")] = [],
     requirements: Annotated[list[Path], typer.Option("--requirements", help="requirements.txt for the target.")] = [],
@@ -128,10 +128,19 @@ def create(
         ),
     ] = DEFAULT_MAX_PART_SIZE,
     hf_cache: Annotated[Path | None, typer.Option("--hf-cache", help="Hugging Face cache directory.")] = None,
+    ollama_models: Annotated[
+        Path | None, typer.Option("--ollama-models", help="Ollama store (default: $OLLAMA_MODELS, ~/.ollama/models).")
+    ] = None,
     base: Annotated[
         Path | None,
         typer.Option("--base", help="Earlier manifest.json (or bundle dir): make a delta carrying only new blobs."),
     ] = None,
+    eval_suite: Annotated[
+        Path | None, typer.Option("--eval-suite", help="Evaluation suite (TOML/JSON) that gates the install.")
+    ] = None,
+    record_expected: Annotated[
+        bool, typer.Option("--record-expected", help="Record the suite's exact greedy outputs by serving the models here.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Pack models, wheels, policies and files into a signed, content-addressed bundle directory."""
@@ -161,6 +170,9 @@ def create(
             expires=expiry,
             max_part_size=max_part_size,
             hf_cache=hf_cache,
+            ollama_store=ollama_models,
+            eval_suite=eval_suite,
+            record_expected=record_expected,
             now=now,
         )
         base_manifest = BaseManifest.load(base) if base is not None else None

@@ -7,6 +7,7 @@ result or the refusal on stdout.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +24,13 @@ from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.delta import DeltaBaseError
 from sealbox.bundler.errors import BundleError
+from sealbox.bundler.evaluation_gate import staged_results
 from sealbox.bundler.install import InstallRequest, install_bundle
 from sealbox.bundler.offline_venv import VenvError
 from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
 from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.runtime.evaluation import evaluation_text, read_result
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
 from sealbox.runtime.sizes import format_size
@@ -62,13 +65,20 @@ def _ask(question: str) -> bool:
         return False
 
 
+def _ask_on_terminal(question: str) -> bool:
+    """Skipping the evaluation gate is asked of a person: without a terminal it is refused (a script says --yes)."""
+    if not sys.stdin.isatty():
+        return False
+    return _ask(question)
+
+
 def install(
     directory: Annotated[Path, typer.Argument(help="The bundle directory (as copied from the medium).")],
     root: RootOption = None,
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Install a version not above the installed one (asks; recorded).")
     ] = False,
-    yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade question (for scripts).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Answer yes to the downgrade and skip-eval questions (for scripts).")] = False,
     replace_name: Annotated[
         bool,
         typer.Option(
@@ -76,6 +86,9 @@ def install(
             help="Install a bundle under another name than the one this appliance runs (always asked, never by "
             "--yes; recorded).",
         ),
+    ] = False,
+    skip_eval: Annotated[
+        bool, typer.Option("--skip-eval", help="Go live without running the bundle's evaluation suite (asks; recorded).")
     ] = False,
     enable_service: Annotated[
         bool, typer.Option("--enable", help="Also load the egress rules and enable and start the service (root).")
@@ -92,6 +105,8 @@ def install(
             confirm=(lambda _q: True) if yes else _ask,
             replace_name=replace_name,
             confirm_name=_ask,
+            skip_eval=skip_eval,
+            confirm_skip_eval=(lambda _q: True) if yes else _ask_on_terminal,
         )
         with stderr_progress() as progress:
             result = install_bundle(request, progress)
@@ -130,6 +145,7 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
         releases = Releases(host)
         items, current = releases.all(), releases.current()
     live = current.label if current else None
+    staged = staged_results(host)
     if as_json:
         rows = [
             {
@@ -139,19 +155,25 @@ def list_releases(root: RootOption = None, as_json: JsonOption = False) -> None:
                 "installed_at": r.install.installed_at,
                 "manifest_sha256": r.install.manifest_sha256,
                 "downgrade": r.install.downgrade,
+                "evaluation": read_result(r.directory),
             }
             for r in items
         ]
-        typer.echo(json.dumps({"current": live, "releases": rows}))
+        held = [{"release": label, "evaluation": result} for label, result in staged]
+        typer.echo(json.dumps({"current": live, "releases": rows, "staged": held}))
         return
-    if not items:
+    if not items and not staged:
         typer.echo(f"no releases in {host.releases}")
         return
-    table = Table("", "release", "version", "installed", "models", "manifest")
+    table = Table("", "release", "version", "installed", "models", "manifest", "evaluation")
     for r in items:
         models = ", ".join(m.name for m in r.release.models) or "-"
         table.add_row("*" if r.label == live else "", escape(r.label), str(r.release.version),
-                      r.install.installed_at[:19], escape(models), r.install.manifest_sha256[:16])
+                      r.install.installed_at[:19], escape(models), r.install.manifest_sha256[:16],
+                      escape(evaluation_text(read_result(r.directory))))  # fmt: skip
+    for label, result in staged:
+        table.add_row("", escape(label), "", "staged, not live", "", str(result.get("manifest_sha256", ""))[:16],
+                      escape(evaluation_text(result)))  # fmt: skip
     _out.print(table)
 
 

@@ -144,7 +144,15 @@ def create_app(config: ServerConfig) -> ASGIApp:
         return Response(content, media_type=media_type)
 
     def model_entry(model: ServedModel) -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": int(config.started_at), "owned_by": "sealbox"}
+        entry: dict[str, Any] = {"id": model.name, "object": "model", "created": int(config.started_at), "owned_by": "sealbox"}
+        # Extra fields (OpenAI clients keep unknown ones): the license and origin the signed release states.
+        if model.source.license:
+            entry["license"] = model.source.license
+        if model.source.origin:
+            entry["origin"] = model.source.origin
+        if model.source.sha256:
+            entry["sha256"] = model.source.sha256
+        return entry
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

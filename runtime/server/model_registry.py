@@ -40,6 +40,10 @@ class ModelSource:
     path: Path
     sha256: str | None
     """The digest the release promises; None for a `--model` file (its digest is taken at start)."""
+    license: str | None = None
+    """The license the signed manifest states for the model (release.json), shown by `/v1/models` and the doctor."""
+    origin: str | None = None
+    """Where its bytes came from: `hf://…@commit`, `ollama://…@sha256:…`, or the publisher's local path."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class ActiveRelease:
             record = read_record(directory)
         except ReleaseFileError as exc:
             raise ReleaseError(f"{exc} (install a bundle, or pass --model)") from exc
-        models = tuple(ModelSource(m.name, directory / m.path, m.sha256) for m in record.models)
+        models = tuple(ModelSource(m.name, directory / m.path, m.sha256, m.license, m.origin) for m in record.models)
         return cls(directory, record.name, record.version, models, directory / record.policy)
 
 
