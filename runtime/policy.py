@@ -26,11 +26,16 @@ class ServerPolicy(_Section):
     tls_cert: str = ""
     tls_key: str = ""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    tls_client_ca: str = ""
+    """CA file that signs the clients allowed to connect (mutual TLS): an engine host behind a gateway sets it to
+    the gateway's CA, so a stranger on the link cannot complete a handshake. Empty = no client certificate asked."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ServerPolicy":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
         return self
 
 
@@ -107,6 +112,47 @@ class ReleasesPolicy(_Section):
     keep: int = Field(3, ge=1)
 
 
+class EngineHostPolicy(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    url: str = Field(pattern=r"^https://[^/?#@]+$")
+    """`https://HOST:PORT` of the engine's `sealbox serve`; never plain HTTP between hosts."""
+    fingerprint: str = Field("", pattern=r"^(|sha256:[0-9a-f]{64})$")
+    """sha256 of the engine's certificate (DER); when set, an engine presenting another certificate is refused."""
+    api_key_file: str = ""
+    """File holding the API key the gateway presents to this engine (a key of the engine host's own key store)."""
+
+
+class GatewayPolicy(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    tls_cert: str = ""
+    tls_key: str = ""
+    """The gateway's certificate for its own clients; both or neither."""
+    client_cert: str = ""
+    client_key: str = ""
+    """The certificate the gateway presents to the engines (mutual TLS)."""
+    engine_ca: str = ""
+    """CA file the engines' certificates must chain to."""
+    engines: tuple[EngineHostPolicy, ...] = ()
+    max_in_flight_per_principal: int = Field(32, ge=1)
+    """Requests one principal may have in flight through the gateway; past it, 429: no key starves the others."""
+    health_interval_s: float = Field(2.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    prefix_affinity_entries: int = Field(10000, ge=0)
+    """Conversations remembered for routing to the engine that holds their cached prefix (0 = no affinity)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GatewayPolicy":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key must be set together")
+        names = [engine.name for engine in self.engines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two engine hosts share a name: {names}")
+        return self
+
+
 class Policy(_Section):
     server: ServerPolicy = ServerPolicy()
     limits: LimitsPolicy = LimitsPolicy()
@@ -114,6 +160,7 @@ class Policy(_Section):
     egress: EgressPolicy = EgressPolicy()
     service: ServicePolicy = ServicePolicy()
     releases: ReleasesPolicy = ReleasesPolicy()
+    gateway: GatewayPolicy = GatewayPolicy()
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<policy>") -> "Policy":

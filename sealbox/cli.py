@@ -21,6 +21,7 @@ COMMANDS = {
     "plan": "sealbox.runtime.cli.plan:plan",
     "audit": "sealbox.runtime.cli.audit:audit_app",
     "serve": LazyCommand("sealbox.runtime.cli.serve:serve", prepare=(_MANIFEST_CHECK,)),  # `serve --strict` runs the doctor
+    "gateway": "sealbox.runtime.cli.gateway:gateway",
 }
 
 app = typer.Typer(
