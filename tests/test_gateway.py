@@ -161,3 +161,26 @@ def _try(gateway: GatewayProcess, key: str) -> str | openai.RateLimitError:
     except openai.RateLimitError as exc:
         return exc
     return raw.headers["x-sealbox-engine"]
+
+
+def test_an_engine_presenting_another_certificate_than_the_pinned_one_is_never_used(
+    cluster: dict[str, object], pki: dict[str, Path], tmp_path: Path
+) -> None:
+    """e1's certificate chains to the engines' CA, but the policy pins e2's: the gateway keeps e1 out of rotation."""
+    e1 = cluster["e1"]
+    assert isinstance(e1, EngineHostProcess)
+    key = tmp_path / "e1.key"
+    key.write_text(str(cluster["e1_key"]))
+    policy = gateway_policy(engines=[(e1, key, certificate_fingerprint(pki["e2.crt"]))], engine_ca=pki["engines_ca"],
+                            client_cert=pki["client.crt"], client_key=pki["client.key"])  # fmt: skip
+    root = tmp_path / "gateway"
+    root.mkdir()
+    user = create_api_key(root, "user")
+    with GatewayProcess(root, policy_text=policy) as gateway:
+        ready = httpx.get(gateway.url + "/ready", timeout=10)
+        with pytest.raises(openai.APIStatusError) as refused:
+            _client(gateway, user).completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert ready.status_code == 503
+    (engine,) = ready.json()["engines"]
+    assert engine["healthy"] is False and "pins" in engine["problem"], engine
+    assert refused.value.status_code == 503
