@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from gateway_support import EngineHostProcess, GatewayProcess, PrivateCA, engine_key_file, engine_policy, gateway_policy
-from audit_records import the_record_of
+from audit_records import audit_records, the_record_of
 from server_support import create_api_key
 
 from sealbox.runtime.gateway.engine_hosts import certificate_fingerprint
@@ -184,3 +184,37 @@ def test_an_engine_presenting_another_certificate_than_the_pinned_one_is_never_u
     (engine,) = ready.json()["engines"]
     assert engine["healthy"] is False and "pins" in engine["problem"], engine
     assert refused.value.status_code == 503
+
+
+def test_a_stream_cut_by_its_engine_ends_with_an_error_and_is_not_replayed_on_another(
+    tmp_path_factory: pytest.TempPathFactory, make_model: object, pki: dict[str, Path]
+) -> None:
+    model = make_model("endless.gguf", size="1MB", seed=5, never_ends=True)  # type: ignore[operator]
+    engines = {}
+    for name in ("e1", "e2"):
+        policy = engine_policy(pki[f"{name}.crt"], pki[f"{name}.key"], pki["gateway_ca"], sequences=1, context=4096)
+        engines[name] = EngineHostProcess(tmp_path_factory.mktemp(name), models=[model], policy_text=policy, name=name)
+    keys = {name: engine_key_file(engine) for name, engine in engines.items()}
+    root = tmp_path_factory.mktemp("gateway-cut")
+    policy = gateway_policy(engines=[(engines[n], keys[n], "") for n in engines], engine_ca=pki["engines_ca"],
+                            client_cert=pki["client.crt"], client_key=pki["client.key"])  # fmt: skip
+    user = create_api_key(root, "user")
+    body = {"model": "endless", "prompt": "go on", "max_tokens": 2000, "stream": True}
+    with engines["e1"], engines["e2"], GatewayProcess(root, policy_text=policy) as gateway:
+        with httpx.stream("POST", gateway.base_url + "/completions", json=body, timeout=60,
+                          headers={"authorization": f"Bearer {user}"}) as response:  # fmt: skip
+            assert response.status_code == 200
+            chunks = response.iter_raw()
+            received = next(chunks)  # the client holds tokens now
+            victim = engines[response.headers["x-sealbox-engine"]]
+            other = next(e for e in engines.values() if e is not victim)
+            victim.process.kill()  # type: ignore[union-attr]
+            received += b"".join(chunks)
+        request_id = response.headers["x-request-id"]
+    events = [e for e in received.decode().split("\n\n") if e.strip()]
+    assert b'"text"' in received.split(b"\n\n")[0]
+    assert '"code": "engine_failed"' in events[-1] and "data: [DONE]" not in events
+    record = the_record_of(gateway.root / "audit", request_id).fields
+    assert (record["engine_host"], record["retried_from"], record["finish_reason"]) == (victim.name, [], "engine_failed")
+    completions = [r for r in audit_records(other.root / "audit") if r.fields.get("endpoint") == "/v1/completions"]
+    assert completions == []  # the other engine never saw the request

@@ -102,6 +102,8 @@ def create_gateway_app(config: GatewayConfig) -> ASGIApp:
             if exc.full:
                 raise ApiError(429, str(exc), code="engines_full",
                                headers={"Retry-After": str(exc.retry_after_s)}) from exc  # fmt: skip
+            if exc.missing:
+                raise ApiError(404, str(exc), code="model_not_found", param="model") from exc
             raise ApiError(503, str(exc), code="engines_unavailable") from exc
         if upstream.retried_from:
             engines.poll_soon()
@@ -158,8 +160,11 @@ class RelayResponse(Response):
             if not streamed:
                 upstream.engine.served += 1
                 return
+            usage = StreamUsage(self.record)
+            usage.feed(upstream.first)
             try:
                 async for chunk in upstream.rest():
+                    usage.feed(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except httpx.HTTPError as exc:
                 upstream.engine.fail(f"failed mid-stream: {type(exc).__name__}: {exc}")
@@ -175,3 +180,32 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await upstream.close()
+
+
+class StreamUsage:
+    """Reads the token counts and finish reason a stream reports (its usage chunk, when the client asked for one) into
+    the audit record, without parsing the chunks that carry only text."""
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *events, self.pending = self.pending.split(b"\n\n")
+        if len(self.pending) > 1 << 16:  # not SSE as expected: stop looking rather than hold it
+            self.pending = b""
+        for event in events:
+            if b'"usage":{' not in event and b'"finish_reason":"' not in event:
+                continue
+            try:
+                data = json.loads(event.removeprefix(b"data: "))
+            except ValueError:
+                continue
+            usage = data.get("usage") if isinstance(data, dict) else None
+            if isinstance(usage, dict):
+                self.record.prompt_tokens = int(usage.get("prompt_tokens", 0))
+                self.record.completion_tokens = int(usage.get("completion_tokens", 0))
+            for choice in data.get("choices") or [] if isinstance(data, dict) else []:
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    self.record.finish_reason = str(choice["finish_reason"])

@@ -26,11 +26,13 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class NoEngine(Exception):
-    """No engine could take the request: `full` when all were busy (429), else all failed or none serves it (503)."""
+    """No engine could take the request: `full` when all were busy (429), `missing` when no engine in rotation has
+    the model (404), else every engine failed (503)."""
 
-    def __init__(self, message: str, *, full: bool, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, *, full: bool, retry_after_s: int = 1, missing: bool = False) -> None:
         super().__init__(message)
         self.full = full
+        self.missing = missing
         self.retry_after_s = retry_after_s
 
 
@@ -108,7 +110,9 @@ async def forward(router: Router, *, model: str, key: str | None, path: str, bod
         router.affinity.remember(key, engine.name)
         return upstream
     if not router.serves(model) and not full and not failed:
-        raise NoEngine(f"no engine host in rotation serves the model {model!r}", full=False)
+        if any(h.healthy for h in router.hosts):
+            raise NoEngine(f"the model {model!r} does not exist on any engine host", full=False, missing=True)
+        raise NoEngine("no engine host is in rotation", full=False)
     if failed and not full and not any(h.healthy for h in router.hosts):
         raise NoEngine(f"every engine host failed ({', '.join(failed)})", full=False)
     raise NoEngine("every engine host is at capacity; retry later", full=True, retry_after_s=retry_after)
