@@ -153,6 +153,52 @@ class GatewayPolicy(_Section):
         return self
 
 
+class VllmPolicy(_Section):
+    """vLLM as a supervised child engine (GPU clusters): rendered into a launch command, environment and unit."""
+
+    model_dir: str = ""
+    """Directory of the model's safetensors inside the release (relative to the release directory)."""
+    served_name: str = Field("", pattern=r"^[A-Za-z0-9_.:-]{0,128}$")
+    port: int = Field(8000, ge=1, le=65535)
+    """Loopback port of the child's OpenAI API (the sealbox front or gateway talks to it; nothing else can)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int = Field(0, ge=0)
+    node_ip: str = ""
+    """This node's address on the cluster network (Ray binds there); empty = single node, no Ray cluster."""
+    ray_head: str = ""
+    """`IP:PORT` of the Ray head; equal to this node's `node_ip:ray_port` on the head itself."""
+    ray_peers: tuple[str, ...] = ()
+    """Addresses of the other nodes of the Ray cluster: the only hosts the unit and nftables rules let in and out."""
+    ray_port: int = Field(6379, ge=1, le=65535)
+    ray_node_manager_port: int = Field(6380, ge=1, le=65535)
+    ray_object_manager_port: int = Field(6381, ge=1, le=65535)
+    ray_min_worker_port: int = Field(10002, ge=1, le=65535)
+    ray_max_worker_port: int = Field(10100, ge=1, le=65535)
+
+    @field_validator("ray_peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_address(item)
+        return value
+
+    @model_validator(mode="after")
+    def _cluster(self) -> "VllmPolicy":
+        if self.node_ip:
+            ipaddress.ip_address(self.node_ip)
+        if (self.ray_peers or self.ray_head) and not self.node_ip:
+            raise ValueError("a Ray cluster (ray_head, ray_peers) needs this node's node_ip")
+        if self.ray_min_worker_port > self.ray_max_worker_port:
+            raise ValueError("ray_min_worker_port is above ray_max_worker_port")
+        return self
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.node_ip)
+
+
 class Policy(_Section):
     server: ServerPolicy = ServerPolicy()
     limits: LimitsPolicy = LimitsPolicy()
@@ -161,6 +207,7 @@ class Policy(_Section):
     service: ServicePolicy = ServicePolicy()
     releases: ReleasesPolicy = ReleasesPolicy()
     gateway: GatewayPolicy = GatewayPolicy()
+    vllm: VllmPolicy = VllmPolicy()
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<policy>") -> "Policy":
