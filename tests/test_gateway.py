@@ -9,6 +9,7 @@ import socket
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -41,10 +42,16 @@ def _engine(tmp_path_factory: pytest.TempPathFactory, model: Path, pki: dict[str
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
+def tiny_endless(make_model: Any) -> Path:
+    """Served as "tiny"; never ends early, so every answer is max_tokens long and concurrent requests overlap."""
+    return make_model("tiny.gguf", size="1MB", seed=0, never_ends=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_endless: Path,
             pki: dict[str, Path]) -> Iterator[dict[str, object]]:  # fmt: skip
-    e1 = _engine(tmp_path_factory, tiny_model, pki, "e1", sequences=1, queue=0)
-    e2 = _engine(tmp_path_factory, tiny_model, pki, "e2", sequences=1, queue=0)
+    e1 = _engine(tmp_path_factory, tiny_endless, pki, "e1", sequences=1, queue=0)
+    e2 = _engine(tmp_path_factory, tiny_endless, pki, "e2", sequences=1, queue=0)
     keys = [engine_key_file(e1), engine_key_file(e2)]
     root = tmp_path_factory.mktemp("gateway")
     policy = gateway_policy(engines=[(e1, keys[0], certificate_fingerprint(pki["e1.crt"])), (e2, keys[1], "")],
@@ -65,7 +72,7 @@ def _client(gateway: GatewayProcess, key: str) -> openai.OpenAI:
 
 
 def test_a_request_through_the_gateway_is_answered_and_audited_with_its_engine_host_and_model_sha256(
-    cluster: dict[str, object], tiny_model: Path
+    cluster: dict[str, object], tiny_endless: Path
 ) -> None:
     gateway = cluster["gateway"]
     assert isinstance(gateway, GatewayProcess)
@@ -75,7 +82,7 @@ def test_a_request_through_the_gateway_is_answered_and_audited_with_its_engine_h
     assert reply.usage is not None and reply.usage.completion_tokens == 4
     engine, request_id = raw.headers["x-sealbox-engine"], raw.headers["x-request-id"]
     assert engine in {"e1", "e2"}
-    sha = hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+    sha = hashlib.sha256(tiny_endless.read_bytes()).hexdigest()
     record = the_record_of(gateway.root / "audit", request_id).fields  # durable before the answer was sent
     assert (record["engine_host"], record["model_sha256"], record["principal"], record["completion_tokens"]) == (
         engine, sha, "alice", 4)
