@@ -37,6 +37,9 @@ class ServerPolicy(_Section):
     tls_cert: str = ""
     tls_key: str = ""
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    tls_client_ca: str = ""
+    """CA file that signs the clients allowed to connect (mutual TLS): an engine host behind a gateway sets it to
+    the gateway's CA, so a stranger on the link cannot complete a handshake. Empty = no client certificate asked."""
     allow_plain_http: bool = False
     """Serve plain HTTP on an address beyond loopback (no TLS): API keys and prompts cross the network readable by
     anyone on the path. Refused unless set; when set, the start record names it and the doctor flags it."""
@@ -64,6 +67,8 @@ class ServerPolicy(_Section):
     def _tls_pair(self) -> "ServerPolicy":
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
         return self
 
     @property
@@ -195,6 +200,93 @@ class ReleasesPolicy(_Section):
     keep: int = Field(3, ge=1)
 
 
+class EngineHostPolicy(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    url: str = Field(pattern=r"^https://[^/?#@]+$")
+    """`https://HOST:PORT` of the engine's `sealbox serve`; never plain HTTP between hosts."""
+    fingerprint: str = Field("", pattern=r"^(|sha256:[0-9a-f]{64})$")
+    """sha256 of the engine's certificate (DER); when set, an engine presenting another certificate is refused."""
+    api_key_file: str = ""
+    """File holding the API key the gateway presents to this engine (a key of the engine host's own key store)."""
+
+
+class GatewayPolicy(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8090, ge=1, le=65535)
+    tls_cert: str = ""
+    tls_key: str = ""
+    """The gateway's certificate for its own clients; both or neither."""
+    client_cert: str = ""
+    client_key: str = ""
+    """The certificate the gateway presents to the engines (mutual TLS)."""
+    engine_ca: str = ""
+    """CA file the engines' certificates must chain to."""
+    engines: tuple[EngineHostPolicy, ...] = ()
+    max_in_flight_per_principal: int = Field(32, ge=1)
+    """Requests one principal may have in flight through the gateway; past it, 429: no key starves the others."""
+    health_interval_s: float = Field(2.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    prefix_affinity_entries: int = Field(10000, ge=0)
+    """Conversations remembered for routing to the engine that holds their cached prefix (0 = no affinity)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GatewayPolicy":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if bool(self.client_cert) != bool(self.client_key):
+            raise ValueError("client_cert and client_key must be set together")
+        names = [engine.name for engine in self.engines]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two engine hosts share a name: {names}")
+        return self
+
+
+class VllmPolicy(_Section):
+    """vLLM as a supervised child engine (GPU clusters): rendered into a launch command, environment and unit."""
+
+    model_dir: str = ""
+    """Directory of the model's safetensors inside the release (relative to the release directory)."""
+    served_name: str = Field("", pattern=r"^[A-Za-z0-9_.:-]{0,128}$")
+    port: int = Field(8000, ge=1, le=65535)
+    """Loopback port of the child's OpenAI API (the sealbox front or gateway talks to it; nothing else can)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    pipeline_parallel_size: int = Field(1, ge=1, le=64)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int = Field(0, ge=0)
+    node_ip: str = ""
+    """This node's address on the cluster network (Ray binds there); empty = single node, no Ray cluster."""
+    ray_head: str = ""
+    """`IP:PORT` of the Ray head; equal to this node's `node_ip:ray_port` on the head itself."""
+    ray_peers: tuple[str, ...] = ()
+    """Addresses of the other nodes of the Ray cluster: the only hosts the unit and nftables rules let in and out."""
+    ray_port: int = Field(6379, ge=1, le=65535)
+    ray_node_manager_port: int = Field(6380, ge=1, le=65535)
+    ray_object_manager_port: int = Field(6381, ge=1, le=65535)
+    ray_min_worker_port: int = Field(10002, ge=1, le=65535)
+    ray_max_worker_port: int = Field(10100, ge=1, le=65535)
+
+    @field_validator("ray_peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            ipaddress.ip_address(item)
+        return value
+
+    @model_validator(mode="after")
+    def _cluster(self) -> "VllmPolicy":
+        if self.node_ip:
+            ipaddress.ip_address(self.node_ip)
+        if (self.ray_peers or self.ray_head) and not self.node_ip:
+            raise ValueError("a Ray cluster (ray_head, ray_peers) needs this node's node_ip")
+        if self.ray_min_worker_port > self.ray_max_worker_port:
+            raise ValueError("ray_min_worker_port is above ray_max_worker_port")
+        return self
+
+    @property
+    def multi_node(self) -> bool:
+        return bool(self.node_ip)
+
+
 class Policy(_Section):
     server: ServerPolicy = ServerPolicy()
     limits: LimitsPolicy = LimitsPolicy()
@@ -202,6 +294,8 @@ class Policy(_Section):
     egress: EgressPolicy = EgressPolicy()
     service: ServicePolicy = ServicePolicy()
     releases: ReleasesPolicy = ReleasesPolicy()
+    gateway: GatewayPolicy = GatewayPolicy()
+    vllm: VllmPolicy = VllmPolicy()
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<policy>") -> "Policy":

@@ -22,6 +22,7 @@ COMMANDS = {
     "audit": "sealbox.runtime.cli.audit:audit_app",
     "serve": LazyCommand("sealbox.runtime.cli.serve:serve", prepare=(_MANIFEST_CHECK,)),  # `serve --strict` runs the doctor
     "eval": "sealbox.runtime.cli.eval:eval_command",
+    "gateway": "sealbox.runtime.cli.gateway:gateway",
 }
 
 app = typer.Typer(

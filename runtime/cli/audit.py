@@ -275,3 +275,59 @@ def render_report(summary: ProcessingReport, console: Console) -> None:
     if integrity is not None:
         verdict = "[bold green]chain VALID[/]" if integrity.ok else "[bold red]chain BROKEN[/]"
         console.print(f"{verdict}: {escape(integrity.summary())}")
+
+
+def _host_pairs(values: list[str], what: str) -> dict[str, Path]:
+    pairs: dict[str, Path] = {}
+    for value in values:
+        host, sep, file = value.partition("=")
+        if not sep or not host or not file or host in pairs:
+            raise typer.BadParameter(f"{value!r}: give {what} as HOST=FILE, each host once")
+        pairs[host] = Path(file)
+    return pairs
+
+
+@audit_app.command("merge")
+def merge(
+    parts: Annotated[list[str], typer.Argument(help="HOST=EXPORT.jsonl, one per host (e.g. gateway=gw.jsonl).")],
+    pubkey: Annotated[list[str], typer.Option("--pubkey", help="HOST=KEY.pub: each host's audit key, obtained independently.")],
+    out: Annotated[Path, typer.Option("--out", help="The merged report (JSONL: a manifest, then each part as exported).")],
+) -> None:
+    """Merge several hosts' exports into one report; each part is verified against its host's key first."""
+    from sealbox.runtime.audit.merge import MergeError, Part, merge_exports
+
+    exports, keys = _host_pairs(parts, "exports"), _host_pairs(pubkey, "--pubkey")
+    missing = sorted(set(exports) - set(keys))
+    if missing:
+        raise typer.BadParameter(f"no --pubkey for {', '.join(missing)}")
+    try:
+        manifest = merge_exports([Part(host, path, keys[host]) for host, path in exports.items()], out)
+    except (MergeError, OSError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]merge refused:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
+    for entry in manifest["parts"]:  # type: ignore[union-attr]
+        typer.echo(f"{entry['host']}: {entry['records']} record(s), seq {entry['first_seq']}..{entry['last_seq']}, "
+                   f"key {entry['key_id']}")  # fmt: skip
+    typer.echo(f"merged {len(exports)} host(s) into {out}")
+
+
+@audit_app.command("verify-merged")
+def verify_merged_command(
+    report: Annotated[Path, typer.Argument(help="A report written by `sealbox audit merge`.")],
+    pubkey: Annotated[list[str], typer.Option("--pubkey", help="HOST=KEY.pub for every host the report names.")],
+) -> None:
+    """Verify every part of a merged report against the key pinned for its host; exit 0 only if all hold."""
+    from sealbox.runtime.audit.merge import MergeError, verify_merged
+
+    try:
+        result = verify_merged(report, _host_pairs(pubkey, "--pubkey"))
+    except (MergeError, OSError) as exc:
+        Console(stderr=True, soft_wrap=True).print(f"[red]cannot verify:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    console = Console(soft_wrap=True)
+    for host, part in result.parts.items():
+        console.print(f"{escape(host)}: {'ok' if part.ok else 'FAILED'} ({escape(part.summary())})")
+    for problem in result.problems:
+        console.print(f"[red]{escape(problem)}[/]")
+    if not result.ok:
+        raise typer.Exit(1)

@@ -143,6 +143,19 @@ def create_app(config: ServerConfig) -> ASGIApp:
         content, media_type = render_latest()
         return Response(content, media_type=media_type)
 
+    @app.get("/v1/engine/status")
+    async def engine_status() -> dict[str, Any]:
+        """What a gateway routes by: each model's free sequences, free KV cells and queue depth (authenticated)."""
+        models = []
+        for m in config.registry.ready:
+            assert m.engine is not None
+            stats = m.engine.stats()
+            models.append({"id": m.name, "sha256": m.sha256, "sequences_total": stats.sequences_total,
+                           "free_sequences": max(0, stats.sequences_total - stats.running), "queued": stats.queued,
+                           "kv_cells_total": stats.kv_cells_total,
+                           "kv_cells_free": max(0, stats.kv_cells_total - stats.kv_cells_used)})  # fmt: skip
+        return {"object": "engine.status", "models": models, "queue_size": limits.queue_size}
+
     def model_entry(model: ServedModel) -> dict[str, Any]:
         entry: dict[str, Any] = {"id": model.name, "object": "model", "created": int(config.started_at), "owned_by": "sealbox"}
         # Extra fields (OpenAI clients keep unknown ones): the license and origin the signed release states.

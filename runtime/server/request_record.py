@@ -57,6 +57,8 @@ class RequestRecord:
     finish_reason: str | None = None
     stream: bool = False
     content: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields a front adds to the record (the gateway: the engine host that served the request)."""
     committed: bool = False
 
     async def commit(self, status: int) -> None:
@@ -87,6 +89,7 @@ class RequestRecord:
             "stream": self.stream,
             "latency_ms": round((time.monotonic() - self.started) * 1000, 3),
         }
+        fields.update(self.extra)
         if self.content is not None:
             fields["content"] = self.content
         await self.audit.append_async(_EVENTS.get(status, "api.request"), **fields)

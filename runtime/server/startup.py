@@ -96,6 +96,7 @@ class PreparedServer:
                 access_log=False,
                 ssl_certfile=limits.tls_cert or None,
                 ssl_keyfile=limits.tls_key or None,
+                **mutual_tls(limits.tls_client_ca),
                 timeout_graceful_shutdown=10,
                 timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
             )
@@ -230,6 +231,15 @@ def _authenticator(appliance: HostRoot) -> Authenticator:
     except ApiKeyError as exc:
         raise ServeRefused(str(exc)) from exc
     return authenticator
+
+
+def mutual_tls(client_ca: str) -> dict[str, object]:
+    """uvicorn's settings that make a client certificate signed by `client_ca` a condition of the handshake."""
+    if not client_ca:
+        return {}
+    import ssl
+
+    return {"ssl_ca_certs": client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -1,0 +1,35 @@
+"""`sealbox gateway`: translates the command's options into `GatewayOptions` and refusals into exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from sealbox.runtime.gateway.startup import GatewayOptions, prepare_gateway
+from sealbox.runtime.server.startup import ServeRefused
+
+_err = Console(stderr=True)
+
+
+def gateway(
+    root: Annotated[Path | None, typer.Option("--root", help="Gateway root: its API keys and audit log (default: $SEALBOX_ROOT).")] = None,
+    policy_file: Annotated[Path | None, typer.Option("--policy", help="Policy TOML whose gateway section names the engine hosts.")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="Listen address (default: the policy's gateway.host).")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Listen port (default: the policy's gateway.port).")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Serve without API keys; only on a loopback address.")] = False,
+    no_audit: Annotated[bool, typer.Option("--no-audit", help="Development only: keep no audit log.")] = False,
+) -> None:
+    """Front several engine hosts (each a `sealbox serve`) with one API: keys, fairness, audit, routing by load."""
+    options = GatewayOptions(root=root, policy_file=policy_file, host=host, port=port, no_auth=no_auth,
+                             no_audit=no_audit)  # fmt: skip
+    try:
+        prepared = prepare_gateway(options)
+        prepared.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
+        prepared.run()
+    except ServeRefused as exc:
+        _err.print(f"[bold red]sealbox gateway: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from exc

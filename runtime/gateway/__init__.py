@@ -1,0 +1,1 @@
+"""`sealbox gateway`: one front (API keys, fairness, audit) over several engine hosts, each a `sealbox serve`."""

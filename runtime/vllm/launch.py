@@ -1,0 +1,169 @@
+"""The vLLM child's launch, rendered from the policy: its command, its environment, the Ray node command for
+multi-node clusters, and the systemd unit that walls both in.
+
+The command starts sealbox's egress guard in vLLM's own interpreter before vLLM is imported (`BOOTSTRAP`), with the
+policy's allowlist widened by exactly the Ray peers; the API listens on loopback only, so the sealbox front (or a
+gateway through it) is its one client. The environment turns off every phone-home the stack has (Hugging Face Hub,
+vLLM usage stats, Ray usage stats and dashboard). Ray's ports are fixed in the policy, so the unit's
+`IPAddressAllow` and the nftables rules can name them.
+
+Nothing here has run on a GPU: the tests carry the command up to the process boundary (the child starts, installs
+the guard, and stops at `import vllm` on a machine without it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2.sandbox import SandboxedEnvironment
+
+from sealbox.runtime.policy import EgressPolicy, Policy, VllmPolicy
+
+BOOTSTRAP = (
+    "import os, runpy, sys; "
+    "from sealbox.runtime.egress.offline_env import apply_offline_environment; "
+    "from sealbox.runtime.egress.guard import install_egress_guard; "
+    "from sealbox.runtime.policy import EgressPolicy; "
+    "apply_offline_environment(); "
+    "install_egress_guard(EgressPolicy.model_validate_json(os.environ['SEALBOX_VLLM_EGRESS'])); "
+    "sys.argv[0] = 'vllm'; "
+    "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__', alter_sys=True)"
+)
+"""One line: systemd's ExecStart takes no newlines."""
+
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+}
+
+UNIT_TEMPLATE = """\
+# sealbox: vLLM engine of release {{ label }}, rendered from the policy by sealbox.runtime.vllm. Do not edit here.
+[Unit]
+Description=sealbox vLLM engine ({{ label }})
+After=network-online.target nftables.service
+Wants=network-online.target
+
+[Service]
+Type=exec
+User={{ user }}
+Group={{ user }}
+WorkingDirectory={{ release_dir }}
+{% for assignment in environment %}Environment={{ assignment }}
+{% endfor %}ExecStart={{ exec_start }}
+Restart=on-failure
+RestartSec=5s
+UMask=0077
+IPAddressDeny=any
+IPAddressAllow=localhost{% for peer in peers %} {{ peer }}{% endfor %}
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+DevicePolicy=closed
+{% for device in devices %}DeviceAllow={{ device }} rw
+{% endfor %}ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class VllmConfigError(Exception):
+    """The policy does not describe a vLLM engine that can be launched (no model, a Ray cluster without a head)."""
+
+
+@dataclass(frozen=True)
+class VllmLaunch:
+    argv: list[str]
+    environment: dict[str, str]
+    ray_argv: list[str] | None
+    """`ray start` for this node (multi-node only), run before the engine on every node, under the same unit wall."""
+    peers: tuple[str, ...]
+    ports: tuple[int, ...]
+    """Ray's ports that the peers may reach (the nftables rules open exactly these to exactly the peers)."""
+
+    def unit(self, *, label: str, user: str, release_dir: Path, devices: tuple[str, ...]) -> str:
+        environment = [systemd_quote(f"{key}={value}") for key, value in sorted(self.environment.items())]
+        return SandboxedEnvironment(autoescape=False, keep_trailing_newline=True).from_string(UNIT_TEMPLATE).render(
+            label=label, user=user, release_dir=str(release_dir), environment=environment,
+            exec_start=" ".join(systemd_quote(arg) for arg in self.argv), peers=self.peers, devices=devices,
+        )  # fmt: skip
+
+
+def systemd_quote(word: str) -> str:
+    """One word for a unit file: double-quoted with C escapes, `%` and `$` doubled (no specifier or variable
+    expansion can change it)."""
+    escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def engine_egress(egress: EgressPolicy, vllm: VllmPolicy) -> EgressPolicy:
+    """The child's allowlist: the policy's networks plus exactly the Ray peers (and the head)."""
+    networks = list(egress.allow)
+    for address in _peers(vllm):
+        networks.append(f"{address}/{32 if '.' in address else 128}")
+    return EgressPolicy(allow=tuple(dict.fromkeys(networks)), allow_ports=egress.allow_ports)
+
+
+def _peers(vllm: VllmPolicy) -> tuple[str, ...]:
+    peers = list(vllm.ray_peers)
+    if vllm.ray_head:
+        head = vllm.ray_head.rpartition(":")[0]
+        if head != vllm.node_ip:
+            peers.append(head)
+    return tuple(dict.fromkeys(peers))
+
+
+def render_launch(policy: Policy, *, release_dir: Path, python: Path) -> VllmLaunch:
+    """The vLLM child's command and environment, and `ray start` for multi-node clusters.
+
+    Raises:
+        VllmConfigError: no model directory, or a multi-node cluster without a Ray head.
+    """
+    vllm = policy.vllm
+    if not vllm.model_dir:
+        raise VllmConfigError("vllm.model_dir: name the model's safetensors directory in the release")
+    if vllm.multi_node and not vllm.ray_head:
+        raise VllmConfigError("vllm.ray_head: a multi-node cluster needs the Ray head's IP:PORT")
+    model = (release_dir / vllm.model_dir).absolute()
+    argv = [str(python), "-I", "-c", BOOTSTRAP, "--model", str(model),
+            "--served-model-name", vllm.served_name or model.name, "--host", "127.0.0.1", "--port", str(vllm.port),
+            "--tensor-parallel-size", str(vllm.tensor_parallel_size),
+            "--pipeline-parallel-size", str(vllm.pipeline_parallel_size),
+            "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
+            "--distributed-executor-backend", "ray" if vllm.multi_node else "mp",
+            "--disable-log-requests"]  # fmt: skip
+    if vllm.max_model_len:
+        argv += ["--max-model-len", str(vllm.max_model_len)]
+    environment = dict(OFFLINE_ENVIRONMENT)
+    environment["SEALBOX_VLLM_EGRESS"] = engine_egress(policy.egress, vllm).model_dump_json()
+    ray_argv = None
+    ports: tuple[int, ...] = ()
+    if vllm.multi_node:
+        environment["RAY_ADDRESS"] = vllm.ray_head
+        environment["VLLM_HOST_IP"] = vllm.node_ip
+        head = vllm.ray_head == f"{vllm.node_ip}:{vllm.ray_port}"
+        ray_argv = [str(python.parent / "ray"), "start", "--head" if head else f"--address={vllm.ray_head}",
+                    "--node-ip-address", vllm.node_ip, "--node-manager-port", str(vllm.ray_node_manager_port),
+                    "--object-manager-port", str(vllm.ray_object_manager_port),
+                    "--min-worker-port", str(vllm.ray_min_worker_port),
+                    "--max-worker-port", str(vllm.ray_max_worker_port),
+                    "--include-dashboard=false", "--disable-usage-stats", "--block"]  # fmt: skip
+        if head:
+            ray_argv[3:3] = ["--port", str(vllm.ray_port)]
+        ports = (vllm.ray_port, vllm.ray_node_manager_port, vllm.ray_object_manager_port,
+                 *range(vllm.ray_min_worker_port, vllm.ray_max_worker_port + 1))  # fmt: skip
+    return VllmLaunch(argv=argv, environment=environment, ray_argv=ray_argv, peers=_peers(vllm), ports=ports)
