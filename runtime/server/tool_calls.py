@@ -90,11 +90,12 @@ def plan_tools(request: ChatCompletionRequest, *, native_syntax: bool) -> ToolPl
     mode, name = request.tool_choice_mode()
     if not tools or mode == "none":
         return None
-    param = "function_call" if request.legacy_functions else "tool_choice"
     if mode == "named":
         chosen = [tool for tool in tools if tool.function.name == name]
         if not chosen:
-            raise ApiError(400, f"{param} names {name!r}, which is not among the offered tools", param=param)
+            choice_param = "function_call" if request.legacy_functions else "tool_choice"
+            raise ApiError(400, f"{choice_param} names {name!r}, which is not among the offered tools",
+                           param=choice_param)  # fmt: skip
         constrained = chosen
     else:
         constrained = tools
