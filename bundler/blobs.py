@@ -270,6 +270,45 @@ class BlobWriter:
                 return reused
             return self._copy(reader, ReadAhead(fd), source, info, key, on_bytes)
 
+    def digest(self, source: Path, on_bytes: ByteCounter | None = None) -> WrittenBlob:
+        """The digest and parts `write` would give `source`, reading it once and writing nothing: how a delta learns
+        that a file is one of its base's blobs without ever copying it.
+
+        Raises:
+            InputError: `source` is not a regular file, or changed size while being read.
+        """
+        try:
+            fd, info = open_regular(source)
+        except FileNotFoundError as exc:
+            raise InputError(f"{source}: no such file") from exc
+        except NotRegularFileError as exc:
+            raise InputError(f"{source}: not a regular file") from exc
+        size = info.st_size
+        whole = hashlib.sha256()
+        parts: list[Part] = []
+        with open(fd, "rb", buffering=0) as reader:
+            ahead = ReadAhead(fd)
+            buffer = bytearray(BUFFER_SIZE)
+            with memoryview(buffer) as view:
+                for start in range(0, max(size, 1), self.max_part_size):
+                    length = min(self.max_part_size, size - start)
+                    hasher = hashlib.sha256()
+                    left = length
+                    while left:
+                        ahead.at(start + length - left)
+                        got = reader.readinto(view[: min(left, BUFFER_SIZE)])
+                        if not got:
+                            raise InputError(f"{source}: shrank while being read (expected {size} bytes)")
+                        hasher.update(view[:got])
+                        whole.update(view[:got])
+                        left -= got
+                        if on_bytes:
+                            on_bytes(got)
+                    parts.append(Part(size=length, sha256=hasher.hexdigest()))
+            if reader.read(1):
+                raise InputError(f"{source}: grew while being read; copy it somewhere stable first")
+        return WrittenBlob(whole.hexdigest(), size, tuple(parts), reused=True)
+
     def _record_key(self, source: Path, info: os.stat_result) -> str:
         identity = f"{os.path.abspath(source)}\0{info.st_dev}\0{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}"
         return hashlib.sha256(f"{identity}\0{self.max_part_size}".encode()).hexdigest()[:32]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -238,8 +238,13 @@ def _remove_stale_blobs(out: Path, manifest: Manifest) -> None:
             item.unlink()
 
 
-def create_bundle(request: CreateRequest, progress: Progress | None = None) -> CreateResult:
+def create_bundle(
+    request: CreateRequest, progress: Progress | None = None, *, in_base: Mapping[str, int] | None = None
+) -> CreateResult:
     """Build and sign a bundle directory at `request.out`.
+
+    `in_base` (digest → size of every blob of a delta's base): a file of one of those sizes is hashed first, and when
+    its digest is the base's it is listed `in_base` and never written; only new blobs reach the disk.
 
     Raises:
         InputError: an input is refused (nothing is written when a local input is at fault).
@@ -278,9 +283,16 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
 
     writer = BlobWriter(out, work_dir=work, max_part_size=request.max_part_size)
     written: dict[str, WrittenBlob] = {}
+    base_sizes = frozenset((in_base or {}).values())
     # Smallest first: an interruption then leaves the most blobs complete for the re-run.
     for artifact in sorted(artifacts, key=lambda a: (a.file.stat().st_size, a.path)):
-        written[artifact.path] = _write(writer, artifact, progress)
+        blob = None
+        if artifact.file.stat().st_size in base_sizes:
+            with progress.bytes(f"hashing {artifact.path} (in the base?)", artifact.file.stat().st_size) as advance:
+                blob = writer.digest(artifact.file, advance)
+            if blob.sha256 not in (in_base or {}):
+                blob = None
+        written[artifact.path] = blob if blob is not None else _write(writer, artifact, progress)
     if request.sbom:
         sbom = _sbom(artifacts, written, request, work)
         written[sbom.path] = _write(writer, sbom, progress)
@@ -293,7 +305,10 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
         created=now,
         expires=expires,
         target=request.target,
-        blobs=tuple(_entry(artifact, written[artifact.path]) for artifact in order),
+        blobs=tuple(
+            replace(_entry(artifact, written[artifact.path]), in_base=written[artifact.path].sha256 in (in_base or {}))
+            for artifact in order
+        ),
         base=request.base,
     )
     progress.step("signing the manifest")

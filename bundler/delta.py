@@ -8,29 +8,24 @@ Installing: every `in_base` blob must already be in `<root>/store/sha256/` with 
 install is refused before anything is written, and the refusal lists exactly which (path, digest, size), so the
 operator knows what full bundle to bring.
 
-`create_delta` builds the full bundle in a work directory inside `--out` with `bundle create`'s own code, then moves
-only the carried blobs out and signs the delta manifest. Until `manifest.json` is written, `--out` holds no manifest,
-and until the work directory is removed it holds an extra file: a crash never leaves a directory that verifies,
-and a re-run picks up where it stopped.
+`create_delta` is `bundle create` told the base's blobs (digest and size): a file of a base blob's size is hashed
+first, and when it is a base blob it is listed `in_base` and never written, so only the new blobs reach the disk
+(a model update writes the new model, not the old ones it keeps). Crash safety and resuming are `bundle create`'s.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sealbox.bundler.blobs import write_atomically
 from sealbox.bundler.create import CreateRequest, CreateResult, create_bundle
 from sealbox.bundler.errors import BundleError, InputError
-from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, Manifest, manifest_digest
+from sealbox.bundler.manifest import MANIFEST_FILE, Base, Manifest, manifest_digest
 from sealbox.bundler.progress import Progress
-from sealbox.bundler.signing import envelope_bytes, new_envelope, parse_envelope, sign
-
-DELTA_WORK_DIR = ".sealbox-delta"
+from sealbox.bundler.signing import parse_envelope
+from sealbox.runtime.regular_file import read_regular
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,12 @@ class BaseManifest:
     """The manifest a delta builds on (an earlier bundle's `manifest.json`, or an installed release's)."""
 
     base: Base
-    digests: frozenset[str]
+    sizes: dict[str, int]
+    """Every blob of the base: digest → size."""
+
+    @property
+    def digests(self) -> frozenset[str]:
+        return frozenset(self.sizes)
 
     @classmethod
     def load(cls, path: Path) -> BaseManifest:
@@ -105,75 +105,22 @@ class BaseManifest:
         """
         file = path / MANIFEST_FILE if path.is_dir() else path
         try:
-            envelope = parse_envelope(file.read_bytes())
+            envelope = parse_envelope(read_regular(file, limit=64 << 20))
             manifest = Manifest.from_bytes(envelope.payload)
         except OSError as exc:
             raise InputError(f"--base {file}: cannot read: {exc.strerror}") from exc
         except BundleError as exc:
             raise InputError(f"--base {file}: {exc}") from exc
         base = Base(name=manifest.name, version=manifest.version, manifest_sha256=manifest_digest(envelope.payload))
-        return cls(base, frozenset(entry.sha256 for entry in manifest.blobs))
-
-
-def mark_in_base(manifest: Manifest, base: BaseManifest) -> Manifest:
-    """The same manifest with every blob the base lists marked `in_base`, and the base recorded."""
-    blobs = tuple(replace(entry, in_base=entry.sha256 in base.digests) for entry in manifest.blobs)
-    return replace(manifest, blobs=blobs, base=base.base)
-
-
-def _check_delta_out(out: Path) -> None:
-    if not out.exists():
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise InputError(f"{out}: --out exists and is not a directory")
-    if (out / MANIFEST_FILE).exists():
-        raise InputError(f"{out}: already holds a bundle (manifest.json); choose a new --out")
-    stray = sorted(item.name for item in out.iterdir() if item.name not in (DELTA_WORK_DIR, "blobs"))
-    if stray:
-        raise InputError(f"{out}: not empty and not an interrupted delta create (holds {', '.join(stray[:3])})")
-
-
-def _full_bundle(request: CreateRequest, work: Path, progress: Progress | None) -> Manifest:
-    """The full bundle inside the work directory: created, or read back when an earlier run finished it."""
-    if (work / MANIFEST_FILE).exists():
-        return Manifest.from_bytes(parse_envelope((work / MANIFEST_FILE).read_bytes()).payload)
-    return create_bundle(replace(request, out=work), progress).manifest
+        return cls(base, {entry.sha256: entry.size for entry in manifest.blobs})
 
 
 def create_delta(request: CreateRequest, base: BaseManifest, progress: Progress | None = None) -> CreateResult:
-    """`bundle create --base`: a signed bundle at `request.out` carrying only the blobs `base` lacks.
+    """`bundle create --base`: a signed bundle at `request.out` carrying only the blobs `base` lacks; the base's blobs
+    are hashed to recognise them, never written.
 
     Raises:
         InputError: an input is refused, or `--out` is in use.
         OSError: the disk failed; a re-run continues.
     """
-    started = time.perf_counter()
-    out = request.out
-    _check_delta_out(out)
-    work = out / DELTA_WORK_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    full = _full_bundle(replace(request, base=base.base), work, progress)
-    delta = mark_in_base(full, base)
-    (out / BLOB_DIR).mkdir(parents=True, exist_ok=True)
-    for name in delta.expected_files():
-        if (work / name).exists():  # a re-run finds some already moved
-            os.replace(work / name, out / name)
-    payload = delta.canonical_bytes()
-    envelope = new_envelope(payload)
-    for signer in request.signers:
-        sign(envelope, signer)
-    write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope), temp_dir=work)
-    shutil.rmtree(work)
-    carried = delta.carried()
-    skipped = [entry for entry in delta.blobs if entry.in_base]
-    return CreateResult(
-        directory=out.absolute(),
-        manifest=delta,
-        manifest_sha256=manifest_digest(payload),
-        signed_by=tuple(sorted(envelope.signatures)),
-        blobs_written=len({entry.sha256 for entry in carried}),
-        blobs_reused=len({entry.sha256 for entry in skipped}),
-        bytes_written=sum({entry.sha256: entry.size for entry in carried}.values()),
-        bytes_reused=sum({entry.sha256: entry.size for entry in skipped}.values()),
-        seconds=time.perf_counter() - started,
-    )
+    return create_bundle(replace(request, base=base.base), progress, in_base=base.sizes)

@@ -5,7 +5,9 @@
 Every class carries the exit code `sealbox` returns for it, so scripts can tell one refusal from another.
 
 Exit codes: 0 ok · 1 unexpected / I/O · 2 usage · 3 input refused · 4 key file ·
-10-19 verification failures in the order verify checks them · 20-29 left for install (rollback, store).
+10-19 verification failures in the order verify checks them · 20-29 install (20 rollback protection, 21 delta
+base, 22 trust store, 23 release, 24 service files, 25 venv, 26 audit, 27 content, 28 not confirmed, 29 free space) ·
+30 rollback to a release the trust store no longer accepts.
 """
 
 from __future__ import annotations

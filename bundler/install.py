@@ -4,14 +4,18 @@ The order is the safety argument (each step's name is also a crash point, `bundl
 
 1. Check, writing nothing: the trust store is usable; `manifest.json` is signed by `threshold` trusted keys, not
    expired, of a known format, with safe paths; the bundle holds exactly the listed files at their signed sizes;
-   the version is above every version of that name this host has had (or `--allow-downgrade`, confirmed); a delta's
-   base blobs are in the store; the content can form a release (one policy at most, distinct model names, wheels
-   for this Python).
-2. Stage, writing only under `<root>/staging/`: each new blob is joined from its parts while every part's and the
-   whole blob's sha256 are checked, in one pass, into a temporary file that is fsync'd and renamed; blobs the store
-   already holds are hashed in the bundle but not copied. Then the release is built beside them: manifest, policy,
-   model links, the offline venv from the bundled wheels, the service files, `release.json`. A refusal here
-   (tampered part, pip refusing a wheel) removes the staging directory: `<root>` is as it was.
+   rollback protection, appliance-wide: the bundle carries the name this appliance runs (another name is
+   `--replace-name`, asked on a terminal and recorded, never a side effect) and a version above every version of
+   that name this host has had (or `--allow-downgrade`, confirmed); a delta's base blobs are in the store; the
+   content can form a release (one policy at most, distinct model names, wheels for this Python).
+2. Stage, writing only under `<root>/staging/`: blobs the store already holds are re-hashed there, every byte (a
+   store blob is never trusted by its size; a delta's base blob that fails is a refusal, a carried one is taken
+   from the bundle instead); the free space is checked against what is left to copy; each new blob is joined from
+   its parts while every part's and the whole blob's sha256 are checked, in one pass, into a temporary file that is
+   fsync'd and renamed; the bundle's copy of the blobs not copied is hashed too. Then the release is built beside
+   them: manifest, policy (its bytes checked against the signed digest as they are read), model links, the offline
+   venv from the bundled wheels, the service files, `release.json`, every mode set explicitly (not by the umask).
+   A refusal here (tampered part, pip refusing a wheel) removes the staging directory: `<root>` is as it was.
 3. Commit: blobs are renamed into the store (content-addressed, so extra ones are harmless), the release directory is
    renamed into `releases/` (one rename: it is there whole or not at all), the version floor is raised, the install
    is recorded, and `current` is switched atomically. Only then are old releases and unused blobs collected.

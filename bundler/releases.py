@@ -42,8 +42,6 @@ from sealbox.runtime.regular_file import read_regular
 from sealbox.runtime.release import (
     INSTALL_FILE,
     MANIFEST_FILE,
-    POLICY_FILE,
-    RELEASE_FILE,
     ReleaseFileError,
     ReleaseRecord,
     read_json,

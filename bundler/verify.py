@@ -25,7 +25,6 @@ to join parts into the host store, re-derives it anyway in the same pass as the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import threading
@@ -44,13 +43,11 @@ from sealbox.bundler.blobs import ByteCounter, check_file, open_part
 from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.errors import (
     BundleError,
-    DigestMismatchError,
     ExpiredError,
     ExtraFileError,
     FormatError,
     MissingFileError,
     PathError,
-    SizeMismatchError,
 )
 from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, BlobEntry, Manifest, format_time, manifest_digest
 from sealbox.bundler.signing import SignatureCheck, parse_envelope, require_signatures

@@ -174,7 +174,7 @@ def test_doctor_reports_a_tampered_model_file_and_strict_exits_one(installed: In
     done = run_cli(["--root", str(installed.root), "--strict", "--json"])
     assert done.returncode == 1
     report = report_of(done)
-    assert report["ok"] is False and report["failures"] == ["models", "release-files"]
+    assert report["ok"] is False and report["failures"] == ["models"]
     models = report["by_name"]["models"]
     assert models["status"] == "fail"
     (line,) = models["details"]
@@ -187,7 +187,7 @@ def test_without_strict_the_doctor_reports_failures_but_exits_zero(installed: In
     assert done.returncode == 0, done.stderr
     (row,) = [line for line in done.stdout.splitlines() if "Model files" in line]
     assert "FAIL" in row and "1 problem(s) in 1 model(s)" in row
-    assert done.stdout.rstrip().splitlines()[-1].startswith("2 failure(s)")
+    assert done.stdout.rstrip().splitlines()[-1].startswith("1 failure(s)")
 
 
 def test_doctor_in_a_loopback_only_namespace_reports_no_egress_route(installed: Installed):
@@ -269,7 +269,7 @@ def test_the_strict_gate_lets_an_intact_release_start_and_refuses_a_tampered_one
     flip_one_byte(installed.blob)
     tampered = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert tampered.returncode == 1 and tampered.stdout == ""
-    assert "refusing to serve: sealbox doctor found 2 failure(s): Model files:" in tampered.stderr
+    assert "refusing to serve: sealbox doctor found 1 failure(s): Model files:" in tampered.stderr
 
 
 # --- single checks, in-process -------------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_run_doctor_strict_raises_naming_each_failure(installed: Installed, tmp_
     with pytest.raises(DoctorFailedError) as failed:
         run_doctor(installed.host, strict=True, systemd_dir=tmp_path / "systemd")
     # pytest itself runs without the guard and the offline variables: those two fail here too.
-    assert {check.name for check in failed.value.report.failures} == {"models", "release-files", "egress-guard", "offline-environment"}
+    assert {check.name for check in failed.value.report.failures} == {"models", "egress-guard", "offline-environment"}
     assert "Model files: 1 problem(s) in 1 model(s)" in str(failed.value)
 
 

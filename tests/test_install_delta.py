@@ -130,3 +130,33 @@ def test_base_manifest_can_be_read_from_an_installed_release(tmp_path: Path, key
     from_release = BaseManifest.load(HostRoot(host.path).current)
     from_bundle = BaseManifest.load(bundles["v1"])
     assert from_release == from_bundle
+
+
+def test_create_delta_never_writes_a_byte_of_the_blobs_its_base_already_holds(
+    tmp_path: Path, keys: Path, inputs: dict[str, Path]
+) -> None:
+    """Counted by the kernel: the `sealbox` child's write(2) total (/proc/self/io `wchar`) stays below one base blob."""
+    import subprocess
+    import sys
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 << 20))
+    counting = (
+        "import atexit, sys; atexit.register(lambda: sys.stderr.write('\\nWCHAR ' + "
+        "open('/proc/self/io').read().split('wchar: ')[1].split()[0] + '\\n')); "
+        "from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"
+    )
+
+    def create(out: Path, version: int, *extra: str) -> int:
+        args = ["bundle", "create", "--name", "demo", "--version", str(version), "--out", str(out),
+                "--sign-key", str(keys / "alice.key"), "--file", str(big), "--policy", str(inputs["policy"]), *extra]  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", counting, *args], capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        return int(done.stderr.rsplit("WCHAR ", 1)[1].split()[0])
+
+    full = create(tmp_path / "v1", 1)
+    assert full >= big.stat().st_size  # the full bundle writes the big blob: the counter sees it
+    written = create(tmp_path / "v2", 2, "--file", str(inputs["weights-c.bin"]), "--base", str(tmp_path / "v1"))
+    assert written < big.stat().st_size // 8, f"the delta wrote {written} bytes; the base blob it skips is {big.stat().st_size}"
+    delta = verify_bundle(tmp_path / "v2", trusted=[load_public_key(keys / "alice.pub")])
+    assert {e.path for e in delta.manifest.carried()} == {"files/weights-c.bin", "sbom.cdx.json"}
