@@ -23,8 +23,8 @@ from sealbox.runtime.egress.guard import audit_log_reporter, install_egress_guar
 from sealbox.runtime.egress.offline_env import apply_offline_environment
 from sealbox.runtime.gateway.engine_hosts import EngineHostError, EngineHosts
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.policy import EgressPolicy, GatewayPolicy, Policy, PolicyError
-from sealbox.runtime.server.startup import EXIT_CONFIG, ServeRefused, _authenticator, is_loopback, listen
+from sealbox.runtime.policy import EgressPolicy, GatewayPolicy, Policy, PolicyError, is_loopback_host
+from sealbox.runtime.server.startup import EXIT_CONFIG, ServeRefused, authenticator_for, listen
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,9 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
     guard = install_egress_guard(egress)
     host = options.host or policy.gateway.host
     port = options.port or policy.gateway.port
-    if options.no_auth and not is_loopback(host):
+    if options.no_auth and not is_loopback_host(host):
         raise ServeRefused(f"--no-auth serves anyone who can reach {host}; it is allowed on a loopback address only")
-    authenticator = None if options.no_auth else _authenticator(appliance)
+    authenticator = None if options.no_auth else authenticator_for(appliance)
     try:
         engines = EngineHosts.from_policy(policy.gateway)
     except (EngineHostError, OSError) as exc:

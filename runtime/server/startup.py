@@ -180,7 +180,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
         raise ServeRefused("--no-audit and --strict contradict each other")
     if options.strict:
         _run_doctor(appliance)
-    authenticator = None if options.no_auth else _authenticator(appliance)
+    authenticator = None if options.no_auth else authenticator_for(appliance)
     if release is not None:
         sources, release_label = list(release.models), release.label
     elif release_error is not None:
@@ -220,7 +220,7 @@ def _run_doctor(appliance: HostRoot) -> None:
         raise ServeRefused("\n".join([str(exc), *details])) from exc
 
 
-def _authenticator(appliance: HostRoot) -> Authenticator:
+def authenticator_for(appliance: HostRoot) -> Authenticator:
     from sealbox.runtime.api_keys import ApiKeyError, ApiKeyStore, Authenticator
 
     authenticator = Authenticator(ApiKeyStore(appliance.api_keys))
