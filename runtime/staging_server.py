@@ -41,16 +41,25 @@ def staging_policy_toml(policy_text: str) -> str:
     server = data.setdefault("server", {})
     server["tls_cert"] = ""
     server["tls_key"] = ""
+    server["tls_client_ca"] = ""
     data.setdefault("limits", {})["max_sequences"] = 1
     lines = []
     for section, values in data.items():
         if not isinstance(values, dict):
-            lines.append(f"{section} = {json.dumps(values)}")
+            lines.append(f"{json.dumps(section)} = {_toml_value(values)}")
             continue
-        lines.append(f"[{section}]")
-        # JSON strings, numbers, booleans and arrays of them are valid TOML values; policies hold nothing else.
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append(f"[{json.dumps(section)}]")
+        lines += [f"{json.dumps(key)} = {_toml_value(value)}" for key, value in values.items()]
     return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    """A TOML value for what a policy holds: strings, numbers, booleans, arrays, and tables (written inline)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(key)} = {_toml_value(item)}" for key, item in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(value)  # a JSON string, number or boolean is the same TOML value
 
 
 @dataclass

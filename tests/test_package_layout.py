@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+import tomllib
 import sys
 import zipfile
 from pathlib import Path
@@ -58,6 +59,19 @@ def test_installing_the_wheel_leaves_no_top_level_bundler_runtime_or_policies_mo
     assert found.stdout.strip() == "[]"
     assert (Path(site) / "sealbox" / "policies" / "default.toml").is_file()
     assert (Path(site) / "sealbox" / "runtime" / "server" / "startup.py").is_file()
+
+
+def test_every_source_folder_is_a_package_the_wheel_carries() -> None:
+    """The package list in pyproject.toml is explicit (package-dir maps the folders into the namespace): a new folder
+    left out of it would be missing from every installed release."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    mapped = {folder: name for name, folder in config["package-dir"].items()}
+    folders = {path.parent for wing in ("bundler", "runtime", "sealbox") for path in (REPO / wing).rglob("*.py")}
+    expected = set()
+    for folder in folders:
+        top, *rest = folder.relative_to(REPO).parts
+        expected.add(".".join([mapped[top], *rest]))
+    assert expected <= set(config["packages"])
 
 
 @pytest.mark.parametrize("path", _sources(REPO / "runtime"), ids=lambda p: str(p.relative_to(REPO)))

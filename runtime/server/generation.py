@@ -294,7 +294,7 @@ async def answer(
                                                                                                 offset=len(echo))
         reason = choice.finished.reason if choice.finished is not None else "stop"
         shaped.append(shapes[choice.index].whole_choice(echo + choice.text, reason, logprobs))
-    return JSONResponse(shapes[0].whole(shaped, _usage(finished)))
+    return JSONResponse(shapes[0].body(shaped, _usage(finished)))
 
 
 def stream(

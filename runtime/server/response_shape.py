@@ -131,7 +131,11 @@ class CompletionShape:
         return {"index": self.index, "message": message, "logprobs": logprobs,
                 "finish_reason": finish_reason(engine_reason, called=bool(calls), legacy=self.legacy)}  # fmt: skip
 
-    def whole(self, choices: list[dict[str, Any]], counted: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, engine_reason: str, counted: dict[str, int]) -> dict[str, Any]:
+        """The non-streamed body of a one-choice answer."""
+        return self.body([self.whole_choice(text, engine_reason)], counted)
+
+    def body(self, choices: list[dict[str, Any]], counted: dict[str, int]) -> dict[str, Any]:
         """The non-streamed body around its `choices` (each from its own shape's `whole_choice`)."""
         base = {"id": self.id, "created": self.created, "model": self.model}
         if not self.chat:
