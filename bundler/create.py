@@ -25,6 +25,7 @@ from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, M
 from sealbox.bundler.progress import Progress, SilentProgress
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
+from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
 
 WORK_DIR = ".sealbox-create"
@@ -75,10 +76,12 @@ class CreateRequest:
     base: Base | None = None
     sbom: bool = True
     now: datetime | None = None
+    cuda: CudaEngineSpec | None = None
+    """Carry the CUDA engine built for this (and the CUDA runtime wheels it needs) instead of the CPU build."""
 
     @property
     def wants_wheels(self) -> bool:
-        return bool(self.requirements or self.wheels or self.wheelhouses)
+        return bool(self.requirements or self.wheels or self.wheelhouses or self.cuda)
 
 
 @dataclass(frozen=True)
@@ -174,20 +177,44 @@ def resolve_local(request: CreateRequest) -> list[Artifact]:
     return artifacts
 
 
-def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
+def _collect_wheels(request: CreateRequest, work: Path, progress: Progress) -> list[Artifact]:
     include = request.include_sealbox if request.include_sealbox is not None else request.wants_wheels
     if not (request.wants_wheels or include):
         return []
     from sealbox.bundler.sources.wheels import collect_wheels
 
-    return collect_wheels(
+    wheels, prebuilt = list(request.wheels), []
+    engine = None
+    if request.cuda is not None:
+        from sealbox.bundler.sources.cuda_engine import CudaEngineRecipe
+
+        recipe = CudaEngineRecipe(request.cuda, work=work / "cuda-engine", wheelhouses=request.wheelhouses)
+        engine = recipe.wheel(progress)
+        prebuilt.append((engine.path, engine.provenance))
+        wheels += [f"{ENGINE_PROJECT}=={request.cuda.engine_version}", *request.cuda.runtime_requirements()]
+    artifacts = collect_wheels(
         requirements=list(request.requirements),
-        wheels=list(request.wheels),
+        wheels=wheels,
         wheelhouses=list(request.wheelhouses),
         target=request.target,
         work_dir=work / "wheels",
         include_sealbox=include,
+        prebuilt=prebuilt,
     )
+    if engine is None or request.cuda is None:
+        return artifacts
+    return [_mark_cuda_engine(artifact, engine.path, request.cuda) for artifact in artifacts]
+
+
+def _mark_cuda_engine(artifact: Artifact, engine: Path, spec: CudaEngineSpec) -> Artifact:
+    """The engine wheel pip chose must be the CUDA build (a CPU wheel of the same version in a wheelhouse could win);
+    it carries the build's facts into the manifest and the SBOM."""
+    if artifact.meta.get("name", "").lower().replace("_", "-") != ENGINE_PROJECT:
+        return artifact
+    if artifact.file.read_bytes() != engine.read_bytes():
+        raise InputError(f"pip chose {artifact.file.name} from {artifact.provenance}, not the CUDA engine {engine}; "
+                         "remove other llama-cpp-python wheels from the wheelhouses")  # fmt: skip
+    return replace(artifact, meta={**artifact.meta, **spec.record()})
 
 
 def _entry(artifact: Artifact, blob: WrittenBlob) -> BlobEntry:
@@ -238,7 +265,7 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     progress.step("collecting wheels for the target")
-    artifacts += _collect_wheels(request, work)
+    artifacts += _collect_wheels(request, work, progress)
     _check_unique_paths(artifacts)
 
     writer = BlobWriter(out, work_dir=work, max_part_size=request.max_part_size)
@@ -257,7 +284,7 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
         version=request.version,
         created=now,
         expires=expires,
-        target=request.target,
+        target=replace(request.target, accelerator=request.cuda.record()) if request.cuda else request.target,
         blobs=tuple(_entry(artifact, written[artifact.path]) for artifact in order),
         base=request.base,
     )
