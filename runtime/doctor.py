@@ -30,7 +30,16 @@ from sealbox.runtime.egress.guard import GuardStatus, active_guard, guard_status
 from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
 from sealbox.runtime.egress.walls import read_walls
-from sealbox.runtime.engine.accelerator import AcceleratorError, Driver, EngineBuild, Gpu, NoDriver, decide, probe_driver
+from sealbox.runtime.engine.accelerator import (
+    AcceleratorError,
+    Driver,
+    EngineBuild,
+    Gpu,
+    NoDriver,
+    cuda_device_nodes,
+    decide,
+    probe_driver,
+)
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, host_memory_bytes, plan_for_policy, split_for_plan
 from sealbox.runtime.policy import Policy, PolicyError, default_policy_text
@@ -431,13 +440,21 @@ def check_gpu(appliance: Appliance) -> Finding:
         build = EngineBuild.in_venv(venv) if venv is not None and venv.is_dir() else EngineBuild.installed()
     except AcceleratorError as exc:
         return Finding(CheckStatus.FAIL, str(exc))
-    driver = probe_driver()
+    return gpu_finding(build, probe_driver(), appliance.policy.service.gpu_devices)
+
+
+def gpu_finding(build: EngineBuild, driver: Driver | NoDriver, allowed: tuple[str, ...]) -> Finding:
+    """`check_gpu`'s verdict from its facts (pure, so the tests can feed a host's answers)."""
     decision = decide(build, driver)
     gpus = driver.gpus if isinstance(driver, Driver) else ()
     details = tuple(_gpu_line(gpu) for gpu in gpus) + decision.notes
     if decision.problem is not None:
         return Finding(CheckStatus.FAIL, f"{build.describe()}: `sealbox serve` refuses: {decision.problem}", details)
     if decision.device == "cuda":
+        denied = [node for node in cuda_device_nodes(len(gpus)) if node not in allowed]
+        if denied:
+            return Finding(CheckStatus.WARN, f"{build.describe()}: the policy's [service] gpu_devices leave out "
+                           f"{', '.join(denied)}: under the systemd unit those GPUs are not used", details)  # fmt: skip
         return Finding(CheckStatus.PASS, f"{build.describe()}: serving on {len(decision.gpus)} GPU(s)", details)
     reason = driver.reason if isinstance(driver, NoDriver) else f"{len(gpus)} GPU(s) unused"
     return Finding(CheckStatus.WARN, f"{build.describe()}: serving on CPU ({reason})", details)

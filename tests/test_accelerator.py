@@ -176,7 +176,22 @@ def test_the_doctor_reports_the_refusal_for_the_releases_cuda_engine(tmp_path: P
 
     release = tmp_path / "release"
     _fake_cuda_engine(release / "venv" / "lib" / "python3.11" / "site-packages")
-    finding = check_gpu(SimpleNamespace(release_dir=release))  # type: ignore[arg-type]
+    from sealbox.runtime.policy import Policy
+
+    finding = check_gpu(SimpleNamespace(release_dir=release, policy=Policy()))  # type: ignore[arg-type]
     assert finding.status is CheckStatus.FAIL
     assert finding.summary == ("CUDA 12.9 engine for sm_80, sm_86, sm_89, sm_90: `sealbox serve` refuses: "
                                "no NVIDIA driver (libcuda.so.1 not found)")  # fmt: skip
+
+
+def test_the_doctor_warns_when_the_policy_hides_a_gpu_from_the_unit() -> None:
+    from sealbox.runtime.doctor import CheckStatus, gpu_finding
+    from sealbox.runtime.engine.accelerator import cuda_device_nodes
+
+    second = Gpu(index=1, name="NVIDIA H200", compute_capability=(9, 0), total_bytes=141 * GiB)
+    driver = Driver(cuda_version=(12, 9), gpus=(H200, second))
+    one_gpu = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/nvidia-uvm")
+    finding = gpu_finding(CUDA_12_9, driver, one_gpu)
+    assert finding.status is CheckStatus.WARN and "leave out /dev/nvidia1:" in finding.summary
+    assert gpu_finding(CUDA_12_9, driver, cuda_device_nodes(2)).status is CheckStatus.PASS
+    assert finding.details[0] == "GPU 0: NVIDIA H200, sm_90, 140.0 GiB free of 141.0 GiB"

@@ -313,6 +313,18 @@ class _Nvml:
         self.library.nvmlShutdown()
 
 
+CUDA_CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm")
+"""Opened by every CUDA process: the driver's control node, and unified memory (cuInit fails without it)."""
+CUDA_UNNEEDED_NODES = ("/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+"""Not opened for inference: uvm-tools serves profilers (CUPTI, Nsight), modeset serves display (X, DRM KMS)."""
+
+
+def cuda_device_nodes(gpus: int) -> tuple[str, ...]:
+    """The device nodes a CUDA engine on `gpus` GPUs opens: one /dev/nvidiaN per GPU, the control nodes. With MIG,
+    the instance's /dev/nvidia-caps/nvidia-capN nodes come on top (see docs/lockdown.md)."""
+    return (*(f"/dev/nvidia{index}" for index in range(gpus)), *CUDA_CONTROL_NODES)
+
+
 def host_decision() -> AcceleratorDecision:
     """`decide` for the installed engine on this host (the probe runs only for a CUDA build or to add a note).
 
