@@ -221,7 +221,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
 
 def _check_accelerator() -> None:
     """Before llama.cpp is imported (a CUDA-linked engine cannot be, without a driver): can it run here, and where."""
-    from sealbox.runtime.engine.accelerator import AcceleratorError, host_decision
+    from sealbox.runtime.engine import AcceleratorError, host_decision
 
     try:
         decision = host_decision().enforce()
