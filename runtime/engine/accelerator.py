@@ -326,9 +326,13 @@ def cuda_device_nodes(gpus: int) -> tuple[str, ...]:
 
 
 def host_decision() -> AcceleratorDecision:
-    """`decide` for the installed engine on this host (the probe runs only for a CUDA build or to add a note).
+    """`decide` for the installed engine on this host. The driver is asked only for a CUDA build: a CPU engine's
+    server never loads libcuda (under its unit it could not open the GPU nodes anyway).
 
     Raises:
         AcceleratorError: the engine's build record is malformed.
     """
-    return decide(EngineBuild.installed(), probe_driver())
+    build = EngineBuild.installed()
+    if build.accelerator == "cpu":
+        return AcceleratorDecision(device="cpu")
+    return decide(build, probe_driver())
