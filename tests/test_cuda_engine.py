@@ -265,6 +265,13 @@ def test_a_cuda_bundle_records_the_build_in_manifest_and_sbom(
     properties = {p["name"]: p["value"] for p in component["properties"]}
     assert properties["sealbox:accelerator"] == "cuda"
     assert properties["sealbox:cuda_version"] == "12.9" and properties["sealbox:cuda_archs"] == "[90]"
+    inspect = subprocess.run([SEALBOX, "bundle", "inspect", str(tmp_path / "bundle")], capture_output=True, text=True,
+                             timeout=120, check=True)  # fmt: skip
+    assert "accelerator: cuda 12.9 (sm_90)" in inspect.stdout
+    (public,) = (tmp_path / "keys").glob("*.pub")
+    verified = subprocess.run([SEALBOX, "bundle", "verify", str(tmp_path / "bundle"), "--trust", str(public)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
 
 
 def test_a_cpu_engine_wheel_in_the_wheelhouse_is_not_taken_for_the_cuda_one(stand_ins: StandIns, tmp_path: Path) -> None:
