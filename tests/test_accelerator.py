@@ -195,3 +195,21 @@ def test_the_doctor_warns_when_the_policy_hides_a_gpu_from_the_unit() -> None:
     assert finding.status is CheckStatus.WARN and "leave out /dev/nvidia1:" in finding.summary
     assert gpu_finding(CUDA_12_9, driver, cuda_device_nodes(2)).status is CheckStatus.PASS
     assert finding.details[0] == "GPU 0: NVIDIA H200, sm_90, 140.0 GiB free of 141.0 GiB"
+
+
+def test_a_fifo_in_place_of_the_engine_build_record_is_refused_without_blocking(tmp_path: Path) -> None:
+    package = tmp_path / "llama_cpp"
+    package.mkdir()
+    os.mkfifo(package / "sealbox-engine.json")
+    with pytest.raises(AcceleratorError, match="sealbox-engine.json: unreadable engine build record"):
+        EngineBuild.of_package(package)
+
+
+def test_a_symlink_in_place_of_the_engine_build_record_is_not_followed(tmp_path: Path) -> None:
+    package = tmp_path / "llama_cpp"
+    package.mkdir()
+    elsewhere = tmp_path / "cpu.json"
+    elsewhere.write_text(json.dumps({"accelerator": "cpu"}))
+    (package / "sealbox-engine.json").symlink_to(elsewhere)
+    with pytest.raises(AcceleratorError, match="unreadable engine build record"):
+        EngineBuild.of_package(package)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from sealbox.runtime.regular_file import read_regular
+
 ENGINE_BUILD_FILE = "sealbox-engine.json"
 """Written into the llama_cpp package by the bundler's CUDA recipe; read here without importing llama_cpp."""
 LIBCUDA = "libcuda.so.1"
@@ -33,6 +35,7 @@ _CU_DEVICE_ATTRIBUTE_CC_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_CC_MINOR = 76
 _CUDA_ERROR_NO_DEVICE = 100
 _NAME_BYTES = 256
+_RECORD_LIMIT = 64 << 10
 
 Device = Literal["cpu", "cuda"]
 
@@ -97,7 +100,7 @@ class EngineBuild:
         """Raises AcceleratorError: the record is unreadable or malformed (a missing one means a CPU build)."""
         path = package / ENGINE_BUILD_FILE
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular(path, limit=_RECORD_LIMIT))  # a FIFO or symlink there is refused, not read
         except FileNotFoundError:
             return cls()
         except (OSError, ValueError) as exc:
