@@ -281,3 +281,28 @@ def test_a_cpu_engine_wheel_in_the_wheelhouse_is_not_taken_for_the_cuda_one(stan
     recipe = CudaEngineRecipe(CudaEngineSpec.parse(**SPEC_90), work=tmp_path / "w", wheelhouses=[house],
                               cache_dir=tmp_path / "cache")  # fmt: skip
     assert recipe._supplied() is None
+
+
+def test_the_toolkit_wheels_are_assembled_into_one_tree_cmake_understands(tmp_path: Path) -> None:
+    """NVIDIA's wheels split the toolkit over nvidia/<part>/ and ship only versioned libraries; CMake's FindCUDAToolkit
+    wants one root with bin/, include/ and lib64/libcudart.so."""
+    from sealbox.bundler.errors import InputError
+    from sealbox.bundler.sources.cuda_engine import assemble_toolkit
+
+    nvidia = tmp_path / "site" / "nvidia"
+    files = ["cuda_nvcc/bin/nvcc", "cuda_nvcc/nvvm/bin/cicc", "cuda_nvcc/include/crt/host_config.h",
+             "cuda_runtime/include/cuda_runtime.h", "cuda_runtime/lib/libcudart.so.12",
+             "cublas/include/cublas_v2.h", "cublas/lib/libcublas.so.12", "cublas/lib/libcublasLt.so.12"]  # fmt: skip
+    with pytest.raises(InputError, match="did not install nvcc"):
+        assemble_toolkit(tmp_path / "site", tmp_path / "empty")
+    for name in files:
+        (nvidia / name).parent.mkdir(parents=True, exist_ok=True)
+        (nvidia / name).write_text(name)
+    toolkit = assemble_toolkit(tmp_path / "site", tmp_path / "toolkit")
+    root = tmp_path / "toolkit"
+    assert toolkit.root == root and toolkit.nvcc == root / "bin" / "nvcc" and toolkit.nvcc.read_text() == "cuda_nvcc/bin/nvcc"
+    assert (root / "nvvm" / "bin" / "cicc").is_file()
+    assert {p.name for p in (root / "include").iterdir()} == {"crt", "cuda_runtime.h", "cublas_v2.h"}
+    for name in ("libcudart", "libcublas", "libcublasLt"):
+        assert (root / "lib64" / f"{name}.so").resolve() == (nvidia / ("cuda_runtime" if name == "libcudart" else "cublas")
+                                                              / "lib" / f"{name}.so.12")  # fmt: skip
