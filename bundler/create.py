@@ -190,6 +190,7 @@ def _collect_wheels(request: CreateRequest, work: Path, progress: Progress) -> l
 
         recipe = CudaEngineRecipe(request.cuda, work=work / "cuda-engine", wheelhouses=request.wheelhouses)
         engine = recipe.wheel(progress)
+        _check_engine_platform(engine.path, request.target)
         prebuilt.append((engine.path, engine.provenance))
         wheels += [f"{ENGINE_PROJECT}=={request.cuda.engine_version}", *request.cuda.runtime_requirements()]
     artifacts = collect_wheels(
@@ -204,6 +205,21 @@ def _collect_wheels(request: CreateRequest, work: Path, progress: Progress) -> l
     if engine is None or request.cuda is None:
         return artifacts
     return [_mark_cuda_engine(artifact, engine.path, request.cuda) for artifact in artifacts]
+
+
+def _check_engine_platform(engine: Path, target: Target) -> None:
+    """The CUDA engine is built for this host's machine (a linux_<arch> wheel): refuse it for a target of another."""
+    from packaging.utils import parse_wheel_filename
+
+    from sealbox.bundler.sources.wheels import marker_environment
+
+    environment = marker_environment(target)
+    machine = environment.get("platform_machine")
+    platforms = sorted({tag.platform for tag in parse_wheel_filename(engine.name)[3]})
+    if environment.get("sys_platform") != "linux" or not machine or not all(p.endswith(f"_{machine}") for p in platforms):
+        raise InputError(f"{engine.name} is built for {', '.join(platforms)}; the target is "
+                         f"{environment.get('sys_platform', '?')} {machine or '?'}: build the CUDA engine on a host "
+                         "like the target and pass it with --wheelhouse")  # fmt: skip
 
 
 def _mark_cuda_engine(artifact: Artifact, engine: Path, spec: CudaEngineSpec) -> Artifact:

@@ -18,9 +18,11 @@ import hashlib
 import io
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from sealbox.bundler.sources.cuda_engine import (
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and "CI" not in os.environ, reason="no C compiler (cc)")
 
 SEALBOX = str(Path(sys.executable).parent / "sealbox")
+HOST_PLATFORM = sysconfig.get_platform().replace("-", "_").replace(".", "_")  # linux_x86_64: what pip wheel tags
 ENGINE_C = """
 int cudaRuntimeGetVersion(int *version);
 int cublasCreate_v2(void **handle);
@@ -98,11 +101,11 @@ def stand_ins(tmp_path_factory: pytest.TempPathFactory) -> StandIns:
     _cc("-Wl,-soname,libggml-cuda.so", "-Wl,-rpath,$ORIGIN", "-o", str(build / "libggml-cuda.so"),
         str(build / "engine.c"), f"-L{build}", "-l:libcudart.so.12", "-l:libcublas.so.12")  # fmt: skip
     version = engine_version()
-    engine = _wheel(house, "llama-cpp-python", version, "py3-none-linux_x86_64", {
+    engine = _wheel(house, "llama-cpp-python", version, f"py3-none-{HOST_PLATFORM}", {
         "llama_cpp/__init__.py": b"",
         "llama_cpp/lib/libggml-cuda.so": (build / "libggml-cuda.so").read_bytes(),
     })  # fmt: skip
-    tag = "py3-none-manylinux2014_x86_64"
+    tag = f"py3-none-manylinux2014_{platform.machine()}"
     cudart = _wheel(house, "nvidia-cuda-runtime-cu12", "12.9.79", tag, {
         "nvidia/cuda_runtime/lib/libcudart.so.12": (build / "libcudart.so.12").read_bytes()})  # fmt: skip
     cublas = _wheel(house, "nvidia-cublas-cu12", "12.9.1.4", tag, {
@@ -137,7 +140,7 @@ def test_the_dry_run_prints_the_exact_build_inputs_and_writes_nothing(tmp_path: 
         "(set on every library in llama_cpp/lib/ with patchelf, then checked)" in lines
     assert "carried: nvidia-cuda-runtime-cu12==12.9.* nvidia-cublas-cu12==12.9.*" in lines
     (cache,) = [line for line in lines if line.startswith("cache: ")]
-    assert cache.endswith(f"llama-cpp-python-{version}-cuda12.9-sm80-90-linux_x86_64")
+    assert cache.endswith(f"llama-cpp-python-{version}-cuda12.9-sm80-90-{HOST_PLATFORM}")
     (source,) = [line for line in lines if line.startswith("source: ")]
     assert source.startswith("source: build ~") and "min on" in source
     assert not out.exists()
@@ -306,3 +309,26 @@ def test_the_toolkit_wheels_are_assembled_into_one_tree_cmake_understands(tmp_pa
     for name in ("libcudart", "libcublas", "libcublasLt"):
         assert (root / "lib64" / f"{name}.so").resolve() == (nvidia / ("cuda_runtime" if name == "libcudart" else "cublas")
                                                               / "lib" / f"{name}.so.12")  # fmt: skip
+
+
+def test_a_cuda_bundle_for_another_machine_is_refused_before_anything_is_written(
+    stand_ins: StandIns, tmp_path: Path
+) -> None:
+    from sealbox.bundler.cli.keys import open_signer
+    from sealbox.bundler.create import CreateRequest, create_bundle
+    from sealbox.bundler.errors import InputError
+    from sealbox.bundler.keys import generate_key_pair
+    from sealbox.bundler.manifest import Target
+
+    spec = CudaEngineSpec.parse(**SPEC_90)
+    house = tmp_path / "house"
+    house.mkdir()
+    repair_wheel(stand_ins.engine, house, spec.record())
+    generate_key_pair("alice", tmp_path / "keys", passphrase=None)
+    (key,) = (tmp_path / "keys").glob("*.key")
+    other = "aarch64" if platform.machine() != "aarch64" else "x86_64"
+    arm = Target(python="3.11", implementation="cp", abi="cp311", platforms=(f"manylinux_2_28_{other}",))
+    with pytest.raises(InputError, match=rf"built for {HOST_PLATFORM}; the target is linux {other}"):
+        create_bundle(CreateRequest(name="gpu", version=1, out=tmp_path / "bundle", signers=[open_signer(key)],
+                                    wheelhouses=[house], include_sealbox=False, cuda=spec, target=arm))  # fmt: skip
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
