@@ -25,7 +25,7 @@ from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, M
 from sealbox.bundler.progress import Progress, SilentProgress
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
-from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec
+from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec, EngineWheel
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
 
 WORK_DIR = ".sealbox-create"
@@ -78,6 +78,8 @@ class CreateRequest:
     now: datetime | None = None
     cuda: CudaEngineSpec | None = None
     """Carry the CUDA engine built for this (and the CUDA runtime wheels it needs) instead of the CPU build."""
+    cuda_engine: EngineWheel | None = None
+    """Set by `create_bundle` itself: the engine wheel built, cached or supplied for `cuda`."""
 
     @property
     def wants_wheels(self) -> bool:
@@ -177,22 +179,29 @@ def resolve_local(request: CreateRequest) -> list[Artifact]:
     return artifacts
 
 
-def _collect_wheels(request: CreateRequest, work: Path, progress: Progress) -> list[Artifact]:
+def _with_cuda_engine(request: CreateRequest, work: Path, progress: Progress) -> CreateRequest:
+    """With `--accelerator cuda`: the engine wheel (cached, supplied or built now), and the target recording it."""
+    if request.cuda is None:
+        return request
+    from sealbox.bundler.sources.cuda_engine import CudaEngineRecipe
+
+    recipe = CudaEngineRecipe(request.cuda, work=work / "cuda-engine", wheelhouses=request.wheelhouses)
+    engine = recipe.wheel(progress)
+    _check_engine_platform(engine.path, request.target)
+    return replace(request, cuda_engine=engine, target=replace(request.target, accelerator=request.cuda.record()))
+
+
+def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
     include = request.include_sealbox if request.include_sealbox is not None else request.wants_wheels
     if not (request.wants_wheels or include):
         return []
     from sealbox.bundler.sources.wheels import collect_wheels
 
     wheels, prebuilt = list(request.wheels), []
-    engine = None
-    if request.cuda is not None:
-        from sealbox.bundler.sources.cuda_engine import CudaEngineRecipe
-
-        recipe = CudaEngineRecipe(request.cuda, work=work / "cuda-engine", wheelhouses=request.wheelhouses)
-        engine = recipe.wheel(progress)
-        _check_engine_platform(engine.path, request.target)
+    engine, spec = request.cuda_engine, request.cuda
+    if engine is not None and spec is not None:
         prebuilt.append((engine.path, engine.provenance))
-        wheels += [f"{ENGINE_PROJECT}=={request.cuda.engine_version}", *request.cuda.runtime_requirements()]
+        wheels += [f"{ENGINE_PROJECT}=={spec.engine_version}", *spec.runtime_requirements()]
     artifacts = collect_wheels(
         requirements=list(request.requirements),
         wheels=wheels,
@@ -202,9 +211,9 @@ def _collect_wheels(request: CreateRequest, work: Path, progress: Progress) -> l
         include_sealbox=include,
         prebuilt=prebuilt,
     )
-    if engine is None or request.cuda is None:
+    if engine is None or spec is None:
         return artifacts
-    return [_mark_cuda_engine(artifact, engine.path, request.cuda) for artifact in artifacts]
+    return [_mark_cuda_engine(artifact, engine.path, spec) for artifact in artifacts]
 
 
 def _check_engine_platform(engine: Path, target: Target) -> None:
@@ -280,8 +289,9 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
     out = request.out
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
+    request = _with_cuda_engine(request, work, progress)
     progress.step("collecting wheels for the target")
-    artifacts += _collect_wheels(request, work, progress)
+    artifacts += _collect_wheels(request, work)
     _check_unique_paths(artifacts)
 
     writer = BlobWriter(out, work_dir=work, max_part_size=request.max_part_size)
@@ -300,7 +310,7 @@ def create_bundle(request: CreateRequest, progress: Progress | None = None) -> C
         version=request.version,
         created=now,
         expires=expires,
-        target=replace(request.target, accelerator=request.cuda.record()) if request.cuda else request.target,
+        target=request.target,
         blobs=tuple(_entry(artifact, written[artifact.path]) for artifact in order),
         base=request.base,
     )

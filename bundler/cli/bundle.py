@@ -113,6 +113,16 @@ def create(
     platform: Annotated[
         list[str], typer.Option("--platform", help="Target platform tag, e.g. manylinux_2_28_x86_64; repeatable.")
     ] = [],
+    accelerator: Annotated[
+        str, typer.Option("--accelerator", help="Engine build the target runs: cpu, or cuda (NVIDIA; the target needs only the driver).")
+    ] = "cpu",
+    cuda_version: Annotated[str, typer.Option("--cuda-version", help="CUDA major (or major.minor) to build with.")] = "12",
+    cuda_archs: Annotated[
+        str, typer.Option("--cuda-archs", help="GPU architectures, e.g. 80,86,89,90 (Ampere, Ada, Hopper; the default).")
+    ] = "80,86,89,90",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --accelerator cuda: print the engine's exact build inputs and stop.")
+    ] = False,
     sealbox_wheel: Annotated[
         bool | None,
         typer.Option("--sealbox-wheel/--no-sealbox-wheel", help="Carry sealbox's own wheel (default: with any wheels)."),
@@ -132,16 +142,6 @@ def create(
         Path | None,
         typer.Option("--base", help="Earlier manifest.json (or bundle dir): make a delta carrying only new blobs."),
     ] = None,
-    accelerator: Annotated[
-        str, typer.Option("--accelerator", help="Engine build the target runs: cpu, or cuda (NVIDIA; the target needs only the driver).")
-    ] = "cpu",
-    cuda_version: Annotated[str, typer.Option("--cuda-version", help="CUDA major (or major.minor) to build with.")] = "12",
-    cuda_archs: Annotated[
-        str, typer.Option("--cuda-archs", help="GPU architectures, e.g. 80,86,89,90 (Ampere, Ada, Hopper; the default).")
-    ] = "80,86,89,90",
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="With --accelerator cuda: print the engine's exact build inputs and stop.")
-    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Pack models, wheels, policies and files into a signed, content-addressed bundle directory."""
