@@ -25,6 +25,7 @@ from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, M
 from sealbox.bundler.progress import Progress, SilentProgress
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
+from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec, EngineWheel
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
 
 WORK_DIR = ".sealbox-create"
@@ -82,10 +83,14 @@ class CreateRequest:
     base: Base | None = None
     sbom: bool = True
     now: datetime | None = None
+    cuda: CudaEngineSpec | None = None
+    """Carry the CUDA engine built for this (and the CUDA runtime wheels it needs) instead of the CPU build."""
+    cuda_engine: EngineWheel | None = None
+    """Set by `create_bundle` itself: the engine wheel built, cached or supplied for `cuda`."""
 
     @property
     def wants_wheels(self) -> bool:
-        return bool(self.requirements or self.wheels or self.wheelhouses)
+        return bool(self.requirements or self.wheels or self.wheelhouses or self.cuda)
 
 
 @dataclass(frozen=True)
@@ -202,20 +207,67 @@ def resolve_local(request: CreateRequest) -> list[Artifact]:
     return artifacts
 
 
+def _with_cuda_engine(request: CreateRequest, work: Path, progress: Progress) -> CreateRequest:
+    """With `--accelerator cuda`: the engine wheel (cached, supplied or built now), and the target recording it."""
+    if request.cuda is None:
+        return request
+    from sealbox.bundler.sources.cuda_engine import CudaEngineRecipe
+
+    recipe = CudaEngineRecipe(request.cuda, work=work / "cuda-engine", wheelhouses=request.wheelhouses)
+    engine = recipe.wheel(progress)
+    _check_engine_platform(engine.path, request.target)
+    return replace(request, cuda_engine=engine, target=replace(request.target, accelerator=request.cuda.record()))
+
+
 def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
     include = request.include_sealbox if request.include_sealbox is not None else request.wants_wheels
     if not (request.wants_wheels or include):
         return []
     from sealbox.bundler.sources.wheels import collect_wheels
 
-    return collect_wheels(
+    wheels, prebuilt = list(request.wheels), []
+    engine, spec = request.cuda_engine, request.cuda
+    if engine is not None and spec is not None:
+        prebuilt.append((engine.path, engine.provenance))
+        wheels += [f"{ENGINE_PROJECT}=={spec.engine_version}", *spec.runtime_requirements()]
+    artifacts = collect_wheels(
         requirements=list(request.requirements),
-        wheels=list(request.wheels),
+        wheels=wheels,
         wheelhouses=list(request.wheelhouses),
         target=request.target,
         work_dir=work / "wheels",
         include_sealbox=include,
+        prebuilt=prebuilt,
     )
+    if engine is None or spec is None:
+        return artifacts
+    return [_mark_cuda_engine(artifact, engine.path, spec) for artifact in artifacts]
+
+
+def _check_engine_platform(engine: Path, target: Target) -> None:
+    """The CUDA engine is built for this host's machine (a linux_<arch> wheel): refuse it for a target of another."""
+    from packaging.utils import parse_wheel_filename
+
+    from sealbox.bundler.sources.wheels import marker_environment
+
+    environment = marker_environment(target)
+    machine = environment.get("platform_machine")
+    platforms = sorted({tag.platform for tag in parse_wheel_filename(engine.name)[3]})
+    if environment.get("sys_platform") != "linux" or not machine or not all(p.endswith(f"_{machine}") for p in platforms):
+        raise InputError(f"{engine.name} is built for {', '.join(platforms)}; the target is "
+                         f"{environment.get('sys_platform', '?')} {machine or '?'}: build the CUDA engine on a host "
+                         "like the target and pass it with --wheelhouse")  # fmt: skip
+
+
+def _mark_cuda_engine(artifact: Artifact, engine: Path, spec: CudaEngineSpec) -> Artifact:
+    """The engine wheel pip chose must be the CUDA build (a CPU wheel of the same version in a wheelhouse could win);
+    it carries the build's facts into the manifest and the SBOM."""
+    if artifact.meta.get("name", "").lower().replace("_", "-") != ENGINE_PROJECT:
+        return artifact
+    if artifact.file.read_bytes() != engine.read_bytes():
+        raise InputError(f"pip chose {artifact.file.name} from {artifact.provenance}, not the CUDA engine {engine}; "
+                         "remove other llama-cpp-python wheels from the wheelhouses")  # fmt: skip
+    return replace(artifact, meta={**artifact.meta, **spec.record()})
 
 
 def _entry(artifact: Artifact, blob: WrittenBlob) -> BlobEntry:
@@ -273,6 +325,7 @@ def create_bundle(
     out = request.out
     work = out / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
+    request = _with_cuda_engine(request, work, progress)
     progress.step("collecting wheels for the target")
     artifacts += _collect_wheels(request, work)
     if request.eval_suite is not None:

@@ -106,6 +106,9 @@ class Target:
     """e.g. `cp311`; empty means the implementation's default for `python`."""
     platforms: tuple[str, ...] = ()
     """Wheel platform tags in order of preference, e.g. `manylinux_2_28_x86_64`."""
+    accelerator: dict[str, Any] | None = field(default=None, hash=False)
+    """What the carried engine is built for: absent for the CPU, else e.g. `{"accelerator": "cuda",
+    "cuda_version": "12.9", "cuda_archs": [80, 86, 89, 90], "engine": "llama-cpp-python==0.3.36"}`."""
     unrecognized: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -128,7 +131,8 @@ class Target:
         platforms = _take(data, "platforms", list, where)
         if not all(isinstance(item, str) for item in platforms):
             raise FormatError("manifest: target.platforms must be a list of strings")
-        return cls(python, implementation, abi, tuple(platforms), data)
+        accelerator = _take(data, "accelerator", dict, where) if "accelerator" in data else None
+        return cls(python, implementation, abi, tuple(platforms), accelerator, data)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -137,6 +141,7 @@ class Target:
             "implementation": self.implementation,
             "abi": self.abi,
             "platforms": list(self.platforms),
+            **({"accelerator": self.accelerator} if self.accelerator is not None else {}),
         }
 
 

@@ -11,7 +11,6 @@ process without one reports the signature as unknown rather than guessing at the
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import os
 import re
@@ -31,8 +30,18 @@ from sealbox.runtime.egress.guard import GuardStatus, active_guard, guard_status
 from sealbox.runtime.egress.offline_env import offline_environment_gaps
 from sealbox.runtime.egress.routes import NetworkTablesError, Route, read_network
 from sealbox.runtime.egress.walls import read_walls
+from sealbox.runtime.engine.accelerator import (
+    AcceleratorError,
+    Driver,
+    EngineBuild,
+    Gpu,
+    NoDriver,
+    cuda_device_nodes,
+    decide,
+    probe_driver,
+)
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, host_memory_bytes, plan_for_policy
+from sealbox.runtime.memory_plan import MemoryPlanError, host_memory_bytes, plan_for_policy, split_for_plan
 from sealbox.runtime.policy import Policy, PolicyError, default_policy_text, is_loopback_host
 from sealbox.runtime.regular_file import sha256_regular
 from sealbox.runtime.release import (
@@ -427,24 +436,30 @@ def check_offline_environment(appliance: Appliance) -> Finding:
 
 
 def check_gpu(appliance: Appliance) -> Finding:
-    nodes = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    """The decision `serve` makes before loading the engine: the release's engine build against the driver's answer."""
     try:
-        pynvml = importlib.import_module("pynvml")
-    except ImportError:
-        if nodes:
-            return Finding(CheckStatus.UNKNOWN, "NVIDIA device nodes present; nvidia-ml-py is not installed to read them", tuple(nodes))
-        return Finding(CheckStatus.WARN, "no GPU visible: serving on CPU")
-    try:
-        pynvml.nvmlInit()
-        try:
-            details = tuple(_gpu_line(pynvml, i) for i in range(pynvml.nvmlDeviceGetCount()))
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError as exc:
-        return Finding(CheckStatus.WARN, f"no GPU visible: {exc}", tuple(nodes))
-    if not details:
-        return Finding(CheckStatus.WARN, "no GPU visible: serving on CPU", tuple(nodes))
-    return Finding(CheckStatus.PASS, f"{len(details)} GPU(s) visible", details)
+        venv = appliance.release_dir / "venv" if appliance.release_dir is not None else None
+        build = EngineBuild.in_venv(venv) if venv is not None and venv.is_dir() else EngineBuild.installed()
+    except AcceleratorError as exc:
+        return Finding(CheckStatus.FAIL, str(exc))
+    return gpu_finding(build, probe_driver(), appliance.policy.service.gpu_devices)
+
+
+def gpu_finding(build: EngineBuild, driver: Driver | NoDriver, allowed: tuple[str, ...]) -> Finding:
+    """`check_gpu`'s verdict from its facts (pure, so the tests can feed a host's answers)."""
+    decision = decide(build, driver)
+    gpus = driver.gpus if isinstance(driver, Driver) else ()
+    details = tuple(_gpu_line(gpu) for gpu in gpus) + decision.notes
+    if decision.problem is not None:
+        return Finding(CheckStatus.FAIL, f"{build.describe()}: `sealbox serve` refuses: {decision.problem}", details)
+    if decision.device == "cuda":
+        denied = [node for node in cuda_device_nodes(len(gpus)) if node not in allowed]
+        if denied:
+            return Finding(CheckStatus.WARN, f"{build.describe()}: the policy's [service] gpu_devices leave out "
+                           f"{', '.join(denied)}: under the systemd unit those GPUs are not used", details)  # fmt: skip
+        return Finding(CheckStatus.PASS, f"{build.describe()}: serving on {len(decision.gpus)} GPU(s)", details)
+    reason = driver.reason if isinstance(driver, NoDriver) else f"{len(gpus)} GPU(s) unused"
+    return Finding(CheckStatus.WARN, f"{build.describe()}: serving on CPU ({reason})", details)
 
 
 def check_memory_plan(appliance: Appliance) -> Finding:
@@ -454,7 +469,8 @@ def check_memory_plan(appliance: Appliance) -> Finding:
     if not models:
         return Finding(CheckStatus.UNKNOWN, "the release lists no model to plan for")
     limits = appliance.policy.limits
-    host, gpu = host_memory_bytes(), gpu_free_bytes()
+    gpus = _usable_gpu_bytes(appliance)
+    host, gpu = host_memory_bytes(), (sum(gpus) if gpus else None)
     lines: list[str] = []
     worst = CheckStatus.PASS
     for model in models:
@@ -475,6 +491,9 @@ def check_memory_plan(appliance: Appliance) -> Finding:
             f"{name}: {where}; {min(memory.sequences_that_fit, memory.users)} of {memory.users} sequences of {memory.context} tokens "
             f"fit at once in {format_size(memory.kv_budget_bytes)} of KV budget"
         )
+        if gpus:
+            split = split_for_plan(memory, gpus)
+            lines.extend(f"{name}: {line}" for line in split.lines() + ([split.note] if split.note else []))
         if not memory.fits and worst is CheckStatus.PASS:
             worst = CheckStatus.WARN  # admission makes the rest wait; never an OOM
     summary = {
@@ -483,6 +502,17 @@ def check_memory_plan(appliance: Appliance) -> Finding:
         CheckStatus.FAIL: "a model cannot be served in this memory",
     }[worst]
     return Finding(worst, summary, tuple(lines))
+
+
+def _usable_gpu_bytes(appliance: Appliance) -> list[int]:
+    """Memory of each GPU the release's engine will use (empty: it serves on the CPU or is refused)."""
+    try:
+        venv = appliance.release_dir / "venv" if appliance.release_dir is not None else None
+        build = EngineBuild.in_venv(venv) if venv is not None and venv.is_dir() else EngineBuild.installed()
+    except AcceleratorError:
+        return []
+    decision = decide(build, probe_driver())
+    return [gpu.available_bytes for gpu in decision.gpus] if decision.device == "cuda" else []
 
 
 def check_listen(appliance: Appliance) -> Finding:
@@ -633,10 +663,6 @@ def _inside_any(route: Route, networks: list[IPNetwork]) -> bool:
     return any(destination.version == net.version and destination.subnet_of(net) for net in networks)  # type: ignore[arg-type]
 
 
-def _gpu_line(pynvml: object, index: int) -> str:
-    handle = pynvml.nvmlDeviceGetHandleByIndex(index)  # type: ignore[attr-defined]
-    name = pynvml.nvmlDeviceGetName(handle)  # type: ignore[attr-defined]
-    memory = pynvml.nvmlDeviceGetMemoryInfo(handle)  # type: ignore[attr-defined]
-    return f"GPU {index}: {name}, {memory.free / 2**30:.1f} of {memory.total / 2**30:.1f} GiB free"
-
-
+def _gpu_line(gpu: Gpu) -> str:
+    free = f"{format_size(gpu.free_bytes)} free of " if gpu.free_bytes is not None else ""
+    return f"GPU {gpu.index}: {gpu.name}, sm_{gpu.sm}, {free}{format_size(gpu.total_bytes)}"

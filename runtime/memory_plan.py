@@ -19,6 +19,7 @@ from sealbox.runtime.policy import LimitsPolicy
 from sealbox.runtime.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
+    from sealbox.runtime.layer_split import LayerSplit
     from sealbox.runtime.models.gguf_facts import ModelFile
 
 
@@ -270,26 +271,37 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def gpu_free_bytes(device: int = 0) -> int | None:
-    """Free memory of GPU `device` through NVML (nvidia-ml-py) when installed and a driver answers; else None."""
+def gpu_free_bytes() -> int | None:
+    """Free memory of the GPUs the installed engine will use, summed (llama.cpp's layer split spreads the model over
+    them all; `runtime.layer_split` shows how), or None when the engine is not a CUDA build that can run here.
+
+    A CPU engine on a GPU host gets None: planning its KV cache into GPU memory would put it in host memory for real.
+    """
+    from sealbox.runtime.engine.accelerator import AcceleratorError, host_decision
+
     try:
-        import pynvml  # type: ignore[import-not-found]
-    except ImportError:
+        decision = host_decision()
+    except AcceleratorError:
         return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no device: NVML raises its own error classes
+    if decision.device != "cuda":
         return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-    except Exception:
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+    return sum(gpu.available_bytes for gpu in decision.gpus)
+
+
+def split_for_plan(result: MemoryPlan, gpu_memory_bytes: list[int]) -> LayerSplit:
+    """The plan's layers and KV cache spread over GPUs of these sizes (before the policy's headroom)."""
+    from sealbox.runtime.layer_split import split_layers
+
+    shape = result.shape
+    cells = min(result.users * result.context, result.kv_cells_budget)
+    return split_layers(
+        layers=shape.layers,
+        layer_bytes=shape.layer_bytes,
+        kv_bytes_per_layer=cells * shape.kv_bytes_per_token // max(1, shape.layers),
+        output_bytes=shape.other_bytes,
+        compute_bytes=result.compute_bytes,
+        gpu_memory_bytes=[int(size * result.fraction) for size in gpu_memory_bytes],
+    )
 
 
 def plan_for_policy(

@@ -154,3 +154,21 @@ def test_a_head_that_is_not_a_whole_number_of_q8_0_blocks_keeps_an_f16_cache(mak
     for cells in (None, 2048):
         result = plan_model(model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4, kv_cells=cells)
         assert (result.shape.type_k, result.shape.type_v) == ("f16", "f16")
+
+
+def test_sealbox_plan_splits_the_layers_over_several_gpus_and_says_so(tiny_model: Path) -> None:
+    result = run_plan("--model", str(tiny_model), "--memory", "2GiB", "--gpu-memory", "1GiB,1GiB", "--ctx", "128",
+                      "--users", "4", "--json")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    shares = plan["gpu_split"]
+    assert [share["gpu"] for share in shares] == [0, 1]
+    assert sum(share["layers"] for share in shares) == plan["layers"] and plan["cpu_layers"] == 0
+    assert all(share["layers"] >= 1 for share in shares)
+    assert [share["output_head"] for share in shares] == [False, True]
+    assert plan["gpu_split_note"] == "layer split over 2 GPUs in proportion to their memory"
+    table = run_plan("--model", str(tiny_model), "--memory", "2GiB", "--gpu-memory", "1GiB,1MiB", "--ctx", "128",
+                     "--users", "4")  # fmt: skip
+    text = " ".join(table.stdout.split())
+    assert "GPU 1: not used: 921.6 KiB holds the compute buffers" in text  # 90% of 1 MiB, the policy's headroom
+    assert "1 GPU(s) not used (see each line)" in text

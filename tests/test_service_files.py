@@ -300,3 +300,21 @@ def test_a_root_that_would_inject_into_the_unit_is_refused(root: Path) -> None:
 def test_a_user_name_that_is_not_a_plain_account_is_refused() -> None:
     with pytest.raises(ServiceFileError, match="not a plain system user name"):
         context('[service]\nuser = "root\\nExecStartPre=/bin/sh"\n')
+
+
+def test_the_default_unit_allows_exactly_the_nodes_cuda_opens_for_one_gpu() -> None:
+    from sealbox.runtime.engine.accelerator import CUDA_UNNEEDED_NODES, cuda_device_nodes
+
+    unit = directives(render_unit(context()))
+    assert sorted(unit["DeviceAllow"]) == sorted(f"{node} rw" for node in cuda_device_nodes(1))
+    assert not [line for line in unit["DeviceAllow"] if line.split()[0] in CUDA_UNNEEDED_NODES]
+    assert unit["DevicePolicy"] == ["closed"] and "PrivateDevices" not in unit
+
+
+def test_a_policy_for_four_gpus_renders_each_gpu_node_and_the_control_nodes_only() -> None:
+    from sealbox.runtime.engine.accelerator import cuda_device_nodes
+
+    devices = list(cuda_device_nodes(4))
+    unit = directives(render_unit(context(f"[service]\ngpu_devices = {json.dumps(devices)}\n")))
+    assert unit["DeviceAllow"] == [f"{node} rw" for node in devices]
+    assert devices == ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/dev/nvidiactl", "/dev/nvidia-uvm"]

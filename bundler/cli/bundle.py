@@ -113,6 +113,16 @@ def create(
     platform: Annotated[
         list[str], typer.Option("--platform", help="Target platform tag, e.g. manylinux_2_28_x86_64; repeatable.")
     ] = [],
+    accelerator: Annotated[
+        str, typer.Option("--accelerator", help="Engine build the target runs: cpu, or cuda (NVIDIA; the target needs only the driver).")
+    ] = "cpu",
+    cuda_version: Annotated[str, typer.Option("--cuda-version", help="CUDA major (or major.minor) to build with.")] = "12",
+    cuda_archs: Annotated[
+        str, typer.Option("--cuda-archs", help="GPU architectures, e.g. 80,86,89,90 (Ampere, Ada, Hopper; the default).")
+    ] = "80,86,89,90",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --accelerator cuda: print the engine's exact build inputs and stop.")
+    ] = False,
     sealbox_wheel: Annotated[
         bool | None,
         typer.Option("--sealbox-wheel/--no-sealbox-wheel", help="Carry sealbox's own wheel (default: with any wheels)."),
@@ -147,6 +157,10 @@ def create(
     from sealbox.bundler.create import CreateRequest, create_bundle, parse_expiry  # deferred: verify starts faster without
     from sealbox.bundler.delta import BaseManifest, create_delta
 
+    cuda = _cuda_spec(accelerator, cuda_version, cuda_archs, as_json)
+    if dry_run:
+        _print_dry_run(cuda, out, wheelhouse)
+        return
     now = datetime.now(timezone.utc).replace(microsecond=0)
     try:
         expiry = parse_expiry(expires, now)
@@ -174,6 +188,7 @@ def create(
             eval_suite=eval_suite,
             record_expected=record_expected,
             now=now,
+            cuda=cuda,
         )
         base_manifest = BaseManifest.load(base) if base is not None else None
         with stderr_progress() as progress:
@@ -188,6 +203,32 @@ def create(
     typer.echo(f"created {result.directory}: {name} version {version}, {len(result.manifest.blobs)} blobs")
     typer.echo(f"  written {written}, reused {reused} in {result.seconds:.1f} s")
     typer.echo(f"  manifest sha256 {result.manifest_sha256}, signed by {', '.join(result.signed_by)}")
+
+
+def _cuda_spec(accelerator: str, cuda_version: str, cuda_archs: str, as_json: bool) -> Any:
+    if accelerator not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{accelerator!r} is not cpu or cuda", param_hint="--accelerator")
+    if accelerator == "cpu":
+        return None
+    from sealbox.bundler.sources.cuda_engine import CudaEngineSpec
+
+    with _refusals(as_json):
+        return CudaEngineSpec.parse(cuda_version=cuda_version, archs=cuda_archs)
+
+
+def _print_dry_run(cuda: Any, out: Path, wheelhouses: list[Path]) -> None:
+    if cuda is None:
+        from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, engine_version
+
+        typer.echo("accelerator: cpu")
+        typer.echo(f"engine: {ENGINE_PROJECT}=={engine_version()} (sdist built by pip for this host's CPU)")
+        return
+    from sealbox.bundler.create import WORK_DIR
+    from sealbox.bundler.sources.cuda_engine import CudaEngineRecipe
+
+    recipe = CudaEngineRecipe(cuda, work=out / WORK_DIR / "cuda-engine", wheelhouses=wheelhouses)
+    for line in recipe.dry_run():
+        typer.echo(line)
 
 
 @bundle_app.command("verify")
@@ -297,6 +338,9 @@ def inspect(
         f"expires {format_time(manifest.expires)}"
     )
     out.print(f"target: Python {target.python} ({target.implementation}/{target.abi}) {', '.join(target.platforms[:3])}")
+    if target.accelerator:
+        archs = ", ".join(f"sm_{arch}" for arch in target.accelerator.get("cuda_archs") or [])
+        out.print(f"accelerator: {target.accelerator.get('accelerator')} {target.accelerator.get('cuda_version', '')} ({archs})")
     if manifest.base:
         out.print(f"delta on {manifest.base.name} version {manifest.base.version} ({manifest.base.manifest_sha256[:16]})")
     for item in signatures:

@@ -28,6 +28,7 @@ import sys
 import tomllib
 import zipfile
 from email.message import Message
+from collections.abc import Sequence
 from pathlib import Path
 
 from packaging import tags
@@ -74,12 +75,14 @@ def collect_wheels(
     target: Target,
     work_dir: Path,
     include_sealbox: bool,
+    prebuilt: Sequence[tuple[Path, str]] = (),
 ) -> list[Artifact]:
     """Every wheel the target needs for `requirements` files, `wheels` (requirement strings or wheel paths) and, with
     `include_sealbox`, sealbox itself: dependencies included, one Artifact (role `wheel`) per file, in name order.
 
     With only `wheelhouses` given, every wheel in them is a requirement. `work_dir` is emptied first: files left by an
-    interrupted run with other inputs must not join this one.
+    interrupted run with other inputs must not join this one. `prebuilt` wheels (path, provenance), built here for
+    the target (the CUDA engine), join the search with their own platform tags.
 
     Raises:
         InputError: a requirements file or wheelhouse is missing; a requirement has no wheel for the target and cannot
@@ -93,6 +96,9 @@ def collect_wheels(
     built_dir.mkdir()
     specs = list(wheels)
     built: dict[str, str] = {}  # file name of each wheel made here (from an sdist, or sealbox's own) -> provenance
+    for wheel, provenance in prebuilt:
+        shutil.copy2(wheel, built_dir / wheel.name)
+        built[wheel.name] = provenance
     if include_sealbox:
         sealbox = build_sealbox_wheel(work_dir / "sealbox-source", built_dir)
         built[sealbox.name] = f"{REPO_ROOT} (sealbox, built from its source tree)"
@@ -103,6 +109,7 @@ def collect_wheels(
         return []
 
     platforms = list(target.platforms) or list(tags.platform_tags())  # none given: this host's, as pip would
+    platforms += [tag.platform for wheel, _ in prebuilt for tag in _wheel_tags(wheel) if tag.platform not in ("any", *platforms)]
     tried: set[str] = set()
     for _ in range(_MAX_BUILDS):
         result = _pip_download(requirements, specs, wheelhouses + [built_dir], target, platforms, download)

@@ -14,10 +14,11 @@ from sealbox.runtime.memory_plan import (
     DEFAULT_MEMORY_FRACTION,
     MemoryPlan,
     MemoryPlanError,
-    gpu_free_bytes,
     host_memory_bytes,
     plan_model,
+    split_for_plan,
 )
+from sealbox.runtime.layer_split import LayerSplit
 from sealbox.runtime.policy import LimitsPolicy
 from sealbox.runtime.sizes import HELP as SIZE_HELP
 from sealbox.runtime.sizes import SizeError, format_size, parse_size
@@ -35,7 +36,8 @@ def plan(
     ] = None,
     gpu_memory: Annotated[
         str | None,
-        typer.Option("--gpu-memory", help=f"GPU memory for the model, e.g. 80G ({SIZE_HELP}; default: free memory via NVML, if any)."),
+        typer.Option("--gpu-memory", help=f"GPU memory for the model, e.g. 80G, or one size per GPU: 80G,80G ({SIZE_HELP}; "
+                     "default: the free memory of the GPUs the installed engine can use)."),
     ] = None,
     fraction: Annotated[
         float, typer.Option("--fraction", min=0.05, max=1.0, help="Share of that memory to plan with (headroom).")
@@ -51,9 +53,11 @@ def plan(
         raise typer.BadParameter(f"one of {', '.join(KV_CACHE_TYPES)}, not {kv_cache!r}", param_hint="--kv-cache")
     try:
         memory_bytes = parse_size(memory) if memory is not None else host_memory_bytes()
-        gpu_bytes = parse_size(gpu_memory) if gpu_memory is not None else gpu_free_bytes()
+        gpus = [parse_size(size) for size in gpu_memory.split(",")] if gpu_memory is not None else engine_gpu_bytes()
+        gpu_bytes = sum(gpus) if gpus else None
         result = plan_model(model, kv_cache=kv_cache, memory_bytes=memory_bytes, context=ctx, users=users,
                             fraction=fraction, gpu_memory_bytes=gpu_bytes)  # fmt: skip
+        split = split_for_plan(result, gpus) if gpus else None
     except (MemoryPlanError, SizeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -61,11 +65,39 @@ def plan(
         typer.echo(f"error: {model}: {exc}", err=True)
         raise typer.Exit(2) from exc
     if as_json:
-        typer.echo(json.dumps(to_dict(result), indent=2))
+        typer.echo(json.dumps(to_dict(result) | split_to_dict(split), indent=2))
     else:
         render(model, result, Console())
+        if split is not None:
+            render_split(split, Console())
     if result.sequences_that_fit < 1:
         raise typer.Exit(1)
+
+
+def engine_gpu_bytes() -> list[int]:
+    """Free memory of each GPU the installed engine will use (none for a CPU engine, or one that cannot run here)."""
+    from sealbox.runtime.engine.accelerator import AcceleratorError, host_decision
+
+    try:
+        decision = host_decision()
+    except AcceleratorError:
+        return []
+    return [gpu.available_bytes for gpu in decision.gpus] if decision.device == "cuda" else []
+
+
+def split_to_dict(split: LayerSplit | None) -> dict[str, object]:
+    if split is None:
+        return {}
+    shares = [{"gpu": share.index, "layers": share.layers, "output_head": share.output_head,
+               "memory_bytes": share.memory_bytes, "why_unused": share.why_unused} for share in split.shares]  # fmt: skip
+    return {"gpu_split": shares, "cpu_layers": split.cpu_layers, "gpu_split_note": split.note}
+
+
+def render_split(split: LayerSplit, console: Console) -> None:
+    for line in split.lines():
+        console.print(line, highlight=False)
+    if split.note:
+        console.print(split.note, highlight=False)
 
 
 def to_dict(result: MemoryPlan) -> dict[str, object]:

@@ -43,6 +43,9 @@ from sealbox.runtime.engine.base import (  # noqa: E402  (after the OpenMP setti
 )
 
 
+from sealbox.runtime.engine.accelerator import AcceleratorDecision, AcceleratorError, host_decision  # noqa: E402
+
+
 def open_engine(model_path: Path, card: ModelCard, options: EngineOptions) -> Engine:
     """The engine for one model file: llama.cpp in-process with continuous batching. Not started (`await start()`;
     it raises EngineLoadError when llama.cpp cannot load the file). llama.cpp is imported here, on first use."""
@@ -66,6 +69,7 @@ def open_engine(model_path: Path, card: ModelCard, options: EngineOptions) -> En
 
 
 __all__ = [
+    "AcceleratorDecision", "AcceleratorError", "host_decision",
     "ContextLengthExceeded", "Embeddings", "Engine", "EngineError", "EngineLoadError", "EngineOptions", "EngineStats",
     "EngineUnavailable", "Finished", "GenerationEvent", "GenerationRequest", "GrammarError", "InvalidRequest",
     "ModelCard", "Overloaded", "SamplingParams", "TextDelta", "TokenLogprob", "open_engine",

@@ -168,6 +168,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
     except PolicyError as exc:
         raise ServeRefused(str(exc), EXIT_CONFIG) from exc
     guard = install_egress_guard(policy.egress)
+    _check_accelerator()
     host = options.host or policy.server.host
     port = options.port or policy.server.port
     if options.no_auth and not is_loopback_host(host):
@@ -207,6 +208,18 @@ def prepare(options: ServeOptions) -> PreparedServer:
     return PreparedServer(appliance=appliance, policy=policy, guard=guard, host=host, port=port, sources=sources,
                           release_label=release_label, authenticator=authenticator, audit=audit,
                           threads=options.threads)  # fmt: skip
+
+
+def _check_accelerator() -> None:
+    """Before llama.cpp is imported (a CUDA-linked engine cannot be, without a driver): can it run here, and where."""
+    from sealbox.runtime.engine import AcceleratorError, host_decision
+
+    try:
+        decision = host_decision().enforce()
+    except AcceleratorError as exc:
+        raise ServeRefused(f"the bundle's engine cannot run on this host: {exc}", AcceleratorError.exit_code) from exc
+    for note in decision.notes:
+        logging.getLogger(__name__).warning("%s", note)
 
 
 def _run_doctor(appliance: HostRoot) -> None:
