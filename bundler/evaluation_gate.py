@@ -29,6 +29,7 @@ from sealbox.runtime.evaluation import RESULT_FILE, EvalClient, EvalRequestError
 from sealbox.runtime.evaluation import record_expected as record_outputs
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.staging_server import StagingServer, StagingServerError, release_python
+from sealbox.runtime.exit_codes import ExitCode
 
 SUITE_ROLE = "eval"
 SUITE_PATH = "eval/suite.json"
@@ -38,7 +39,7 @@ STAGED_GLOB = "install-*"
 class EvaluationFailedError(BundleError):
     """The bundle's evaluation suite did not pass against the staged release (or could not run): not activated."""
 
-    exit_code = 29
+    exit_code = ExitCode.EVALUATION_FAILED
 
 
 class EvaluationSkipDeclinedError(EvaluationFailedError):

@@ -66,6 +66,7 @@ from sealbox.runtime.release import (
     store_link_target,
 )
 from sealbox.runtime.sizes import format_size
+from sealbox.runtime.exit_codes import ExitCode
 
 STAGE_PREFIX = "install-"
 RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service", "evaluation.json"})
@@ -74,13 +75,13 @@ RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "m
 class RollbackError(BundleError):
     """The bundle's version is not above the highest version of its name this host has installed."""
 
-    exit_code = 20
+    exit_code = ExitCode.ROLLBACK
 
 
 class DowngradeDeclinedError(RollbackError):
     """`--allow-downgrade` was given but the operator did not confirm it."""
 
-    exit_code = 28
+    exit_code = ExitCode.DECLINED
 
 
 class NameChangeError(RollbackError):
@@ -94,14 +95,14 @@ class NameChangeDeclinedError(DowngradeDeclinedError):
 class FreeSpaceError(BundleError):
     """The store's filesystem has less free space than the blobs to copy need; nothing was written."""
 
-    exit_code = 29
+    exit_code = ExitCode.FREE_SPACE
 
 
 class ReleaseContentError(BundleError):
     """The bundle verifies but cannot form a release here (two policies, clashing model names, wheels for
     another Python, a policy this host's sealbox rejects)."""
 
-    exit_code = 27
+    exit_code = ExitCode.RELEASE_CONTENT
 
 
 Confirm = Callable[[str], bool]

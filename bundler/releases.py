@@ -47,6 +47,7 @@ from sealbox.runtime.release import (
     read_json,
     read_record,
 )
+from sealbox.runtime.exit_codes import ExitCode
 
 HIGHEST_FILE = ".highest.json"
 CURRENT_TEMP = ".current.new"
@@ -56,13 +57,13 @@ TRASH_DIR = "trash"
 class ReleaseError(Exception):
     """A release operation cannot be done (no such release, nothing to roll back to, another install running)."""
 
-    exit_code = 23
+    exit_code = ExitCode.RELEASE
 
 
 class UntrustedReleaseError(ReleaseError):
     """`bundle rollback` refuses a release that no longer carries the signatures the trust store requires."""
 
-    exit_code = 30
+    exit_code = ExitCode.UNTRUSTED_RELEASE
 
 
 def release_dir_name(name: str, version: int) -> str:

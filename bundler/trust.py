@@ -28,6 +28,7 @@ from sealbox.bundler.keys import load_public_key
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.regular_file import read_regular
 from sealbox.runtime.strict_json import loads_unique
+from sealbox.runtime.exit_codes import ExitCode
 
 THRESHOLD_FILE = "threshold"
 PUBLIC_SUFFIX = ".pub"
@@ -39,7 +40,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 class TrustStoreError(Exception):
     """The trust store refuses a change, or cannot be used to verify (empty, threshold above the keys, bad file)."""
 
-    exit_code = 22
+    exit_code = ExitCode.TRUST_STORE
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+from sealbox.runtime.exit_codes import ExitCode
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ _PURPOSE_MAX = 200
 class ApiKeyError(Exception):
     """The key file cannot be read or written, or a key operation is refused (duplicate, unknown name)."""
 
-    exit_code = 30
+    exit_code = ExitCode.API_KEY
 
 
 @dataclass(frozen=True)

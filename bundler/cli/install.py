@@ -20,7 +20,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.bundler.audit_trail import AuditTrailError
-from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.delta import DeltaBaseError
 from sealbox.bundler.errors import BundleError
@@ -31,6 +30,7 @@ from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.runtime.evaluation import evaluation_text, read_result
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
 from sealbox.runtime.sizes import format_size
@@ -55,7 +55,7 @@ def _refusals(as_json: bool) -> Iterator[None]:
             if isinstance(exc, DeltaBaseError):
                 data["missing"] = [item.to_dict() for item in exc.missing]
             typer.echo(json.dumps(data))
-        raise fail(exc, code) from exc
+        raise refuse(exc, code) from exc
 
 
 def _ask(question: str) -> bool:

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.bundler.audit_trail import AuditTrailError
-from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
 
 trust_app = typer.Typer(help="Publisher keys this host trusts to sign bundles, and how many must sign.", no_args_is_help=True)
@@ -31,7 +31,7 @@ def _store(root: Path | None) -> TrustStore:
 
 
 def _refused(exc: TrustStoreError | AuditTrailError) -> typer.Exit:
-    return fail(exc, exc.exit_code)
+    return refuse(exc)
 
 
 @trust_app.command("add")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from sealbox.runtime.gateway.startup import GatewayOptions, prepare_gateway
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.server.startup import ServeRefused
 
 _err = Console(stderr=True)
@@ -31,5 +32,4 @@ def gateway(
         prepared.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
         prepared.run()
     except ServeRefused as exc:
-        _err.print(f"[bold red]sealbox gateway: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from exc
+        raise refuse(exc, command="sealbox gateway") from exc

@@ -20,6 +20,7 @@ from sealbox.runtime.memory_plan import (
 )
 from sealbox.runtime.policy import LimitsPolicy
 from sealbox.runtime.sizes import HELP as SIZE_HELP
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.sizes import SizeError, format_size, parse_size
 
 KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
@@ -56,16 +57,16 @@ def plan(
                             fraction=fraction, gpu_memory_bytes=gpu_bytes)  # fmt: skip
     except (MemoryPlanError, SizeError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {model}: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(to_dict(result), indent=2))
     else:
         render(model, result, Console())
     if result.sequences_that_fit < 1:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def to_dict(result: MemoryPlan) -> dict[str, object]:

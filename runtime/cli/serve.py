@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.server.startup import ServeOptions, ServeRefused, prepare
 
 _err = Console(stderr=True)
@@ -36,5 +37,4 @@ def serve(
         server.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
         server.run()
     except ServeRefused as exc:
-        _err.print(f"[bold red]sealbox serve: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from exc
+        raise refuse(exc, command="sealbox serve") from exc

@@ -24,7 +24,8 @@ from sealbox.runtime.egress.offline_env import apply_offline_environment
 from sealbox.runtime.gateway.engine_hosts import EngineHostError, EngineHosts
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import EgressPolicy, GatewayPolicy, Policy, PolicyError, is_loopback_host
-from sealbox.runtime.server.startup import EXIT_CONFIG, ServeRefused, authenticator_for, listen
+from sealbox.runtime.exit_codes import ExitCode
+from sealbox.runtime.server.startup import ServeRefused, authenticator_for, listen
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,9 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
         policy = Policy.load(options.policy_file) if options.policy_file is not None else Policy.default()
         egress = engine_egress(policy.egress, policy.gateway)
     except PolicyError as exc:
-        raise ServeRefused(str(exc), EXIT_CONFIG) from exc
+        raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     if not policy.gateway.engines:
-        raise ServeRefused("the policy names no engine hosts: add [[gateway.engines]] tables", EXIT_CONFIG)
+        raise ServeRefused("the policy names no engine hosts: add [[gateway.engines]] tables", ExitCode.USAGE)
     guard = install_egress_guard(egress)
     host = options.host or policy.gateway.host
     port = options.port or policy.gateway.port
@@ -142,7 +143,7 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
     try:
         engines = EngineHosts.from_policy(policy.gateway)
     except (EngineHostError, OSError) as exc:
-        raise ServeRefused(f"gateway: {exc}", EXIT_CONFIG) from exc
+        raise ServeRefused(f"gateway: {exc}", ExitCode.USAGE) from exc
     audit = None
     if not options.no_audit:
         from sealbox.runtime.audit.errors import AuditError

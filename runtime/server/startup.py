@@ -21,6 +21,7 @@ from sealbox.runtime.egress.guard import EgressGuard, audit_log_reporter, guard_
 from sealbox.runtime.egress.offline_env import RemoteReferenceError, apply_offline_environment, require_local_reference
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy, PolicyError, is_loopback_host
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.server.model_registry import ActiveRelease, ModelSource, ReleaseError
 
 if TYPE_CHECKING:
@@ -28,14 +29,12 @@ if TYPE_CHECKING:
     from sealbox.runtime.audit.log import AuditLog
     from sealbox.runtime.server.model_registry import ModelRegistry
 
-EXIT_CONFIG = 2
-EXIT_REFUSED = 3
 
 
 class ServeRefused(Exception):
     """The server will not start; the message says why, `exit_code` is the command's exit status."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_REFUSED) -> None:
+    def __init__(self, message: str, exit_code: int = ExitCode.REFUSED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -166,7 +165,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
     try:
         policy = _policy(options.policy_file, release)
     except PolicyError as exc:
-        raise ServeRefused(str(exc), EXIT_CONFIG) from exc
+        raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     guard = install_egress_guard(policy.egress)
     host = options.host or policy.server.host
     port = options.port or policy.server.port
