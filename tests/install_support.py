@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sealbox.bundler.blobs import BlobWriter, write_atomically
+from sealbox.bundler.blobs import BlobWriter
 from sealbox.bundler.keys import generate_key_pair, load_signer
 from sealbox.bundler.manifest import MANIFEST_FILE, Base, BlobEntry, Manifest, Target
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.hostroot import HostRoot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ class Publisher:
         envelope = new_envelope(manifest.canonical_bytes())
         for signer in signers:
             sign(envelope, load_signer(self.keys / f"{signer}.key", passphrase=None))
-        write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope))
+        write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope), mode=0o644)
         shutil.rmtree(work)
         return out
 

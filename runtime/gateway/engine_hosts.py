@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 import ssl
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
