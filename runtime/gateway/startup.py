@@ -19,13 +19,19 @@ from urllib.parse import urlsplit
 
 from sealbox.runtime.api_keys import Authenticator
 from sealbox.runtime.audit.log import AuditLog
-from sealbox.runtime.egress.guard import audit_log_reporter, install_egress_guard
+from sealbox.runtime.egress.guard import install_egress_guard
 from sealbox.runtime.egress.offline_env import apply_offline_environment
 from sealbox.runtime.gateway.engine_hosts import EngineHostError, EngineHosts
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import EgressPolicy, GatewayPolicy, Policy, PolicyError, is_loopback_host
 from sealbox.runtime.exit_codes import ExitCode
-from sealbox.runtime.server.startup import ServeRefused, authenticator_for, listen
+from sealbox.runtime.server.startup import (
+    ServeRefused,
+    authenticator_for,
+    listen_or_refuse,
+    open_audit_log,
+    record_stop,
+)
 
 
 @dataclass(frozen=True)
@@ -78,15 +84,12 @@ class PreparedGateway:
         config = GatewayConfig(policy=self.policy, engines=self.engines, authenticator=self.authenticator,
                                audit=self.audit, on_started=self._started, on_stopping=self._stopping)  # fmt: skip
         try:
-            listener = listen(self.host, self.port)
-        except OSError as exc:
-            self._close()
-            raise ServeRefused(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
-        gateway = self.policy.gateway
-        server = uvicorn.Server(uvicorn.Config(create_gateway_app(config), log_level="warning", access_log=False,
-                                              ssl_certfile=gateway.tls_cert or None, ssl_keyfile=gateway.tls_key or None,
-                                              timeout_graceful_shutdown=10))  # fmt: skip
-        try:
+            listener = listen_or_refuse(self.host, self.port)
+            gateway = self.policy.gateway
+            server = uvicorn.Server(uvicorn.Config(create_gateway_app(config), log_level="warning", access_log=False,
+                                                  ssl_certfile=gateway.tls_cert or None,
+                                                  ssl_keyfile=gateway.tls_key or None,
+                                                  timeout_graceful_shutdown=10))  # fmt: skip
             server.run(sockets=[listener])
         finally:
             self._close()
@@ -105,13 +108,7 @@ class PreparedGateway:
                     f"in rotation) on {scheme}://{self.host}:{self.port}/v1")  # fmt: skip
 
     def _stopping(self) -> None:
-        if self.audit is not None:
-            from sealbox.runtime.audit.errors import AuditError
-
-            try:
-                self.audit.append("gateway.stop", pid=os.getpid())
-            except AuditError:
-                pass
+        record_stop(self.audit, "gateway.stop")
         self._close()
 
     def _close(self) -> None:
@@ -144,14 +141,6 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
         engines = EngineHosts.from_policy(policy.gateway)
     except (EngineHostError, OSError) as exc:
         raise ServeRefused(f"gateway: {exc}", ExitCode.USAGE) from exc
-    audit = None
-    if not options.no_audit:
-        from sealbox.runtime.audit.errors import AuditError
-
-        try:
-            audit = AuditLog.open(appliance.audit, policy.audit)
-        except AuditError as exc:
-            raise ServeRefused(str(exc)) from exc
-        guard.set_on_block(audit_log_reporter(audit))
+    audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     return PreparedGateway(policy=policy, host=host, port=port, engines=engines, authenticator=authenticator,
                            audit=audit)  # fmt: skip

@@ -81,26 +81,22 @@ class PreparedServer:
                               audit=self.audit, threads=self.threads, on_started=self._started,
                               on_stopping=self._stopping, listen=(self.host, self.port))  # fmt: skip
         try:
-            listener = listen(self.host, self.port)
-        except OSError as exc:
-            self._release_state()
-            raise ServeRefused(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
-        limits = self.policy.server
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config),
-                http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
-                                                  max_connections=limits.max_connections),
-                log_level="warning",
-                access_log=False,
-                ssl_certfile=limits.tls_cert or None,
-                ssl_keyfile=limits.tls_key or None,
-                **mutual_tls(limits.tls_client_ca),
-                timeout_graceful_shutdown=10,
-                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
+            listener = listen_or_refuse(self.host, self.port)
+            limits = self.policy.server
+            server = uvicorn.Server(
+                uvicorn.Config(
+                    create_app(config),
+                    http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
+                                                      max_connections=limits.max_connections),
+                    log_level="warning",
+                    access_log=False,
+                    ssl_certfile=limits.tls_cert or None,
+                    ssl_keyfile=limits.tls_key or None,
+                    **mutual_tls(limits.tls_client_ca),
+                    timeout_graceful_shutdown=10,
+                    timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
+                )
             )
-        )
-        try:
             server.run(sockets=[listener])
         finally:
             self._release_state()  # also when start-up failed before the lifespan's `stopping` could run
@@ -137,13 +133,7 @@ class PreparedServer:
             self.audit.close()
 
     def _stopping(self) -> None:
-        if self.audit is not None:
-            from sealbox.runtime.audit.errors import AuditError
-
-            try:
-                self.audit.append("server.stop", pid=os.getpid())
-            except AuditError:
-                pass
+        record_stop(self.audit, "server.stop")
         self._release_state()
 
 
@@ -193,16 +183,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise ServeRefused(f"two models share a name: {names}")
-    audit = None
-    if not options.no_audit:
-        from sealbox.runtime.audit.errors import AuditError
-        from sealbox.runtime.audit.log import AuditLog
-
-        try:
-            audit = AuditLog.open(appliance.audit, policy.audit)
-        except AuditError as exc:
-            raise ServeRefused(str(exc)) from exc
-        guard.set_on_block(audit_log_reporter(audit))
+    audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     return PreparedServer(appliance=appliance, policy=policy, guard=guard, host=host, port=port, sources=sources,
                           release_label=release_label, authenticator=authenticator, audit=audit,
                           threads=options.threads)  # fmt: skip
@@ -232,6 +213,35 @@ def authenticator_for(appliance: HostRoot) -> Authenticator:
     return authenticator
 
 
+def open_audit_log(appliance: HostRoot, policy: Policy, guard: EgressGuard) -> AuditLog:
+    """The appliance's audit log, also told every connection the guard blocks.
+
+    Raises:
+        ServeRefused: the log cannot be opened (or does not verify).
+    """
+    from sealbox.runtime.audit.errors import AuditError
+    from sealbox.runtime.audit.log import AuditLog
+
+    try:
+        audit = AuditLog.open(appliance.audit, policy.audit)
+    except AuditError as exc:
+        raise ServeRefused(str(exc)) from exc
+    guard.set_on_block(audit_log_reporter(audit))
+    return audit
+
+
+def record_stop(audit: AuditLog | None, event: str) -> None:
+    """Record an orderly stop; a log that cannot take it any more does not stop the shutdown."""
+    if audit is None:
+        return
+    from sealbox.runtime.audit.errors import AuditError
+
+    try:
+        audit.append(event, pid=os.getpid())
+    except AuditError:
+        pass
+
+
 def mutual_tls(client_ca: str) -> dict[str, object]:
     """uvicorn's settings that make a client certificate signed by `client_ca` a condition of the handshake."""
     if not client_ca:
@@ -258,6 +268,18 @@ def listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def listen_or_refuse(host: str, port: int) -> socket.socket:
+    """`listen`, with a socket that cannot be had (port taken, address not ours) as a refusal that names it.
+
+    Raises:
+        ServeRefused: the address cannot be bound.
+    """
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ServeRefused(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _policy(policy_file: Path | None, release: ActiveRelease | None) -> Policy:
