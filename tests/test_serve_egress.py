@@ -145,13 +145,19 @@ def test_a_datagram_to_a_loopback_port_the_policy_allows_arrives(guarded: Guarde
 # --- what it may not -------------------------------------------------------------------------------------------
 
 
+def assert_refused_once(guarded: Guarded, call: str, loopback_port: int) -> None:
+    """The server process's `socket.<call>` to a loopback port outside the policy fails with the guard's reason and is
+    recorded as one block."""
+    destination = f"127.0.0.1:{loopback_port}"
+    outcome = refused(guarded.attempt(call, "127.0.0.1", loopback_port))
+    assert f"socket.{call} to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert guarded.blocked().count((destination, f"socket.{call}")) == 1
+
+
 def test_the_server_process_is_refused_a_loopback_port_the_policy_does_not_allow(guarded: Guarded):
     listener = guarded.listeners.tcp_forbidden
-    destination = f"127.0.0.1:{port(listener)}"
-    outcome = refused(guarded.attempt("connect", "127.0.0.1", port(listener)))
-    assert f"socket.connect to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert_refused_once(guarded, "connect", port(listener))
     assert first_connection_is_the_tests_own(listener), "a refused connect reached the test's listener"
-    assert guarded.blocked().count((destination, "socket.connect")) == 1
 
 
 def test_the_server_process_is_refused_on_its_event_loop_too(guarded: Guarded):
@@ -171,11 +177,8 @@ def test_the_server_process_is_refused_resolving_a_host_name_before_any_lookup(g
 
 def test_the_server_process_is_refused_udp_to_a_loopback_port_the_policy_does_not_allow(guarded: Guarded):
     receiver = guarded.listeners.udp_forbidden
-    destination = f"127.0.0.1:{port(receiver)}"
-    outcome = refused(guarded.attempt("sendto", "127.0.0.1", port(receiver)))
-    assert f"socket.sendto to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert_refused_once(guarded, "sendto", port(receiver))
     assert first_datagram_is_the_tests_own(receiver), "a refused datagram reached the test's receiver"
-    assert guarded.blocked().count((destination, "socket.sendto")) == 1
 
 
 def test_every_refusal_is_an_egress_blocked_record_in_the_servers_chain_and_only_refusals_are(guarded: Guarded):
