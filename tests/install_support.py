@@ -16,8 +16,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import typer
+from typer.testing import CliRunner
 
+import sealbox.bundler.cli.install  # noqa: F401  (adds install, list, rollback, gc to bundle_app)
 from sealbox.bundler.blobs import BlobWriter
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.cli.trust import trust_app
 from sealbox.bundler.keys import generate_key_pair, load_signer
 from sealbox.bundler.manifest import MANIFEST_FILE, Base, BlobEntry, Manifest, Target
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
@@ -25,6 +30,12 @@ from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.hostroot import HostRoot
 
 REPO = Path(__file__).resolve().parents[1]
+
+app = typer.Typer()
+"""`sealbox bundle …` and `sealbox trust …` in this process, for `runner.invoke(app, [...])`."""
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(trust_app, name="trust")
+runner = CliRunner(env={"COLUMNS": "400"})  # no wrapping inside rich error panels
 
 
 def write_gguf(path: Path, *, seed: int, values: int = 1000) -> Path:
