@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from sealbox.runtime.background_task import cancel_and_wait
 from sealbox.runtime.policy import EngineHostPolicy, GatewayPolicy
 
 log = logging.getLogger("sealbox.gateway")
@@ -227,12 +228,7 @@ class EngineHosts:
             await self.poll_all()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for host in self.hosts:
             await host.client.aclose()
 
