@@ -13,11 +13,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from sealbox.runtime.staging_server import free_loopback_port as free_port
 from sealbox.runtime.staging_server import stop_child, wait_for_ready_line
+
+if TYPE_CHECKING:
+    import httpx
+    import openai
 
 REPO = Path(__file__).resolve().parents[1]
 SEALBOX = [sys.executable, "-c", "from sealbox.cli import main; main()"]
@@ -86,6 +91,11 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def audit(self) -> Path:
+        """The server's audit log directory under its root."""
+        return self.root / "audit"
+
     def command(self) -> list[str]:
         command = [*self.executable, "serve", "--root", str(self.root), "--host", self.host, "--port", str(self.port),
                    "--threads", str(self.threads)]  # fmt: skip
@@ -134,3 +144,26 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class KeyedServer:
+    """A running server and an API key for it, with the clients a test drives it with."""
+
+    server: ServerProcess
+    key: str
+
+    @property
+    def audit(self) -> Path:
+        return self.server.audit
+
+    def client(self) -> openai.OpenAI:
+        import openai
+
+        return openai.OpenAI(base_url=self.server.base_url, api_key=self.key, max_retries=0)
+
+    def http(self, **headers: str) -> httpx.Client:
+        import httpx
+
+        return httpx.Client(base_url=self.server.url, timeout=60,
+                            headers={"Authorization": f"Bearer {self.key}", **headers})  # fmt: skip
