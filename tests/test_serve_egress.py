@@ -64,10 +64,6 @@ class Guarded:
     server: ServerProcess
     listeners: Listeners
 
-    @property
-    def audit(self) -> Path:
-        return self.server.root / "audit"
-
     def attempt(self, operation: str, host: str, port: int, *, on_the_loop: bool = False) -> dict[str, object]:
         path = "/_test/egress/async" if on_the_loop else "/_test/egress"
         answer = httpx.post(f"{self.server.url}{path}", json={"operation": operation, "host": host, "port": port},
@@ -78,7 +74,7 @@ class Guarded:
         return outcome
 
     def blocked(self) -> list[tuple[str, str]]:
-        return [(r.fields["destination"], r.fields["operation"]) for r in audit_records(self.audit)
+        return [(r.fields["destination"], r.fields["operation"]) for r in audit_records(self.server.audit)
                 if r.event == "egress.blocked"]  # fmt: skip
 
 
@@ -183,7 +179,7 @@ def test_the_server_process_is_refused_udp_to_a_loopback_port_the_policy_does_no
 
 def test_every_refusal_is_an_egress_blocked_record_in_the_servers_chain_and_only_refusals_are(guarded: Guarded):
     refused(guarded.attempt("connect", "127.0.0.1", port(guarded.listeners.tcp_forbidden)))
-    records = audit_records(guarded.audit)
+    records = audit_records(guarded.server.audit)
     assert [r.seq for r in records] == list(range(1, len(records) + 1))  # one chain: the server's
     blocked = [r.fields for r in records if r.event == "egress.blocked"]
     assert blocked and all(set(fields) == {"destination", "operation"} for fields in blocked)
