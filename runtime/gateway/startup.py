@@ -9,7 +9,6 @@ guard would trust).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -28,9 +27,9 @@ from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.server.startup import (
     ServeRefused,
     authenticator_for,
-    listen_or_refuse,
     open_audit_log,
     record_stop,
+    serve_until_stopped,
 )
 
 
@@ -76,23 +75,13 @@ class PreparedGateway:
     report: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
     def run(self) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        import uvicorn
-
         from sealbox.runtime.gateway.app import GatewayConfig, create_gateway_app
 
         config = GatewayConfig(policy=self.policy, engines=self.engines, authenticator=self.authenticator,
                                audit=self.audit, on_started=self._started, on_stopping=self._stopping)  # fmt: skip
-        try:
-            listener = listen_or_refuse(self.host, self.port)
-            gateway = self.policy.gateway
-            server = uvicorn.Server(uvicorn.Config(create_gateway_app(config), log_level="warning", access_log=False,
-                                                  ssl_certfile=gateway.tls_cert or None,
-                                                  ssl_keyfile=gateway.tls_key or None,
-                                                  timeout_graceful_shutdown=10))  # fmt: skip
-            server.run(sockets=[listener])
-        finally:
-            self._close()
+        gateway = self.policy.gateway
+        serve_until_stopped(self.host, self.port, lambda: create_gateway_app(config), release=self._close,
+                            ssl_certfile=gateway.tls_cert or None, ssl_keyfile=gateway.tls_key or None)  # fmt: skip
 
     def _started(self, engines: EngineHosts) -> None:
         if self.audit is not None:

@@ -71,35 +71,25 @@ class PreparedServer:
     report: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
     def run(self) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        import uvicorn
-
         from sealbox.runtime.server.app import ServerConfig, create_app
         from sealbox.runtime.server.connection import BoundedConnection
 
         config = ServerConfig(policy=self.policy, sources=self.sources, authenticator=self.authenticator,
                               audit=self.audit, threads=self.threads, on_started=self._started,
                               on_stopping=self._stopping, listen=(self.host, self.port))  # fmt: skip
-        try:
-            listener = listen_or_refuse(self.host, self.port)
-            limits = self.policy.server
-            server = uvicorn.Server(
-                uvicorn.Config(
-                    create_app(config),
-                    http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
-                                                      max_connections=limits.max_connections),
-                    log_level="warning",
-                    access_log=False,
-                    ssl_certfile=limits.tls_cert or None,
-                    ssl_keyfile=limits.tls_key or None,
-                    **mutual_tls(limits.tls_client_ca),
-                    timeout_graceful_shutdown=10,
-                    timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
-                )
-            )
-            server.run(sockets=[listener])
-        finally:
-            self._release_state()  # also when start-up failed before the lifespan's `stopping` could run
+        limits = self.policy.server
+        serve_until_stopped(
+            self.host,
+            self.port,
+            lambda: create_app(config),
+            release=self._release_state,  # also when start-up failed before the lifespan's `stopping` could run
+            http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
+                                              max_connections=limits.max_connections),
+            ssl_certfile=limits.tls_cert or None,
+            ssl_keyfile=limits.tls_key or None,
+            **mutual_tls(limits.tls_client_ca),
+            timeout_keep_alive=limits.keep_alive_timeout_seconds,
+        )
 
     def _started(self, registry: ModelRegistry) -> None:
         self.guard.status().write(guard_status_path(self.appliance))
@@ -268,6 +258,26 @@ def listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def serve_until_stopped(host: str, port: int, make_app: Callable[[], object], *, release: Callable[[], None],
+                        **uvicorn_options: object) -> None:  # fmt: skip
+    """The last start step of `serve` and `gateway`: log to stderr, bind the socket (a refusal when it cannot be had),
+    then build the app and serve it until a signal; `release` runs however this ends.
+
+    Raises:
+        ServeRefused: the address cannot be bound.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import uvicorn
+
+    try:
+        listener = listen_or_refuse(host, port)
+        config = uvicorn.Config(make_app(), log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                                **uvicorn_options)  # type: ignore[arg-type]  # fmt: skip
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        release()
 
 
 def listen_or_refuse(host: str, port: int) -> socket.socket:
