@@ -18,7 +18,8 @@ import openai
 import pytest
 from openai import omit
 
-from server_support import ServerProcess, api_key, create_api_key, root, sealbox, server  # noqa: F401, F811 (module fixtures)
+from server_support import ServerProcess, create_api_key, sealbox
+from server_support import api_key, root, server  # noqa: F401, F811  (module fixtures)
 
 CONTEXT = 512
 MAX_TOKENS = 256

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server_support import ServerProcess, api_key, root, server  # noqa: F401, F811 (module fixtures)
+from server_support import ServerProcess
+from server_support import api_key, root, server  # noqa: F401, F811  (module fixtures)
 
 MAX_BODY = 64 * 1024
 MAX_TOKENS = 64

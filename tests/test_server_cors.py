@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_support import ServerProcess, api_key, create_api_key, root  # noqa: F401, F811 (module fixtures)
+from server_support import ServerProcess, create_api_key
+from server_support import api_key, root  # noqa: F401, F811  (module fixtures)
 
 ALLOWED = "http://chat.example.internal:3000"
 STRANGER = "http://evil.example"
