@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.exit_codes import ExitCode
 
 if TYPE_CHECKING:  # the policy (pydantic) loads only when an event is recorded: `bundle verify` never pays for it
     from sealbox.runtime.policy import Policy
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # the policy (pydantic) loads only when an event is recorded:
 class AuditTrailError(Exception):
     """The event could not be recorded: callers fail closed (an unrecorded install must not go live)."""
 
-    exit_code = 26
+    exit_code = ExitCode.AUDIT_TRAIL
 
 
 def record(root: HostRoot, event: str, policy: Policy | None = None, **fields: Any) -> int:

@@ -35,6 +35,7 @@ from typing import Any
 from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.errors import InputError, PathError
 from sealbox.bundler.manifest import BLOB_DIR, BlobEntry, Part, part_file_names
+from sealbox.runtime.durable_file import fsync_directory, write_atomically
 from sealbox.runtime.regular_file import NotRegularFileError, open_regular
 
 FAT32_MAX_FILE = 4 * 1024**3 - 1
@@ -55,35 +56,6 @@ readahead and in 1.5 s with this; warm reads are unchanged (1.35 s)."""
 Buffer = bytearray | mmap.mmap
 
 ByteCounter = Callable[[int], None]
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes, *, temp_dir: Path | None = None, mode: int = 0o644) -> None:
-    """Write a whole file so that readers see the old file or the new one, never a torn one.
-
-    The file gets `mode` exactly, whatever the caller's umask (a umask of 000 must not make a trust store or a
-    version floor world-writable)."""
-    temp = (temp_dir or path.parent) / f".{path.name}.tmp"
-    try:
-        temp.unlink(missing_ok=True)
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        with open(fd, "wb") as out:
-            os.fchmod(fd, mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 @dataclass(frozen=True)
 class WrittenBlob:
     sha256: str
@@ -375,7 +347,7 @@ class BlobWriter:
                 temp.unlink(missing_ok=True)
             raise
         if self.durable:
-            fsync_dir(self.blob_dir)
+            fsync_directory(self.blob_dir)
         self._record(key, source, blob, finals)
         return blob
 
@@ -423,7 +395,7 @@ class BlobWriter:
             "parts": [part.to_dict() for part in blob.parts],
             "files": [{"size": (s := os.lstat(path)).st_size, "mtime_ns": s.st_mtime_ns} for path in finals],
         }
-        write_atomically(self.records / f"{key}.json", json.dumps(record).encode())
+        write_atomically(self.records / f"{key}.json", json.dumps(record).encode(), mode=0o644)
 
 
 class ReadAhead:

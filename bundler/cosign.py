@@ -14,9 +14,10 @@ from pathlib import Path
 
 from securesystemslib.signer import Key, Signer
 
-from sealbox.bundler.blobs import ByteCounter, write_atomically
+from sealbox.bundler.blobs import ByteCounter
 from sealbox.bundler.manifest import MANIFEST_FILE, Manifest
 from sealbox.bundler.signing import envelope_bytes, require_signatures, sign
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.bundler.verify import check_contents, check_expiry, check_paths, read_unverified
 
 
@@ -56,5 +57,5 @@ def cosign_bundle(
     check_contents(directory, manifest, on_bytes=on_bytes)
     for signer in signers:
         sign(envelope, signer)
-    write_atomically(directory / MANIFEST_FILE, envelope_bytes(envelope))
+    write_atomically(directory / MANIFEST_FILE, envelope_bytes(envelope), mode=0o644)
     return CosignResult(manifest, tuple(s.public_key.keyid for s in signers), tuple(sorted(envelope.signatures)))

@@ -19,7 +19,7 @@ from typing import Any
 
 from securesystemslib.signer import Signer
 
-from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE, BlobWriter, WrittenBlob, write_atomically
+from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE, BlobWriter, WrittenBlob
 from sealbox.bundler.errors import InputError
 from sealbox.bundler.manifest import BLOB_DIR, MANIFEST_FILE, Base, BlobEntry, Manifest, Target, manifest_digest
 from sealbox.bundler.progress import Progress, SilentProgress
@@ -27,6 +27,7 @@ from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
 from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec, EngineWheel
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
+from sealbox.runtime.durable_file import write_atomically
 
 WORK_DIR = ".sealbox-create"
 HF_SCHEME = "hf://"
@@ -370,7 +371,7 @@ def create_bundle(
     for signer in request.signers:
         sign(envelope, signer)
     _remove_stale_blobs(out, manifest)
-    write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope), temp_dir=work)
+    write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope), mode=0o644, temp_dir=work)
     shutil.rmtree(work)
     fresh = [blob for blob in written.values() if not blob.reused]
     reused = [blob for blob in written.values() if blob.reused]

@@ -26,6 +26,7 @@ from sealbox.bundler.manifest import MANIFEST_FILE, Base, Manifest, manifest_dig
 from sealbox.bundler.progress import Progress
 from sealbox.bundler.signing import parse_envelope
 from sealbox.runtime.regular_file import read_regular
+from sealbox.runtime.exit_codes import ExitCode
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class MissingBaseBlob:
 class DeltaBaseError(BundleError):
     """A delta bundle's base blobs are not all in this host's store; `missing` lists every one that is not."""
 
-    exit_code = 21
+    exit_code = ExitCode.DELTA_BASE
 
     def __init__(self, message: str, *, missing: tuple[MissingBaseBlob, ...]) -> None:
         super().__init__(message)

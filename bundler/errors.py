@@ -12,29 +12,31 @@ base, 22 trust store, 23 release, 24 service files, 25 venv, 26 audit, 27 conten
 
 from __future__ import annotations
 
+from sealbox.runtime.exit_codes import ExitCode
+
 
 class BundleError(Exception):
     """The bundle is refused; the message is one line naming the file, part or field at fault."""
 
-    exit_code = 19
+    exit_code = ExitCode.INTEGRITY
 
 
 class FormatError(BundleError):
     """manifest.json is not a DSSE envelope of a sealbox manifest this version understands, or breaks its schema."""
 
-    exit_code = 10
+    exit_code = ExitCode.FORMAT
 
 
 class SignatureError(BundleError):
     """A signature that names a trusted key does not verify: the manifest (or the signature) changed after signing."""
 
-    exit_code = 11
+    exit_code = ExitCode.SIGNATURE
 
 
 class ThresholdError(SignatureError):
     """Fewer distinct trusted keys signed than the threshold requires."""
 
-    exit_code = 12
+    exit_code = ExitCode.THRESHOLD
 
     def __init__(self, message: str, *, valid: int, threshold: int) -> None:
         super().__init__(message)
@@ -45,25 +47,25 @@ class ThresholdError(SignatureError):
 class UntrustedSignerError(ThresholdError):
     """No signature at all comes from a trusted key (signed, but by someone this host does not trust)."""
 
-    exit_code = 13
+    exit_code = ExitCode.UNTRUSTED_SIGNER
 
 
 class ExpiredError(BundleError):
     """The manifest's expiry time has passed."""
 
-    exit_code = 14
+    exit_code = ExitCode.EXPIRED
 
 
 class PathError(BundleError):
     """A path escapes the bundle (`..`, absolute), is not a plain file (symlink, device), or is claimed twice."""
 
-    exit_code = 15
+    exit_code = ExitCode.PATH
 
 
 class MissingFileError(BundleError):
     """A file the manifest lists is not in the bundle directory."""
 
-    exit_code = 16
+    exit_code = ExitCode.MISSING_FILE
 
     def __init__(self, message: str, *, file: str) -> None:
         super().__init__(message)
@@ -73,7 +75,7 @@ class MissingFileError(BundleError):
 class ExtraFileError(BundleError):
     """The bundle directory holds a file the manifest does not list."""
 
-    exit_code = 17
+    exit_code = ExitCode.EXTRA_FILE
 
     def __init__(self, message: str, *, file: str) -> None:
         super().__init__(message)
@@ -83,7 +85,7 @@ class ExtraFileError(BundleError):
 class IntegrityError(BundleError):
     """A part's bytes are not the bytes the manifest signed; names the file and the part."""
 
-    exit_code = 19
+    exit_code = ExitCode.INTEGRITY
 
     def __init__(self, message: str, *, file: str, blob: str, part: int) -> None:
         super().__init__(message)
@@ -95,22 +97,22 @@ class IntegrityError(BundleError):
 class SizeMismatchError(IntegrityError):
     """A part is shorter or longer than the manifest says (truncated copy, appended bytes)."""
 
-    exit_code = 18
+    exit_code = ExitCode.SIZE_MISMATCH
 
 
 class DigestMismatchError(IntegrityError):
     """A part's (or a whole blob's) sha256 differs from the manifest (flipped bits, swapped parts)."""
 
-    exit_code = 19
+    exit_code = ExitCode.INTEGRITY
 
 
 class InputError(Exception):
     """`bundle create` refuses an input (not a GGUF, not a file, invalid policy, clashing paths) before writing anything."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 class KeyFileError(Exception):
     """A key file is missing, malformed, not Ed25519, encrypted without a passphrase, or would be overwritten."""
 
-    exit_code = 4
+    exit_code = ExitCode.KEY_FILE

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from sealbox.bundler.audit_trail import record
-from sealbox.bundler.blobs import write_atomically
 from sealbox.bundler.errors import BundleError, InputError
 from sealbox.bundler.manifest import BlobEntry, Manifest
 from sealbox.bundler.sources import Artifact
@@ -29,6 +28,8 @@ from sealbox.runtime.evaluation import RESULT_FILE, EvalClient, EvalRequestError
 from sealbox.runtime.evaluation import record_expected as record_outputs
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.staging_server import StagingServer, StagingServerError, release_python
+from sealbox.runtime.durable_file import write_atomically
+from sealbox.runtime.exit_codes import ExitCode
 
 SUITE_ROLE = "eval"
 SUITE_PATH = "eval/suite.json"
@@ -38,7 +39,7 @@ STAGED_GLOB = "install-*"
 class EvaluationFailedError(BundleError):
     """The bundle's evaluation suite did not pass against the staged release (or could not run): not activated."""
 
-    exit_code = 29
+    exit_code = ExitCode.EVALUATION_FAILED
 
 
 class EvaluationSkipDeclinedError(EvaluationFailedError):
@@ -65,7 +66,8 @@ def suite_entry(manifest: Manifest) -> BlobEntry | None:
 
 def _write_result(release_dir: Path, data: dict[str, Any]) -> None:
     # Replaced, never written through: whatever is at that name (a link into the store) is not followed.
-    write_atomically(release_dir / RESULT_FILE, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomically(release_dir / RESULT_FILE, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"),
+                     mode=0o644)
 
 
 def already_passed(release_dir: Path, manifest_sha256: str) -> bool:

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sealbox.bundler.audit_trail import record
-from sealbox.bundler.blobs import assemble, check_store_blob, fsync_dir
+from sealbox.bundler.blobs import assemble, check_store_blob
 from sealbox.bundler.digests import ExpectedBytes
 from sealbox.bundler.crashpoints import crash_point
 from sealbox.bundler.delta import require_base_blobs
@@ -66,6 +66,8 @@ from sealbox.runtime.release import (
     store_link_target,
 )
 from sealbox.runtime.sizes import format_size
+from sealbox.runtime.durable_file import fsync_directory
+from sealbox.runtime.exit_codes import ExitCode
 
 STAGE_PREFIX = "install-"
 RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "models", "venv", "service", "evaluation.json"})
@@ -74,13 +76,13 @@ RESERVED = frozenset({RELEASE_FILE, INSTALL_FILE, MANIFEST_FILE, POLICY_FILE, "m
 class RollbackError(BundleError):
     """The bundle's version is not above the highest version of its name this host has installed."""
 
-    exit_code = 20
+    exit_code = ExitCode.ROLLBACK
 
 
 class DowngradeDeclinedError(RollbackError):
     """`--allow-downgrade` was given but the operator did not confirm it."""
 
-    exit_code = 28
+    exit_code = ExitCode.DECLINED
 
 
 class NameChangeError(RollbackError):
@@ -94,14 +96,14 @@ class NameChangeDeclinedError(DowngradeDeclinedError):
 class FreeSpaceError(BundleError):
     """The store's filesystem has less free space than the blobs to copy need; nothing was written."""
 
-    exit_code = 29
+    exit_code = ExitCode.FREE_SPACE
 
 
 class ReleaseContentError(BundleError):
     """The bundle verifies but cannot form a release here (two policies, clashing model names, wheels for
     another Python, a policy this host's sealbox rejects)."""
 
-    exit_code = 27
+    exit_code = ExitCode.RELEASE_CONTENT
 
 
 Confirm = Callable[[str], bool]
@@ -442,7 +444,7 @@ class Installer:
             # Already in the store: not copied again, but the bundle is still verified completely.
             with self.progress.bytes(f"checking {len(reused)} blob(s) already in the store", 0) as advance:
                 check_parts(self.directory, replace(manifest, blobs=tuple(reused)), on_bytes=advance)
-        fsync_dir(stage.blobs)
+        fsync_directory(stage.blobs)
         return len(reused)
 
     def build_release(
@@ -537,7 +539,7 @@ class Installer:
             os.replace(staged, self.root.store / entry.sha256)
             if index == 0:
                 crash_point("store-partial")
-        fsync_dir(self.root.store)
+        fsync_directory(self.root.store)
 
     def run(self) -> InstallResult:
         started = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from sealbox.runtime.exit_codes import ExitCode
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 class VenvError(Exception):
     """The offline environment could not be built (pip refused the wheels, or venv failed); nothing went live."""
 
-    exit_code = 25
+    exit_code = ExitCode.VENV
 
 
 @dataclass(frozen=True)

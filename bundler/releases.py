@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from sealbox.bundler.audit_trail import record
-from sealbox.bundler.blobs import fsync_dir, write_atomically
 from sealbox.bundler.crashpoints import crash_point
 from sealbox.bundler.errors import BundleError
 from sealbox.bundler.manifest import Manifest, manifest_digest
@@ -47,6 +46,8 @@ from sealbox.runtime.release import (
     read_json,
     read_record,
 )
+from sealbox.runtime.durable_file import fsync_directory, write_atomically
+from sealbox.runtime.exit_codes import ExitCode
 
 HIGHEST_FILE = ".highest.json"
 CURRENT_TEMP = ".current.new"
@@ -56,13 +57,13 @@ TRASH_DIR = "trash"
 class ReleaseError(Exception):
     """A release operation cannot be done (no such release, nothing to roll back to, another install running)."""
 
-    exit_code = 23
+    exit_code = ExitCode.RELEASE
 
 
 class UntrustedReleaseError(ReleaseError):
     """`bundle rollback` refuses a release that no longer carries the signatures the trust store requires."""
 
-    exit_code = 30
+    exit_code = ExitCode.UNTRUSTED_RELEASE
 
 
 def release_dir_name(name: str, version: int) -> str:
@@ -286,7 +287,8 @@ class Releases:
         updated = VersionFloor(name, versions)
         if updated == floor and os.path.lexists(self.root.releases / HIGHEST_FILE):
             return
-        write_atomically(self.root.releases / HIGHEST_FILE, (json.dumps(updated.to_dict(), indent=2) + "\n").encode())
+        write_atomically(self.root.releases / HIGHEST_FILE, (json.dumps(updated.to_dict(), indent=2) + "\n").encode(),
+                         mode=0o644)
 
     def require_trusted(self, release: Release, trust: TrustPolicy) -> SignatureCheck:
         """The release's signed manifest, checked against the trust store as it is now.
@@ -316,7 +318,7 @@ class Releases:
         self.root.releases.mkdir(parents=True, exist_ok=True)
         final = self.root.releases / label
         os.rename(staged, final)
-        fsync_dir(self.root.releases)
+        fsync_directory(self.root.releases)
         return final
 
     def switch(self, release: Release) -> None:
@@ -326,7 +328,7 @@ class Releases:
         os.symlink(f"{self.root.releases.name}/{release.label}", temp)
         crash_point("current-link")
         os.replace(temp, self.root.current)
-        fsync_dir(self.root.path)
+        fsync_directory(self.root.path)
 
     def rollback(
         self, label: str | None = None, *, trust: TrustPolicy, allow_untrusted: bool = False
@@ -413,7 +415,7 @@ class Releases:
         trash.mkdir(parents=True, exist_ok=True)
         target = trash / f"{directory.name}.{uuid.uuid4().hex[:8]}"
         os.rename(directory, target)
-        fsync_dir(directory.parent)
+        fsync_directory(directory.parent)
         shutil.rmtree(target)
 
     def _clear_staging(self) -> bool:
@@ -442,5 +444,5 @@ class Releases:
             item.unlink()
             removed.append(item.name)
         if removed:
-            fsync_dir(store)
+            fsync_directory(store)
         return removed, freed

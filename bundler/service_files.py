@@ -22,6 +22,7 @@ from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
 from sealbox.runtime.policy import Policy
+from sealbox.runtime.exit_codes import ExitCode
 
 UNIT_TEMPLATE = "sealbox.service.j2"
 NFT_TEMPLATE = "sealbox-egress.nft.j2"
@@ -43,7 +44,7 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
 class ServiceFileError(Exception):
     """A value cannot be written safely into the unit or rule file, or enabling them failed."""
 
-    exit_code = 24
+    exit_code = ExitCode.SERVICE_FILES
 
 
 def _path(value: Path | str, what: str) -> str:

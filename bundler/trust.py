@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import Key, SSlibKey
 
 from sealbox.bundler.audit_trail import record
-from sealbox.bundler.blobs import write_atomically
 from sealbox.bundler.errors import KeyFileError
 from sealbox.bundler.keys import load_public_key
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.regular_file import read_regular
 from sealbox.runtime.strict_json import loads_unique
+from sealbox.runtime.durable_file import write_atomically
+from sealbox.runtime.exit_codes import ExitCode
 
 THRESHOLD_FILE = "threshold"
 PUBLIC_SUFFIX = ".pub"
@@ -39,7 +40,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 class TrustStoreError(Exception):
     """The trust store refuses a change, or cannot be used to verify (empty, threshold above the keys, bad file)."""
 
-    exit_code = 22
+    exit_code = ExitCode.TRUST_STORE
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ class TrustStore:
         added = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
         self._make_directory()
         meta = {"key_id": key.keyid, "name": label, "added": added, "source": str(public_key.absolute())}
-        write_atomically(self.directory / f"{key.keyid}{META_SUFFIX}", (json.dumps(meta, indent=2) + "\n").encode())
+        write_atomically(self.directory / f"{key.keyid}{META_SUFFIX}", (json.dumps(meta, indent=2) + "\n").encode(),
+                         mode=0o644)
         pub = self.directory / f"{key.keyid}{PUBLIC_SUFFIX}"
         write_atomically(pub, _pem(key), mode=0o644)
         trusted = TrustedKey(key.keyid, label, added, key)
@@ -207,7 +209,7 @@ class TrustStore:
             self._record("trust.remove", key_id=item.key_id, name=item.name)
         except BaseException:
             for path, data in saved.items():  # meta first, the `.pub` commitment last
-                write_atomically(path, data)
+                write_atomically(path, data, mode=0o644)
             raise
         return item
 
@@ -223,11 +225,11 @@ class TrustStore:
             raise TrustStoreError(f"threshold {threshold} must be between 1 and the {count} trusted keys")
         previous = self.threshold()
         path = self.directory / THRESHOLD_FILE
-        write_atomically(path, f"{threshold}\n".encode())
+        write_atomically(path, f"{threshold}\n".encode(), mode=0o644)
         try:
             self._record("trust.threshold", threshold=threshold, previous=previous)
         except BaseException:
-            write_atomically(path, f"{previous}\n".encode())
+            write_atomically(path, f"{previous}\n".encode(), mode=0o644)
             raise
         return threshold
 

@@ -11,9 +11,10 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
+from sealbox.runtime.durable_file import write_atomically
+from sealbox.runtime.exit_codes import ExitCode
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,7 @@ _PURPOSE_MAX = 200
 class ApiKeyError(Exception):
     """The key file cannot be read or written, or a key operation is refused (duplicate, unknown name)."""
 
-    exit_code = 30
+    exit_code = ExitCode.API_KEY
 
 
 @dataclass(frozen=True)
@@ -86,19 +87,11 @@ class ApiKeyStore:
 
     def _save(self, keys: list[ApiKey]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         data = json.dumps({"keys": [asdict(key) for key in keys]}, indent=2) + "\n"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
+            write_atomically(self.path, data.encode("utf-8"), mode=0o600)
         except OSError as exc:
             raise ApiKeyError(f"{self.path}: cannot write API keys: {exc.strerror}") from exc
-        finally:
-            temporary.unlink(missing_ok=True)
 
     def create(self, name: str, *, purpose: str = "unspecified") -> tuple[ApiKey, str]:
         """A new key for principal `name`; returns the stored entry and the secret (shown once, never stored).

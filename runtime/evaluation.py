@@ -20,6 +20,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from sealbox.runtime.exit_codes import ExitCode
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +42,7 @@ MAX_SUITE_BYTES = 4 << 20
 class SuiteError(Exception):
     """The suite file cannot be read, or is not a valid suite (the message names the field)."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 class _Strict(BaseModel):

@@ -8,7 +8,6 @@ the whole KV cache up front), so a plan that fits at start cannot grow into an O
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass, replace

@@ -34,6 +34,39 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_for_ready_line(process: subprocess.Popen[str], lines: list[str], timeout_s: float) -> bool:
+    """Whether a `sealbox serve` child printed READY_LINE within `timeout_s` and still runs; its stderr goes into `lines`
+    (a thread reads it to the end). Woken by the line or by the end of stderr, as only the line means serving: a
+    process whose stderr has just closed may not have been reaped yet, so `poll()` alone would call it alive."""
+    assert process.stderr is not None
+    done = threading.Event()
+    serving = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if READY_LINE in line:
+                serving.set()
+                done.set()
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    done.wait(timeout_s)
+    return serving.is_set() and process.poll() is None
+
+
+def stop_child(process: subprocess.Popen[str], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM (the server's orderly stop), then SIGKILL when it has not exited within `timeout_s`."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def staging_policy_toml(policy_text: str) -> str:
     """The release's policy with TLS off (the only client is the evaluator, on loopback) and one sequence (cases run
     one at a time, and the live server may hold most of the memory meanwhile); everything else as shipped."""
@@ -116,41 +149,16 @@ class StagingServer:
             self.process = subprocess.Popen([*command, "--port", str(self.port)], stdin=subprocess.DEVNULL,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                             cwd=self.work, start_new_session=True)  # fmt: skip
-            if self._wait_ready():
+            if wait_for_ready_line(self.process, self.stderr_lines, self.start_timeout_s):
                 return self
             self.stop()
             if "Address already in use" not in self.stderr_tail or attempt == PORT_ATTEMPTS - 1:
                 break
         raise StagingServerError(f"the staging server did not start:\n{self.stderr_tail}")
 
-    def _wait_ready(self) -> bool:
-        process = self.process
-        assert process is not None and process.stderr is not None
-        done = threading.Event()
-        serving = threading.Event()
-
-        def read() -> None:
-            for line in process.stderr:  # type: ignore[union-attr]
-                self.stderr_lines.append(line)
-                if READY_LINE in line:
-                    serving.set()
-                    done.set()
-            done.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        done.wait(self.start_timeout_s)
-        return serving.is_set() and process.poll() is None
-
     def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if self.process is not None:
+            stop_child(self.process)
 
     def __enter__(self) -> StagingServer:
         return self.start()

@@ -16,14 +16,26 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
+import typer
+from typer.testing import CliRunner
 
-from sealbox.bundler.blobs import BlobWriter, write_atomically
+import sealbox.bundler.cli.install  # noqa: F401  (adds install, list, rollback, gc to bundle_app)
+from sealbox.bundler.blobs import BlobWriter
+from sealbox.bundler.cli.bundle import bundle_app
+from sealbox.bundler.cli.trust import trust_app
 from sealbox.bundler.keys import generate_key_pair, load_signer
 from sealbox.bundler.manifest import MANIFEST_FILE, Base, BlobEntry, Manifest, Target
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.hostroot import HostRoot
 
 REPO = Path(__file__).resolve().parents[1]
+
+app = typer.Typer()
+"""`sealbox bundle …` and `sealbox trust …` in this process, for `runner.invoke(app, [...])`."""
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(trust_app, name="trust")
+runner = CliRunner(env={"COLUMNS": "400"})  # no wrapping inside rich error panels
 
 
 def write_gguf(path: Path, *, seed: int, values: int = 1000) -> Path:
@@ -101,7 +113,7 @@ class Publisher:
         envelope = new_envelope(manifest.canonical_bytes())
         for signer in signers:
             sign(envelope, load_signer(self.keys / f"{signer}.key", passphrase=None))
-        write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope))
+        write_atomically(out / MANIFEST_FILE, envelope_bytes(envelope), mode=0o644)
         shutil.rmtree(work)
         return out
 

@@ -8,23 +8,24 @@ failure messages.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from sealbox.runtime.staging_server import free_loopback_port as free_port
+from sealbox.runtime.staging_server import stop_child, wait_for_ready_line
+
+if TYPE_CHECKING:
+    import httpx
+    import openai
 
 REPO = Path(__file__).resolve().parents[1]
 SEALBOX = [sys.executable, "-c", "from sealbox.cli import main; main()"]
-READY_LINE = "sealbox serving"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def sealbox(*args: str, root: Path | None = None, env: dict[str, str] | None = None,
@@ -39,6 +40,26 @@ def sealbox(*args: str, root: Path | None = None, env: dict[str, str] | None = N
 
 def create_api_key(root: Path, name: str, purpose: str = "testing") -> str:
     return sealbox("keys", "api", "create", name, "--purpose", purpose, root=root).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The module's appliance root (its server's keys, state and audit log); a test module imports it to share it."""
+    return tmp_path_factory.mktemp("appliance")
+
+
+@pytest.fixture(scope="module")
+def api_key(root: Path) -> str:
+    """An API key on the module's root, for the module's clients."""
+    return create_api_key(root, "tester")
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, root: Path, api_key: str, tiny_model: Path,
+           embedding_model: Path) -> Iterator[ServerProcess]:  # fmt: skip
+    """The module's server: the tiny and the embedding model under the module's `POLICY`, on its root."""
+    with ServerProcess(root, models=[tiny_model, embedding_model], policy_text=request.module.POLICY) as process:
+        yield process
 
 
 @dataclass
@@ -70,6 +91,11 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def audit(self) -> Path:
+        """The server's audit log directory under its root."""
+        return self.root / "audit"
+
     def command(self) -> list[str]:
         command = [*self.executable, "serve", "--root", str(self.root), "--host", self.host, "--port", str(self.port),
                    "--threads", str(self.threads)]  # fmt: skip
@@ -89,22 +115,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        wake = threading.Event()
-        serving = threading.Event()
-
-        def read_stderr() -> None:
-            assert self.process is not None and self.process.stderr is not None
-            for line in self.process.stderr:
-                self.stderr_lines.append(line)
-                if READY_LINE in line:
-                    serving.set()
-                    wake.set()
-            wake.set()  # the process ended: wake the waiter
-
-        threading.Thread(target=read_stderr, daemon=True).start()
-        # Woken by the ready line or by the end of stderr; only the line means serving (a process whose stderr has
-        # just closed may not have been reaped yet, so `poll()` alone would call it alive).
-        if not wake.wait(timeout_s) or not serving.is_set() or self.process.poll() is not None:
+        if not wait_for_ready_line(self.process, self.stderr_lines, timeout_s):
             self.stop()
             raise RuntimeError(f"sealbox serve did not start:\n{self.stderr}")
         return self
@@ -121,13 +132,7 @@ class ServerProcess:
     def stop(self) -> int | None:
         if self.process is None:
             return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_child(self.process, timeout_s=30)
         return self.process.returncode
 
     @property
@@ -139,3 +144,26 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class KeyedServer:
+    """A running server and an API key for it, with the clients a test drives it with."""
+
+    server: ServerProcess
+    key: str
+
+    @property
+    def audit(self) -> Path:
+        return self.server.audit
+
+    def client(self) -> openai.OpenAI:
+        import openai
+
+        return openai.OpenAI(base_url=self.server.base_url, api_key=self.key, max_retries=0)
+
+    def http(self, **headers: str) -> httpx.Client:
+        import httpx
+
+        return httpx.Client(base_url=self.server.url, timeout=60,
+                            headers={"Authorization": f"Bearer {self.key}", **headers})  # fmt: skip

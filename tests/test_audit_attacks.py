@@ -99,8 +99,24 @@ def export(root: Path, out: Path) -> tuple[dict, list[bytes]]:
     return json.loads(header), records
 
 
+def export_cut_at_start(root: Path, out: Path, dropped: int) -> tuple[dict, list[bytes]]:
+    """An export's header and records with its first `dropped` records gone and its anchor moved to the first kept
+    record's predecessor (what a forger hiding the start would do; the statement is left as the host signed it)."""
+    header, records = export(root, out)
+    kept = records[dropped:]
+    first = json.loads(kept[0])
+    header["anchor"] = {"seq": first["seq"] - 1, "hash": first["prev"]}
+    return header, kept
+
+
 def write_export(out: Path, header: dict, records: list[bytes]) -> None:
     out.write_bytes(b"\n".join([canonical(header), *records]) + b"\n")
+
+
+def assert_forged_export_invalid(out: Path, header: dict, records: list[bytes], pubkey: Path, reason: str) -> dict:
+    """Write the forger's export and check that verifying it against the host key fails for `reason`."""
+    write_export(out, header, records)
+    return assert_invalid(verify(str(out), "--pubkey", str(pubkey)), reason)
 
 
 def verify(*args: str) -> subprocess.CompletedProcess[str]:
@@ -115,10 +131,28 @@ def assert_invalid(done: subprocess.CompletedProcess[str], reason: str) -> dict:
     return report
 
 
-def test_the_untouched_log_its_export_and_its_anchor_verify(root: Path, pubkey: Path, tmp_path: Path) -> None:
-    # The control for every attack below: the same commands on an honest log exit 0.
+def save_anchor(root: Path, tmp_path: Path) -> Path:
+    """The log's anchor as `sealbox anchor` prints it, kept in a file the way an auditor keeps it off the host."""
     anchor = tmp_path / "anchor.txt"
     anchor.write_text(sealbox("anchor", "--root", str(root)).stdout)
+    return anchor
+
+
+def wipe(audit: Path) -> None:
+    """Delete every segment and checkpoint: what an intruder restarting the log with the kept host key does first."""
+    for path in [*audit.glob("segment-*"), audit / "checkpoints.jsonl"]:
+        path.unlink()
+
+
+def assert_only_the_anchor_refuses(source: list[str], pubkey: Path, anchor: Path, reason: str) -> dict:
+    """The log or export verifies against the host key alone, and fails for `reason` against the anchor."""
+    assert verify(*source, "--pubkey", str(pubkey)).returncode == 0
+    return assert_invalid(verify(*source, "--pubkey", str(pubkey), "--anchor", str(anchor)), reason)
+
+
+def test_the_untouched_log_its_export_and_its_anchor_verify(root: Path, pubkey: Path, tmp_path: Path) -> None:
+    # The control for every attack below: the same commands on an honest log exit 0.
+    anchor = save_anchor(root, tmp_path)
     assert verify("--root", str(root), "--pubkey", str(pubkey), "--anchor", str(anchor)).returncode == 0
     header, _ = export(root, tmp_path / "all.jsonl")
     done = verify(str(tmp_path / "all.jsonl"), "--pubkey", str(pubkey), "--anchor", str(anchor))
@@ -161,36 +195,29 @@ def test_a_rechained_export_with_its_checkpoint_list_emptied_is_invalid(
     out = tmp_path / "all.jsonl"
     header, records = export(root, out)
     header["checkpoints"] = []
-    write_export(out, header, edit_and_rechain(records, 4, header["anchor"]["hash"]))
-    assert_invalid(verify(str(out), "--pubkey", str(pubkey)), "not covered by a valid signed checkpoint")
+    forged = edit_and_rechain(records, 4, header["anchor"]["hash"])
+    assert_forged_export_invalid(out, header, forged, pubkey, "not covered by a valid signed checkpoint")
 
 
 def test_an_export_with_its_first_records_dropped_and_the_anchor_moved_is_invalid(
     root: Path, pubkey: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "all.jsonl"
-    header, records = export(root, out)
-    kept = records[3:]
-    first = json.loads(kept[0])
-    header["anchor"] = {"seq": first["seq"] - 1, "hash": first["prev"]}
-    header["first_seq"], header["records"] = first["seq"], len(kept)
+    header, kept = export_cut_at_start(root, out, 3)
+    first_seq = header["anchor"]["seq"] + 1
+    header["first_seq"], header["records"] = first_seq, len(kept)
     # The forger edits the statement too; without the host key, the signature no longer holds.
-    header["statement"] = {**header["statement"], "anchor": header["anchor"], "first_seq": first["seq"],
+    header["statement"] = {**header["statement"], "anchor": header["anchor"], "first_seq": first_seq,
                            "records": len(kept)}  # fmt: skip
-    write_export(out, header, kept)
-    assert_invalid(verify(str(out), "--pubkey", str(pubkey)), "statement's signature does not verify")
+    assert_forged_export_invalid(out, header, kept, pubkey, "statement's signature does not verify")
 
 
 def test_an_export_cut_at_the_start_against_its_untouched_statement_names_the_first_missing_seq(
     root: Path, pubkey: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "all.jsonl"
-    header, records = export(root, out)
-    kept = records[3:]
-    first = json.loads(kept[0])
-    header["anchor"] = {"seq": first["seq"] - 1, "hash": first["prev"]}
-    write_export(out, header, kept)
-    report = assert_invalid(verify(str(out), "--pubkey", str(pubkey)), "not what the host signed")
+    header, kept = export_cut_at_start(root, out, 3)
+    report = assert_forged_export_invalid(out, header, kept, pubkey, "not what the host signed")
     assert report["first_broken_seq"] == 4
 
 
@@ -203,8 +230,7 @@ def test_an_export_with_its_last_records_and_their_checkpoints_dropped_is_invali
     header["checkpoints"] = [c for c in header["checkpoints"] if c["size"] <= 20]
     header["last_seq"] = header["window_last_seq"] = 20
     header["records"] = 20
-    write_export(out, header, kept)
-    report = assert_invalid(verify(str(out), "--pubkey", str(pubkey)), "not what the host signed")
+    report = assert_forged_export_invalid(out, header, kept, pubkey, "not what the host signed")
     assert report["first_broken_seq"] == 21
 
 
@@ -214,43 +240,33 @@ def test_a_log_rolled_back_to_an_earlier_copy_is_invalid_against_its_anchor(
     backup = tmp_path / "backup"
     shutil.copytree(root / "audit", backup)
     append(root / "audit", Clock(), 31, 10)
-    anchor = tmp_path / "anchor.txt"
-    anchor.write_text(sealbox("anchor", "--root", str(root)).stdout)
+    anchor = save_anchor(root, tmp_path)
     shutil.rmtree(root / "audit")
     shutil.copytree(backup, root / "audit")  # every file consistent, signed by the host key: only the anchor knows
-    assert verify("--root", str(root), "--pubkey", str(pubkey)).returncode == 0
-    assert_invalid(verify("--root", str(root), "--pubkey", str(pubkey), "--anchor", str(anchor)), "rolled back")
+    assert_only_the_anchor_refuses(["--root", str(root)], pubkey, anchor, "rolled back")
 
 
 def test_a_log_wiped_and_restarted_with_the_same_key_is_invalid_against_its_anchor(
     root: Path, pubkey: Path, tmp_path: Path
 ) -> None:
-    anchor = tmp_path / "anchor.txt"
-    anchor.write_text(sealbox("anchor", "--root", str(root)).stdout)
+    anchor = save_anchor(root, tmp_path)
     audit = root / "audit"
-    for path in [*audit.glob("segment-*"), audit / "checkpoints.jsonl"]:
-        path.unlink()
+    wipe(audit)
     append(audit, Clock(), 100, 40)  # a fresh log under the kept host key, longer than the anchor
-    assert verify("--root", str(root), "--pubkey", str(pubkey)).returncode == 0
-    report = assert_invalid(
-        verify("--root", str(root), "--pubkey", str(pubkey), "--anchor", str(anchor)), "not the one the anchor signed"
-    )
+    report = assert_only_the_anchor_refuses(["--root", str(root)], pubkey, anchor, "not the one the anchor signed")
     assert report["first_broken_seq"] == 31
 
 
 def test_an_export_of_a_wiped_log_is_invalid_against_the_anchor_of_the_old_one(
     root: Path, pubkey: Path, tmp_path: Path
 ) -> None:
-    anchor = tmp_path / "anchor.txt"
-    anchor.write_text(sealbox("anchor", "--root", str(root)).stdout)
+    anchor = save_anchor(root, tmp_path)
     audit = root / "audit"
-    for path in [*audit.glob("segment-*"), audit / "checkpoints.jsonl"]:
-        path.unlink()
+    wipe(audit)
     append(audit, Clock(), 100, 5)
     out = tmp_path / "new.jsonl"
     export(root, out)
-    assert verify(str(out), "--pubkey", str(pubkey)).returncode == 0
-    assert_invalid(verify(str(out), "--pubkey", str(pubkey), "--anchor", str(anchor)), "rolled back")
+    assert_only_the_anchor_refuses([str(out)], pubkey, anchor, "rolled back")
 
 
 def test_a_forged_anchor_is_refused(root: Path, pubkey: Path, tmp_path: Path) -> None:

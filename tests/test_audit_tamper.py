@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,16 @@ def rewrite(path: Path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(lines))
 
 
+@contextmanager
+def segment_lines(directory: Path, seq: int) -> Iterator[tuple[list[bytes], int]]:
+    """The lines of the segment that holds record `seq` and its index there, for the block to edit as a forger would;
+    the edited lines are written back when the block ends."""
+    path, index = locate(directory, seq)
+    lines = read_lines(path)
+    yield lines, index
+    rewrite(path, lines)
+
+
 def forged_line(seq: int, prev: str, principal: str = "mallory") -> tuple[bytes, str]:
     fields = {"request_id": f"forged-{seq}", "principal": principal, "status": 200}
     return encode_record(
@@ -91,10 +103,8 @@ def test_the_untouched_log_verifies(log_dir: Path, pubkey: Path) -> None:
 
 
 def test_editing_a_field_names_the_edited_record(log_dir: Path, pubkey: Path) -> None:
-    path, index = locate(log_dir, 17)
-    lines = read_lines(path)
-    lines[index] = lines[index].replace(b'"principal":"alice"', b'"principal":"nobody"')
-    rewrite(path, lines)
+    with segment_lines(log_dir, 17) as (lines, index):
+        lines[index] = lines[index].replace(b'"principal":"alice"', b'"principal":"nobody"')
     report = verify_directory(log_dir, pubkey=pubkey)
     assert first_broken(report) == 17
     assert "changed after it was written" in report.first_problem.reason
@@ -102,41 +112,33 @@ def test_editing_a_field_names_the_edited_record(log_dir: Path, pubkey: Path) ->
 
 
 def test_editing_a_field_and_recomputing_its_hash_still_names_that_record(log_dir: Path, pubkey: Path) -> None:
-    path, index = locate(log_dir, 17)
-    lines = read_lines(path)
-    record = json.loads(lines[index])
-    lines[index], _ = forged_line(17, record["prev"], principal="nobody")
-    rewrite(path, lines)
+    with segment_lines(log_dir, 17) as (lines, index):
+        record = json.loads(lines[index])
+        lines[index], _ = forged_line(17, record["prev"], principal="nobody")
     assert first_broken(verify_directory(log_dir, pubkey=pubkey)) == 17
 
 
 def test_deleting_a_record_names_the_missing_seq(log_dir: Path, pubkey: Path) -> None:
-    path, index = locate(log_dir, 23)
-    lines = read_lines(path)
-    del lines[index]
-    rewrite(path, lines)
+    with segment_lines(log_dir, 23) as (lines, index):
+        del lines[index]
     report = verify_directory(log_dir, pubkey=pubkey)
     assert first_broken(report) == 23
     assert "seq 23 missing" in report.first_problem.reason
 
 
 def test_inserting_a_record_names_the_seq_it_took(log_dir: Path, pubkey: Path) -> None:
-    path, index = locate(log_dir, 17)
-    lines = read_lines(path)
-    # The forger links the new record to record 17 correctly and gives it the next seq.
-    line, _ = forged_line(18, json.loads(lines[index])["hash"])
-    lines.insert(index + 1, line)
-    rewrite(path, lines)
+    with segment_lines(log_dir, 17) as (lines, index):
+        # The forger links the new record to record 17 correctly and gives it the next seq.
+        line, _ = forged_line(18, json.loads(lines[index])["hash"])
+        lines.insert(index + 1, line)
     report = verify_directory(log_dir, pubkey=pubkey)
     assert first_broken(report) == 18
     assert "second record with seq 18" in report.first_problem.reason
 
 
 def test_swapping_two_records_names_the_first_position_out_of_order(log_dir: Path, pubkey: Path) -> None:
-    path, index = locate(log_dir, 26)
-    lines = read_lines(path)
-    lines[index], lines[index + 1] = lines[index + 1], lines[index]
-    rewrite(path, lines)
+    with segment_lines(log_dir, 26) as (lines, index):
+        lines[index], lines[index + 1] = lines[index + 1], lines[index]
     report = verify_directory(log_dir, pubkey=pubkey)
     assert first_broken(report) == 26
 

@@ -190,6 +190,13 @@ def crash_mid_create(out: Path, keys: Path, *inputs: Path) -> subprocess.Complet
     return child
 
 
+def create_again(out: Path, keys: Path, notes: Path, large: Path) -> dict[str, object]:
+    """`bundle create` run again into the crashed `out` with the policy, `notes` and `large`; its JSON summary."""
+    result = create(out, keys, "--policy", str(POLICY), "--file", str(notes), "--file", str(large))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
 @pytest.fixture
 def inputs(tmp_path: Path) -> tuple[Path, Path]:
     """A small file (completes before the crash) and a 3 MiB one (the crash happens while writing it)."""
@@ -200,11 +207,16 @@ def inputs(tmp_path: Path) -> tuple[Path, Path]:
     return notes, large
 
 
-def test_a_crash_mid_create_leaves_a_directory_that_does_not_verify(
-    tmp_path: Path, keys: Path, inputs: tuple[Path, Path]
-) -> None:
+@pytest.fixture
+def crashed(tmp_path: Path, keys: Path, inputs: tuple[Path, Path]) -> Path:
+    """A bundle directory whose `bundle create` was killed mid-way."""
     out = tmp_path / "bundle"
     crash_mid_create(out, keys, POLICY, *inputs)
+    return out
+
+
+def test_a_crash_mid_create_leaves_a_directory_that_does_not_verify(crashed: Path, keys: Path) -> None:
+    out = crashed
     assert not (out / "manifest.json").exists()
     result = verify(out, keys)
     assert result.exit_code == MissingFileError.exit_code
@@ -212,16 +224,13 @@ def test_a_crash_mid_create_leaves_a_directory_that_does_not_verify(
 
 
 def test_a_rerun_after_a_crash_reuses_the_complete_blobs_without_rewriting_them(
-    tmp_path: Path, keys: Path, inputs: tuple[Path, Path]
+    crashed: Path, keys: Path, inputs: tuple[Path, Path]
 ) -> None:
     notes, large = inputs
-    out = tmp_path / "bundle"
-    crash_mid_create(out, keys, POLICY, notes, large)
+    out = crashed
     done = out / "blobs" / "sha256" / sha256(notes)
     before = done.stat()
-    result = create(out, keys, "--policy", str(POLICY), "--file", str(notes), "--file", str(large))
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    summary = create_again(out, keys, notes, large)
     assert summary["blobs_reused"] == 2  # policy and notes
     assert summary["bytes_reused"] == POLICY.stat().st_size + notes.stat().st_size
     assert summary["blobs_written"] == 2  # the large file and the SBOM
@@ -232,15 +241,12 @@ def test_a_rerun_after_a_crash_reuses_the_complete_blobs_without_rewriting_them(
 
 
 def test_a_rerun_rewrites_a_source_that_changed_since_the_crash(
-    tmp_path: Path, keys: Path, inputs: tuple[Path, Path]
+    crashed: Path, keys: Path, inputs: tuple[Path, Path]
 ) -> None:
     notes, large = inputs
-    out = tmp_path / "bundle"
-    crash_mid_create(out, keys, POLICY, notes, large)
+    out = crashed
     notes.write_text("edited after the crash, so the old blob must not be reused\n")
-    result = create(out, keys, "--policy", str(POLICY), "--file", str(notes), "--file", str(large))
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["blobs_reused"] == 1  # the policy only
+    assert create_again(out, keys, notes, large)["blobs_reused"] == 1  # the policy only
     assert signed_manifest(out).entries("file")[1].sha256 == sha256(notes)
     assert verify(out, keys).exit_code == 0  # the stale notes blob was removed, not left as an extra file
 

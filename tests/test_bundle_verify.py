@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-from sealbox.bundler.cli.bundle import bundle_app
 from sealbox.bundler.create import CreateRequest, create_bundle
 from sealbox.bundler.errors import (
     DigestMismatchError,
@@ -37,10 +34,8 @@ from sealbox.bundler.keys import generate_key_pair, load_public_key, load_signer
 from sealbox.bundler.manifest import canonical_json
 from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.verify import verify_bundle
+from install_support import app, runner
 
-app = typer.Typer()
-app.add_typer(bundle_app, name="bundle")
-runner = CliRunner(env={"COLUMNS": "400"})  # no wrapping inside rich error panels
 PART = 64 * 1024
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import math
+from functools import partial
 from pathlib import Path
 
-from sealbox.runtime.engine import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta, TokenLogprob
+from sealbox.runtime.engine import Finished, GenerationRequest, SamplingParams, TextDelta, TokenLogprob
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import running_engine
 
 CONTEXT = 512
 PROMPT = "the people of the water " * 6
 
 
-def make_engine(model: Path) -> LlamaBatchEngine:
-    return LlamaBatchEngine(model, ModelCard(name="tiny-choices", sha256="0" * 64, n_ctx=CONTEXT), n_seq_max=4,
-                            n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1)  # fmt: skip
+started = partial(running_engine, name="tiny-choices", n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1)
 
 
 async def run(engine: LlamaBatchEngine, request: GenerationRequest) -> tuple[dict[int, str], dict[int, list[TokenLogprob]], dict[int, Finished]]:
@@ -33,9 +33,7 @@ async def run(engine: LlamaBatchEngine, request: GenerationRequest) -> tuple[dic
 
 def test_three_choices_evaluate_the_prompt_once_and_differ_by_seed(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             tokens = engine.tokenize(PROMPT)
             request = GenerationRequest(id="n3", prompt_tokens=tokens, max_tokens=12, n=3,
                                         sampling=SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7))  # fmt: skip
@@ -46,23 +44,17 @@ def test_three_choices_evaluate_the_prompt_once_and_differ_by_seed(tiny_model: P
             assert len(set(texts.values())) > 1, texts
             again, _, _ = await run(engine, request)
             assert again == texts
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
 
 def test_logprobs_are_sorted_normalised_and_hold_the_greedy_choice_first(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             tokens = engine.tokenize(PROMPT)
             request = GenerationRequest(id="lp", prompt_tokens=tokens, max_tokens=8, logprobs=5,
                                         sampling=SamplingParams(temperature=0.0))  # fmt: skip
             _, logprobs, finished = await run(engine, request)
-        finally:
-            await engine.stop()
         steps = logprobs[0]
         assert len(steps) == finished[0].completion_tokens - (finished[0].reason == "stop")
         for step in steps:
@@ -76,9 +68,7 @@ def test_logprobs_are_sorted_normalised_and_hold_the_greedy_choice_first(tiny_mo
 
 def test_a_logit_bias_of_minus_100_forbids_a_token_and_plus_100_forces_one(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             tokens = engine.tokenize(PROMPT)
             greedy = SamplingParams(temperature=0.0)
             free = GenerationRequest(id="free", prompt_tokens=tokens, max_tokens=6, logprobs=0, sampling=greedy)
@@ -91,8 +81,6 @@ def test_a_logit_bias_of_minus_100_forbids_a_token_and_plus_100_forces_one(tiny_
             forced = GenerationRequest(id="force", prompt_tokens=tokens, max_tokens=6, logprobs=0,
                                        sampling=SamplingParams(temperature=1.0, seed=3, logit_bias=((forced_token, 100.0),)))  # fmt: skip
             _, forced_logprobs, _ = await run(engine, forced)
-        finally:
-            await engine.stop()
         assert first not in [step.token for step in banned_logprobs[0]]
         assert [step.token for step in forced_logprobs[0]] == [forced_token] * 6
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
-from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine.base import Finished, GenerationRequest, SamplingParams
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import collect, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_engine(model: Path, **options: int) -> LlamaBatchEngine:
-    settings = {"n_seq_max": 4, "n_ctx_per_seq": 256, "queue_size": 64, "n_threads": 2} | options
-    card = ModelCard(name="tiny-concurrency", sha256="0" * 64, n_ctx=settings["n_ctx_per_seq"])
-    return LlamaBatchEngine(model, card, **settings)
+started = partial(running_engine, name="tiny-concurrency", queue_size=64)
 
 
 async def complete(engine: LlamaBatchEngine, prompt: str, *, max_tokens: int, sampling: SamplingParams = GREEDY,
@@ -22,15 +21,7 @@ async def complete(engine: LlamaBatchEngine, prompt: str, *, max_tokens: int, sa
     request = GenerationRequest(
         id=request_id, prompt_tokens=engine.tokenize(prompt), max_tokens=max_tokens, sampling=sampling
     )
-    parts: list[str] = []
-    finished: list[Finished] = []
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            parts.append(event.text)
-        else:
-            finished.append(event)
-    assert len(finished) == 1, "a stream ends in exactly one Finished"
-    return "".join(parts), finished[0]
+    return await collect(engine, request)
 
 
 PROMPTS = [f"the {word} of water and day {i}" for i, word in enumerate(
@@ -40,22 +31,14 @@ PROMPTS = [f"the {word} of water and day {i}" for i, word in enumerate(
 
 def test_32_concurrent_greedy_generations_each_equal_their_output_alone(tiny_model: Path) -> None:
     async def scenario() -> None:
-        alone_engine = make_engine(tiny_model, n_seq_max=1)
-        await alone_engine.start()
-        try:
+        async with started(tiny_model, n_seq_max=1) as alone_engine:
             alone = [await complete(alone_engine, prompt, max_tokens=24) for prompt in PROMPTS]
-        finally:
-            await alone_engine.stop()
 
-        engine = make_engine(tiny_model, n_seq_max=32)
-        await engine.start()
-        try:
+        async with started(tiny_model, n_seq_max=32) as engine:
             together = await asyncio.gather(
                 *(complete(engine, prompt, max_tokens=24, request_id=f"r{i}") for i, prompt in enumerate(PROMPTS))
             )
             assert engine.stats().running == 0
-        finally:
-            await engine.stop()
 
         assert len(together) == 32
         for i, ((text, finished), (alone_text, alone_finished)) in enumerate(zip(together, alone, strict=True)):
@@ -68,12 +51,8 @@ def test_32_concurrent_greedy_generations_each_equal_their_output_alone(tiny_mod
 
 def test_more_requests_than_sequences_queue_and_all_complete(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, n_seq_max=3, queue_size=64)
-        await engine.start()
-        try:
+        async with started(tiny_model, n_seq_max=3, queue_size=64) as engine:
             results = await asyncio.gather(*(complete(engine, p, max_tokens=8, request_id=p) for p in PROMPTS[:12]))
-        finally:
-            await engine.stop()
         assert [finished.reason for _, finished in results] == ["length"] * 12
         assert all(finished.completion_tokens == 8 for _, finished in results)
 
@@ -82,13 +61,9 @@ def test_more_requests_than_sequences_queue_and_all_complete(tiny_model: Path) -
 
 def test_a_stream_reports_prompt_and_completion_token_counts(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             prompt_tokens = len(engine.tokenize(PROMPTS[0]))
             _, finished = await complete(engine, PROMPTS[0], max_tokens=5)
-        finally:
-            await engine.stop()
         assert finished.prompt_tokens == prompt_tokens
         assert finished.completion_tokens <= 5
         assert finished.reason in {"length", "stop"}

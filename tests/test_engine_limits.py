@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,23 +16,20 @@ from sealbox.runtime.engine.base import (
     EngineUnavailable,
     Finished,
     GenerationRequest,
-    ModelCard,
     Overloaded,
     SamplingParams,
     TextDelta,
 )
 from sealbox.runtime.engine.errors import GrammarError, InvalidRequest
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import make_engine, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 ENDLESS = SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root")
 """A grammar with no end: end-of-generation is never allowed, so only max_tokens, a cancel or a stop ends it."""
 
 
-def make_engine(model: Path, name: str, **options: int) -> LlamaBatchEngine:
-    settings = {"n_seq_max": 4, "n_ctx_per_seq": 256, "queue_size": 8, "n_threads": 2} | options
-    card = ModelCard(name=name, sha256="0" * 64, n_ctx=settings["n_ctx_per_seq"])
-    return LlamaBatchEngine(model, card, **settings)
+started = partial(running_engine, queue_size=8)
 
 
 def request(
@@ -73,9 +71,7 @@ def test_a_cancelled_stream_frees_its_sequence_and_cells_at_the_next_step(tiny_m
     model_name = "tiny-cancel"
 
     async def scenario() -> None:
-        engine = make_engine(tiny_model, model_name, n_ctx_per_seq=4096)
-        await engine.start()
-        try:
+        async with started(tiny_model, model_name, n_ctx_per_seq=4096) as engine:
             cancelled_before = scrape("sealbox_requests_total", model_name, status="cancelled")
             stream = engine.generate(request(engine, "the water of the day", 4000, ENDLESS))
             assert isinstance(await anext(stream), TextDelta)
@@ -92,25 +88,19 @@ def test_a_cancelled_stream_frees_its_sequence_and_cells_at_the_next_step(tiny_m
             # The freed sequence serves the next request.
             finished = await drain(engine.generate(request(engine, "one more", 4, ENDLESS)))
             assert (finished.reason, finished.completion_tokens) == ("length", 4)
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_stream_cancelled_while_queued_leaves_the_queue_at_once(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, "tiny-cancel-queued", n_seq_max=1)
-        await engine.start()
-        try:
+        async with started(tiny_model, "tiny-cancel-queued", n_seq_max=1) as engine:
             running = engine.generate(request(engine, "first in", 240, ENDLESS))
             queued = engine.generate(request(engine, "second waits", 40))
             assert engine.stats().queued == 1
             await queued.aclose()
             assert engine.stats().queued == 0
             assert (await drain(running)).reason == "length"
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
@@ -119,9 +109,7 @@ def test_a_flood_past_the_queue_limit_is_refused_with_retry_after_and_the_rest_c
     model_name = "tiny-flood"
 
     async def scenario() -> None:
-        engine = make_engine(tiny_model, model_name, n_seq_max=2, queue_size=3)
-        await engine.start()
-        try:
+        async with started(tiny_model, model_name, n_seq_max=2, queue_size=3) as engine:
             rejected_before = scrape("sealbox_rejected_requests_total", model_name, reason="overloaded")
             accepted, refused = [], []
             for i in range(12):
@@ -136,8 +124,6 @@ def test_a_flood_past_the_queue_limit_is_refused_with_retry_after_and_the_rest_c
             results = await asyncio.gather(*(drain(stream) for stream in accepted))
             assert [finished.reason for finished in results] == ["length"] * 5
             assert scrape("sealbox_rejected_requests_total", model_name, reason="overloaded") == rejected_before + 7
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
@@ -145,9 +131,7 @@ def test_a_flood_past_the_queue_limit_is_refused_with_retry_after_and_the_rest_c
 def test_a_request_that_would_exceed_the_kv_budget_waits_instead_of_failing(tiny_model: Path) -> None:
     async def scenario() -> None:
         # 512 cells shared by 4 sequences of 256: two 200-token requests cannot both hold their cells at once.
-        engine = make_engine(tiny_model, "tiny-kv-budget", n_seq_max=4, n_ctx_per_seq=256, kv_cells=512)
-        await engine.start()
-        try:
+        async with started(tiny_model, "tiny-kv-budget", n_seq_max=4, n_ctx_per_seq=256, kv_cells=512) as engine:
             order: list[str] = []
 
             async def run(name: str, stream) -> Finished:
@@ -167,34 +151,26 @@ def test_a_request_that_would_exceed_the_kv_budget_waits_instead_of_failing(tiny
             results = await asyncio.gather(run("first", first), run("second", second), run("third", third))
             assert all(finished.reason in {"length", "stop"} for finished in results)
             assert order.index("third started") > min(order.index("first finished"), order.index("second finished"))
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
 
 def test_a_request_larger_than_one_sequence_is_refused_at_once(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, "tiny-too-long", n_ctx_per_seq=256)
-        await engine.start()
-        try:
+        async with started(tiny_model, "tiny-too-long", n_ctx_per_seq=256) as engine:
             prompt = request(engine, "the water of the day", 1)
             with pytest.raises(ContextLengthExceeded) as caught:
                 engine.generate(request(engine, "the water of the day", 256))
             assert caught.value.limit == 256
             assert caught.value.needed == len(prompt.prompt_tokens) + 256
             assert engine.stats().queued == 0 and engine.stats().running == 0
-        finally:
-            await engine.stop()
 
     asyncio.run(scenario())
 
 
 def test_bad_requests_are_refused_before_they_are_queued(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, "tiny-invalid")
-        await engine.start()
-        try:
+        async with started(tiny_model, "tiny-invalid") as engine:
             with pytest.raises(InvalidRequest):
                 engine.generate(GenerationRequest(id="empty", prompt_tokens=[], max_tokens=4))
             with pytest.raises(InvalidRequest):
@@ -204,8 +180,6 @@ def test_bad_requests_are_refused_before_they_are_queued(tiny_model: Path) -> No
                     request(engine, "x", 4, sampling=SamplingParams(grammar='root ::= ( "unclosed" '))
                 )
             assert engine.stats().queued == 0 and engine.stats().running == 0
-        finally:
-            await engine.stop()
         with pytest.raises(EngineUnavailable):
             engine.generate(GenerationRequest(id="late", prompt_tokens=[1], max_tokens=4))
 
@@ -214,7 +188,7 @@ def test_bad_requests_are_refused_before_they_are_queued(tiny_model: Path) -> No
 
 def test_stopping_the_engine_fails_open_streams_with_engine_unavailable(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, "tiny-stop", n_seq_max=1, n_ctx_per_seq=4096)
+        engine = make_engine(tiny_model, "tiny-stop", queue_size=8, n_seq_max=1, n_ctx_per_seq=4096)
         await engine.start()
         running = engine.generate(request(engine, "the long one", 4000, ENDLESS))
         queued = engine.generate(request(engine, "the waiting one", 8))

@@ -4,10 +4,12 @@ exactly as if it had."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 
-from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine.base import Finished, GenerationRequest, SamplingParams, TextDelta
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import collect, running_engine
 
 GREEDY = SamplingParams(temperature=0.5, top_k=1)
 """The most likely token, yet not a reproducible request (no seed, temperature above 0): such a request reuses any
@@ -18,40 +20,25 @@ SYSTEM = "the people of the water " * 20
 CONTEXT = 1024
 
 
-def make_engine(model: Path, **options: object) -> LlamaBatchEngine:
-    settings = {"n_seq_max": 4, "n_ctx_per_seq": CONTEXT, "queue_size": 16, "n_threads": 2} | options
-    return LlamaBatchEngine(model, ModelCard(name="tiny-prefix", sha256="0" * 64, n_ctx=CONTEXT), **settings)
+started = partial(running_engine, name="tiny-prefix", n_ctx_per_seq=CONTEXT)
 
 
 async def complete(engine: LlamaBatchEngine, tokens: list[int], *, max_tokens: int = 16,
                    sampling: SamplingParams = GREEDY) -> tuple[str, Finished]:
     request = GenerationRequest(id="p", prompt_tokens=tokens, max_tokens=max_tokens, sampling=sampling)
-    text, finished = [], None
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-        else:
-            finished = event
-    assert finished is not None
-    return "".join(text), finished
+    return await collect(engine, request)
 
 
 async def answer_without_reuse(model: Path, tokens: list[int]) -> str:
-    engine = make_engine(model, n_seq_max=1)
-    await engine.start()
-    try:
+    async with started(model, n_seq_max=1) as engine:
         text, _ = await complete(engine, tokens)
         assert engine.prompt_tokens_decoded == len(tokens)
         return text
-    finally:
-        await engine.stop()
 
 
 def test_a_follow_up_prompt_computes_only_its_new_tokens(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             first = engine.tokenize(SYSTEM + "first question")
             await complete(engine, first)
             assert engine.prompt_tokens_decoded == len(first)
@@ -59,8 +46,6 @@ def test_a_follow_up_prompt_computes_only_its_new_tokens(tiny_model: Path) -> No
             before = engine.prompt_tokens_decoded
             text, finished = await complete(engine, follow_up)
             computed = engine.prompt_tokens_decoded - before
-        finally:
-            await engine.stop()
         assert 1 <= computed <= len(follow_up) - len(first), f"{computed} prompt tokens computed; {len(first)} cached"
         assert finished.prompt_tokens == len(follow_up)
         assert text == await answer_without_reuse(tiny_model, follow_up)
@@ -70,9 +55,7 @@ def test_a_follow_up_prompt_computes_only_its_new_tokens(tiny_model: Path) -> No
 
 def test_a_shared_system_prompt_is_copied_from_a_running_sequence(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             system = engine.tokenize(SYSTEM)
             long_prompt = system + engine.tokenize("a", add_bos=False)
             running = engine.generate(
@@ -85,8 +68,6 @@ def test_a_shared_system_prompt_is_copied_from_a_running_sequence(tiny_model: Pa
             text, _ = await complete(engine, question)
             computed = engine.prompt_tokens_decoded - before
             await running.aclose()
-        finally:
-            await engine.stop()
         assert computed <= len(question) - len(system), f"{computed} computed; the {len(system)}-token prefix was not"
         assert text == await answer_without_reuse(tiny_model, question)
 
@@ -95,14 +76,10 @@ def test_a_shared_system_prompt_is_copied_from_a_running_sequence(tiny_model: Pa
 
 def test_a_different_prompt_on_a_used_sequence_starts_clean(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, n_seq_max=1)
-        await engine.start()
-        try:
+        async with started(tiny_model, n_seq_max=1) as engine:
             await complete(engine, engine.tokenize(SYSTEM + "one"))
             other = engine.tokenize("water people day " * 10)
             text, _ = await complete(engine, other)
-        finally:
-            await engine.stop()
         assert text == await answer_without_reuse(tiny_model, other)
 
     asyncio.run(scenario())

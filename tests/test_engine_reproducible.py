@@ -5,10 +5,12 @@ its tokens in other batch shapes (and move llama.cpp's logits)."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from sealbox.runtime.engine import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine import Finished, GenerationRequest, SamplingParams, TextDelta
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import running_engine
 
 CONTEXT = 1024
 SYSTEM = "the people of the water and the hills " * 12
@@ -16,11 +18,10 @@ SEEDED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=123
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_engine(model: Path, *, pooled: bool = False) -> LlamaBatchEngine:
+def started(model: Path, *, pooled: bool = False) -> AbstractAsyncContextManager[LlamaBatchEngine]:
     """Split streams (a sequence's own cells, flash attention), or with `pooled` one pool of cells shared by all."""
-    return LlamaBatchEngine(model, ModelCard(name="tiny-repro", sha256="0" * 64, n_ctx=CONTEXT), n_seq_max=4,
-                            n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1, prefill_chunk=32,
-                            kv_cells=2 * CONTEXT if pooled else None)  # fmt: skip
+    return running_engine(model, "tiny-repro", n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1, prefill_chunk=32,
+                          kv_cells=2 * CONTEXT if pooled else None)  # fmt: skip
 
 
 async def complete(engine: LlamaBatchEngine, tokens: list[int], sampling: SamplingParams,
@@ -40,31 +41,19 @@ def answers(model: Path, sampling: SamplingParams, *, pooled: bool = False) -> t
     engine again, beside a stream that started first."""
 
     async def scenario() -> tuple[Answer, Answer, Answer]:
-        fresh = make_engine(model, pooled=pooled)
-        await fresh.start()
-        try:
+        async with started(model, pooled=pooled) as fresh:
             prompt = fresh.tokenize(SYSTEM + "what is the question")
             alone = await complete(fresh, prompt, sampling)
-        finally:
-            await fresh.stop()
-        engine = make_engine(model, pooled=pooled)
-        await engine.start()
-        try:
+        async with started(model, pooled=pooled) as engine:
             for other in ("and something else", "what is", SYSTEM[:50]):
                 await complete(engine, engine.tokenize(SYSTEM + other), SamplingParams(temperature=0.7), max_tokens=5)
             after = await complete(engine, prompt, sampling)
-        finally:
-            await engine.stop()
-        busy = make_engine(model, pooled=pooled)
-        await busy.start()
-        try:
+        async with started(model, pooled=pooled) as busy:
             other = busy.generate(GenerationRequest(id="other", prompt_tokens=busy.tokenize("a long story " * 3),
                                                     max_tokens=400, sampling=SamplingParams(temperature=0.7)))  # fmt: skip
             assert isinstance(await anext(other), TextDelta)  # it is generating now
             beside = await complete(busy, prompt, sampling)
             await other.aclose()
-        finally:
-            await busy.stop()
         return alone, after, beside
 
     return asyncio.run(scenario())
@@ -97,16 +86,12 @@ def test_a_request_that_reserves_a_whole_shared_pool_still_completes_beside_its_
     """The padding token of a lone step takes a cell the reservation leaves free: the decode never finds the pool full."""
 
     async def scenario() -> None:
-        engine = LlamaBatchEngine(tiny_model, ModelCard(name="tiny-full", sha256="0" * 64, n_ctx=256), n_seq_max=2,
-                                  n_ctx_per_seq=256, kv_cells=256, queue_size=2, n_threads=1)  # fmt: skip
-        await engine.start()
-        try:
+        pool = {"n_seq_max": 2, "kv_cells": 256, "queue_size": 2, "n_threads": 1}
+        async with running_engine(tiny_model, "tiny-full", **pool) as engine:
             prompt = engine.tokenize("the water " * 10)
             request = GenerationRequest(id="full", prompt_tokens=prompt, max_tokens=256 - len(prompt),
                                         sampling=SamplingParams(temperature=0.0, grammar="root ::= [a-z ] root"))  # fmt: skip
             events = [event async for event in engine.generate(request)]
-        finally:
-            await engine.stop()
         assert events[-1] == Finished("length", prompt_tokens=len(prompt), completion_tokens=256 - len(prompt))
 
     asyncio.run(scenario())

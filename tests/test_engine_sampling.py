@@ -6,17 +6,17 @@ import asyncio
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 
-from sealbox.runtime.engine.base import Finished, GenerationRequest, ModelCard, SamplingParams, TextDelta
+from sealbox.runtime.engine.base import Finished, GenerationRequest, SamplingParams
 from sealbox.runtime.engine.llama_batch import LlamaBatchEngine
+from engine_support import collect, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def make_engine(model: Path, **options: object) -> LlamaBatchEngine:
-    settings = {"n_seq_max": 8, "n_ctx_per_seq": 256, "queue_size": 16, "n_threads": 2} | options
-    return LlamaBatchEngine(model, ModelCard(name="tiny-sampling", sha256="0" * 64, n_ctx=256), **settings)
+started = partial(running_engine, name="tiny-sampling", n_seq_max=8)
 
 
 async def complete(engine: LlamaBatchEngine, prompt: str, *, max_tokens: int = 32,
@@ -24,14 +24,7 @@ async def complete(engine: LlamaBatchEngine, prompt: str, *, max_tokens: int = 3
     request = GenerationRequest(
         id=prompt, prompt_tokens=engine.tokenize(prompt), max_tokens=max_tokens, sampling=sampling, stop=stop
     )
-    text, finished = [], None
-    async for event in engine.generate(request):
-        if isinstance(event, TextDelta):
-            text.append(event.text)
-        else:
-            finished = event
-    assert finished is not None
-    return "".join(text), finished
+    return await collect(engine, request)
 
 
 def run(scenario) -> None:
@@ -40,9 +33,7 @@ def run(scenario) -> None:
 
 def test_the_same_seed_gives_the_same_text_at_temperature_above_zero(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             seeded = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
             other = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=98765)
             prompt = "the people of the water"
@@ -56,8 +47,6 @@ def test_the_same_seed_gives_the_same_text_at_temperature_above_zero(tiny_model:
             again = await complete(engine, prompt, sampling=seeded)
             different = await complete(engine, prompt, sampling=other)
             greedy = await complete(engine, prompt)
-        finally:
-            await engine.stop()
         assert first == second == again
         assert first[0] != different[0] or first[0] != greedy[0], "sampling at temperature 1 ignored the seed"
 
@@ -72,17 +61,13 @@ ws     ::= [ ]?
 '''
 
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             results = await asyncio.gather(*(
                 complete(engine, f"answer me {i}", max_tokens=64,
                          sampling=SamplingParams(temperature=1.0, seed=i, grammar=grammar))
                 for i in range(6)
             ))
             free_text, _ = await complete(engine, "answer me 0", max_tokens=64)
-        finally:
-            await engine.stop()
         for text, finished in results:
             assert finished.reason == "stop", f"the grammar completed, so generation should end: {text!r}"
             assert re.fullmatch(r'\{ ?"answer" ?: ?("yes"|"no"|[0-9]|[1-9][0-9]) ?\}', text), text
@@ -94,15 +79,11 @@ ws     ::= [ ]?
 
 def test_a_stop_string_ends_the_stream_and_is_not_sent(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             full, _ = await complete(engine, "the day of the water", max_tokens=48)
             stop = full[len(full) // 2 : len(full) // 2 + 3]
             assert len(stop) == 3
             cut, finished = await complete(engine, "the day of the water", max_tokens=48, stop=(stop,))
-        finally:
-            await engine.stop()
         assert cut == full[: full.index(stop)]
         assert finished.reason == "stop"
         assert finished.completion_tokens < 48
@@ -112,17 +93,13 @@ def test_a_stop_string_ends_the_stream_and_is_not_sent(tiny_model: Path) -> None
 
 def test_a_repeat_penalty_changes_greedy_output_only_for_its_request(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model)
-        await engine.start()
-        try:
+        async with started(tiny_model) as engine:
             prompt = "had had had had had had"
             plain, penalised, plain_again = await asyncio.gather(
                 complete(engine, prompt, max_tokens=32),
                 complete(engine, prompt, max_tokens=32, sampling=SamplingParams(temperature=0.0, repeat_penalty=5.0)),
                 complete(engine, prompt, max_tokens=32),
             )
-        finally:
-            await engine.stop()
         assert plain == plain_again
         assert penalised[0] != plain[0]
 
@@ -131,13 +108,9 @@ def test_a_repeat_penalty_changes_greedy_output_only_for_its_request(tiny_model:
 
 def test_embeddings_are_unit_vectors_that_depend_on_the_text(tiny_model: Path) -> None:
     async def scenario() -> None:
-        engine = make_engine(tiny_model, embeddings=True)
-        await engine.start()
-        try:
+        async with started(tiny_model, embeddings=True) as engine:
             embedded = await engine.embed(["the water of the day", "people", "the water of the day"])
             first, second, first_again = embedded.vectors
-        finally:
-            await engine.stop()
         assert math.isclose(math.fsum(x * x for x in first), 1.0, rel_tol=1e-4)
         assert first == first_again
         assert first != second

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.models.synthetic import write_test_model
 from tests.install_support import make_keys
 from tests.server_support import ServerProcess, create_api_key, sealbox
@@ -118,7 +119,7 @@ def test_gate_refuses_a_delta_whose_suite_fails_while_v1_keeps_serving_then_v3_g
         v2 = tmp_path / "v2"
         _create(v2, keys, 2, v2_model, v1_suite, "--base", str(v1))
         refused = _install(v2, root)
-        assert refused.returncode == 29, refused.stderr
+        assert refused.returncode == ExitCode.EVALUATION_FAILED, refused.stderr
         assert "demo version 2 not activated: evaluation FAILED" in refused.stderr
         assert "continue-a-sentence" in refused.stderr
         assert (root / "current").readlink() == Path("releases/demo-1")
@@ -177,12 +178,12 @@ def test_skip_eval_is_refused_without_an_answer_and_recorded_when_confirmed(tmp_
     _create(bundle, keys, 1, _model(tmp_path / "m", seed=0), suite)
 
     declined = _install(bundle, root, "--skip-eval", input="")
-    assert declined.returncode == 29, declined.stderr
+    assert declined.returncode == ExitCode.EVALUATION_FAILED, declined.stderr
     assert "--skip-eval for demo version 1 was not confirmed" in declined.stderr
     assert not (root / "current").exists()
 
     failed = _install(bundle, root)
-    assert failed.returncode == 29 and "failing: continue-a-sentence" in failed.stderr
+    assert failed.returncode == ExitCode.EVALUATION_FAILED and "failing: continue-a-sentence" in failed.stderr
     assert not (root / "current").exists()
 
     skipped = _install(bundle, root, "--skip-eval", "--yes")
@@ -196,7 +197,7 @@ def test_skip_eval_is_refused_without_an_answer_and_recorded_when_confirmed(tmp_
 
     # On demand, a suite the live release fails: exit 29, recorded, and the doctor reports the drift as a failure.
     drifted = sealbox("eval", "--suite", str(suite), root=root, check=False)
-    assert drifted.returncode == 29, drifted.stderr
+    assert drifted.returncode == ExitCode.EVALUATION_FAILED, drifted.stderr
     assert "evaluation FAILED: 0/2" not in drifted.stdout and "evaluation FAILED: 1/2 cases" in drifted.stdout
     assert [f["passed"] for name, f in _exported_events(root, tmp_path) if name == "eval.run"] == [False]
     doctor = json.loads(sealbox("doctor", "--json", root=root, check=False).stdout)
@@ -231,6 +232,6 @@ def test_a_bundle_with_two_suites_is_refused_before_anything_goes_live(tmp_path:
     items = [model_item(_model(tmp_path / "m", seed=0)), Item("eval", "eval/a.json", first), Item("eval", "eval/b.json", second)]
     bundle = Publisher(keys).publish(tmp_path / "b", items, version=1)
     refused = _install(bundle, root)
-    assert refused.returncode == 29, refused.stderr
+    assert refused.returncode == ExitCode.EVALUATION_FAILED, refused.stderr
     assert "carries 2 evaluation suites" in refused.stderr
     assert not (root / "current").exists()

@@ -10,12 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import typer
-from typer.testing import CliRunner
 
-import sealbox.bundler.cli.install  # noqa: F401  (adds install, list, rollback, gc to bundle_app)
-from sealbox.bundler.cli.bundle import bundle_app
-from sealbox.bundler.cli.trust import trust_app
 from sealbox.bundler.errors import (
     DigestMismatchError,
     ExpiredError,
@@ -28,14 +23,10 @@ from sealbox.bundler.install import DowngradeDeclinedError, InstallRequest, Roll
 from sealbox.bundler.manifest import MANIFEST_FILE
 from sealbox.bundler.releases import Releases
 from sealbox.bundler.trust import TrustStore
-from install_support import Item, Publisher, audit_events, make_keys, model_item, snapshot, trust, write_gguf
+from install_support import Item, Publisher, app, audit_events, make_keys, model_item, runner, snapshot, trust, write_gguf
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import default_policy_text
 
-app = typer.Typer()
-app.add_typer(bundle_app, name="bundle")
-app.add_typer(trust_app, name="trust")
-runner = CliRunner(env={"COLUMNS": "400"})
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +66,19 @@ def current_label(host: HostRoot) -> str:
     return Path(os.readlink(host.current)).name
 
 
+def publish_alpha_and(publisher: Publisher, models: dict[str, Path], tmp_path: Path, item: Item,
+                      text: str) -> tuple[Path, Path]:  # fmt: skip
+    """Version 1 of the bundle: the alpha model and `item`, whose source file is written with `text` first; returns the
+    bundle and that source file."""
+    item.file.write_text(text)
+    return publisher.publish(tmp_path / "b1", [model_item(models["alpha"]), item], version=1), item.file
+
+
 def test_install_builds_the_release_the_server_reads_and_makes_it_current(
     host: HostRoot, publisher: Publisher, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    notes = tmp_path / "notes.txt"
-    notes.write_text("read me\n")
-    bundle = publisher.publish(
-        tmp_path / "b1", [model_item(models["alpha"]), Item("file", "files/notes.txt", notes)], version=1
-    )
+    notes = Item("file", "files/notes.txt", tmp_path / "notes.txt")
+    bundle, _ = publish_alpha_and(publisher, models, tmp_path, notes, "read me\n")
     result = install(host, bundle)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -120,11 +116,9 @@ def test_install_builds_the_release_the_server_reads_and_makes_it_current(
 def test_the_release_keeps_the_bundle_policy_in_force(
     host: HostRoot, publisher: Publisher, models: dict[str, Path], tmp_path: Path
 ) -> None:
-    policy = tmp_path / "site.toml"
-    policy.write_text('[service]\nuser = "llm"\nclient_networks = ["10.20.0.0/16"]\ngpu_devices = []\n')
-    bundle = publisher.publish(
-        tmp_path / "b1", [model_item(models["alpha"]), Item("policy", "policies/site.toml", policy)], version=1
-    )
+    site = Item("policy", "policies/site.toml", tmp_path / "site.toml")
+    policy_text = '[service]\nuser = "llm"\nclient_networks = ["10.20.0.0/16"]\ngpu_devices = []\n'
+    bundle, policy = publish_alpha_and(publisher, models, tmp_path, site, policy_text)
     assert install(host, bundle).exit_code == 0
     release = host.releases / "demo-1"
     assert (release / "policy.toml").read_text() == policy.read_text()

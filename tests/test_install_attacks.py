@@ -55,6 +55,14 @@ def refusal(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def assert_refused_and_recorded(root: Path, result: subprocess.CompletedProcess[str], error: str, exit_code: int) -> None:
+    """The install was refused with `error` and its own exit code, and the audit log's last event says so."""
+    assert result.returncode == exit_code, (result.returncode, result.stderr)
+    assert refusal(result)["error"] == error
+    event, fields = audit_events(root)[-1]
+    assert event == "bundle.refused" and fields["error"] == error and fields["exit_code"] == exit_code
+
+
 def current(root: Path) -> str:
     return Path(os.readlink(root / "current")).name
 
@@ -117,11 +125,9 @@ def test_an_older_bundle_under_another_name_that_opens_egress_never_becomes_curr
         tmp_path / "stale", [model_item(models["beta"]), Item("policy", "policy.toml", files["open"])], name="other", version=1
     )
     result = install(root, stale)
-    assert result.returncode == 20, result.stderr
-    assert refusal(result)["error"] == "NameChangeError" and "runs bundles named demo" in result.stderr
+    assert_refused_and_recorded(root, result, "NameChangeError", 20)
+    assert "runs bundles named demo" in result.stderr
     assert current(root) == "demo-5" and not (root / "releases" / "other-1").exists()
-    event, fields = audit_events(root)[-1]
-    assert event == "bundle.refused" and fields["error"] == "NameChangeError" and fields["exit_code"] == 20
 
 
 def test_replacing_the_bundle_name_is_refused_without_a_terminal_to_confirm_it_and_recorded(
@@ -130,11 +136,8 @@ def test_replacing_the_bundle_name_is_refused_without_a_terminal_to_confirm_it_a
     assert install(root, publisher.publish(tmp_path / "demo1", [model_item(models["alpha"])], version=1)).returncode == 0
     other = publisher.publish(tmp_path / "other", [model_item(models["beta"])], name="other", version=9)
     result = install(root, other, "--replace-name", "--yes")  # --yes answers a downgrade, never a name change
-    assert result.returncode == 28, result.stderr
-    assert refusal(result)["error"] == "NameChangeDeclinedError"
+    assert_refused_and_recorded(root, result, "NameChangeDeclinedError", 28)
     assert current(root) == "demo-1"
-    event, fields = audit_events(root)[-1]
-    assert event == "bundle.refused" and fields["error"] == "NameChangeDeclinedError" and fields["exit_code"] == 28
 
 
 def test_a_confirmed_name_replacement_is_recorded_and_the_old_name_cannot_come_back_as_a_side_effect(
@@ -162,21 +165,27 @@ def test_a_declined_downgrade_exits_with_its_own_code_and_is_recorded(
 ) -> None:
     assert install(root, publisher.publish(tmp_path / "b2", [model_item(models["alpha"])], version=2)).returncode == 0
     result = install(root, publisher.publish(tmp_path / "b1", [model_item(models["beta"])], version=1), "--allow-downgrade")
-    assert result.returncode == 28, (result.returncode, result.stderr)
-    assert refusal(result)["error"] == "DowngradeDeclinedError" and "Aborted" not in result.stderr
-    event, fields = audit_events(root)[-1]
-    assert event == "bundle.refused" and fields["error"] == "DowngradeDeclinedError" and fields["exit_code"] == 28
+    assert_refused_and_recorded(root, result, "DowngradeDeclinedError", 28)
+    assert "Aborted" not in result.stderr
     assert current(root) == "demo-2"
 
 
 # -- 2. blobs reused from the store are re-verified ---------------------------------------------------------------
 
 
+def install_model_policy_and_notes(
+    root: Path, publisher: Publisher, models: dict[str, Path], files: dict[str, Path], tmp_path: Path
+) -> list[Item]:
+    """Release 1 (the alpha model, a policy and a notes file), installed; returns its items for the next release."""
+    items = [model_item(models["alpha"]), Item("policy", "policy.toml", files["policy"]), Item("file", "notes.txt", files["notes"])]
+    assert install(root, publisher.publish(tmp_path / "b1", items, version=1)).returncode == 0
+    return items
+
+
 def test_a_store_blob_with_one_flipped_byte_never_goes_live_in_the_next_release(
     root: Path, publisher: Publisher, models: dict[str, Path], files: dict[str, Path], tmp_path: Path
 ) -> None:
-    items = [model_item(models["alpha"]), Item("policy", "policy.toml", files["policy"]), Item("file", "notes.txt", files["notes"])]
-    assert install(root, publisher.publish(tmp_path / "b1", items, version=1)).returncode == 0
+    items = install_model_policy_and_notes(root, publisher, models, files, tmp_path)
     store = root / "store" / "sha256"
     flip_byte(store / digest_of(files["policy"]))
     flip_byte(store / digest_of(files["notes"]))
@@ -211,8 +220,7 @@ def test_a_delta_whose_base_blob_was_tampered_in_the_store_is_refused(
 def test_the_doctor_checks_the_policy_and_every_file_of_the_release_against_the_signed_digests(
     root: Path, publisher: Publisher, models: dict[str, Path], files: dict[str, Path], tmp_path: Path
 ) -> None:
-    items = [model_item(models["alpha"]), Item("policy", "policy.toml", files["policy"]), Item("file", "notes.txt", files["notes"])]
-    assert install(root, publisher.publish(tmp_path / "b1", items, version=1)).returncode == 0
+    install_model_policy_and_notes(root, publisher, models, files, tmp_path)
 
     def release_files() -> dict[str, object]:
         done = sealbox("doctor", "--root", str(root), "--json")

@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from openai import OpenAI
 
 from audit_records import audit_bytes, audit_records, records_of, the_record_of
-from server_support import ServerProcess, create_api_key, sealbox
+from server_support import KeyedServer, ServerProcess, create_api_key, sealbox
 
 MAX_TOKENS_CAP = 800
 BODY_LIMIT = 65536
@@ -37,20 +35,8 @@ MARKER = "quokka-tangerine-4711"  # a prompt word that must never reach the log 
 
 
 @dataclass
-class Served:
-    server: ServerProcess
-    key: str
+class Served(KeyedServer):
     model_sha256: str
-
-    @property
-    def audit(self) -> Path:
-        return self.server.root / "audit"
-
-    def client(self) -> OpenAI:
-        return OpenAI(base_url=self.server.base_url, api_key=self.key, max_retries=0)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.server.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=60)
 
 
 def serve(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, policy_text: str) -> Iterator[Served]:

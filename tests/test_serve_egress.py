@@ -64,10 +64,6 @@ class Guarded:
     server: ServerProcess
     listeners: Listeners
 
-    @property
-    def audit(self) -> Path:
-        return self.server.root / "audit"
-
     def attempt(self, operation: str, host: str, port: int, *, on_the_loop: bool = False) -> dict[str, object]:
         path = "/_test/egress/async" if on_the_loop else "/_test/egress"
         answer = httpx.post(f"{self.server.url}{path}", json={"operation": operation, "host": host, "port": port},
@@ -78,7 +74,7 @@ class Guarded:
         return outcome
 
     def blocked(self) -> list[tuple[str, str]]:
-        return [(r.fields["destination"], r.fields["operation"]) for r in audit_records(self.audit)
+        return [(r.fields["destination"], r.fields["operation"]) for r in audit_records(self.server.audit)
                 if r.event == "egress.blocked"]  # fmt: skip
 
 
@@ -145,13 +141,19 @@ def test_a_datagram_to_a_loopback_port_the_policy_allows_arrives(guarded: Guarde
 # --- what it may not -------------------------------------------------------------------------------------------
 
 
+def assert_refused_once(guarded: Guarded, call: str, loopback_port: int) -> None:
+    """The server process's `socket.<call>` to a loopback port outside the policy fails with the guard's reason and is
+    recorded as one block."""
+    destination = f"127.0.0.1:{loopback_port}"
+    outcome = refused(guarded.attempt(call, "127.0.0.1", loopback_port))
+    assert f"socket.{call} to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert guarded.blocked().count((destination, f"socket.{call}")) == 1
+
+
 def test_the_server_process_is_refused_a_loopback_port_the_policy_does_not_allow(guarded: Guarded):
     listener = guarded.listeners.tcp_forbidden
-    destination = f"127.0.0.1:{port(listener)}"
-    outcome = refused(guarded.attempt("connect", "127.0.0.1", port(listener)))
-    assert f"socket.connect to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert_refused_once(guarded, "connect", port(listener))
     assert first_connection_is_the_tests_own(listener), "a refused connect reached the test's listener"
-    assert guarded.blocked().count((destination, "socket.connect")) == 1
 
 
 def test_the_server_process_is_refused_on_its_event_loop_too(guarded: Guarded):
@@ -171,16 +173,13 @@ def test_the_server_process_is_refused_resolving_a_host_name_before_any_lookup(g
 
 def test_the_server_process_is_refused_udp_to_a_loopback_port_the_policy_does_not_allow(guarded: Guarded):
     receiver = guarded.listeners.udp_forbidden
-    destination = f"127.0.0.1:{port(receiver)}"
-    outcome = refused(guarded.attempt("sendto", "127.0.0.1", port(receiver)))
-    assert f"socket.sendto to {destination}: not in the egress allowlist" in str(outcome["error"])
+    assert_refused_once(guarded, "sendto", port(receiver))
     assert first_datagram_is_the_tests_own(receiver), "a refused datagram reached the test's receiver"
-    assert guarded.blocked().count((destination, "socket.sendto")) == 1
 
 
 def test_every_refusal_is_an_egress_blocked_record_in_the_servers_chain_and_only_refusals_are(guarded: Guarded):
     refused(guarded.attempt("connect", "127.0.0.1", port(guarded.listeners.tcp_forbidden)))
-    records = audit_records(guarded.audit)
+    records = audit_records(guarded.server.audit)
     assert [r.seq for r in records] == list(range(1, len(records) + 1))  # one chain: the server's
     blocked = [r.fields for r in records if r.event == "egress.blocked"]
     assert blocked and all(set(fields) == {"destination", "operation"} for fields in blocked)

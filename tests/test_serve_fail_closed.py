@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from audit_records import audit_records, records_of
-from server_support import SEALBOX, ServerProcess, create_api_key, sealbox
+from server_support import SEALBOX, KeyedServer, ServerProcess, create_api_key, sealbox
 
 PAGE = 4096
 MAX_ATTEMPTS = 64  # the log has room for fewer than a dozen records: far fewer requests than this reach the failure
@@ -55,14 +55,8 @@ class FileSizeLimitedServer(ServerProcess):
 
 
 @dataclass
-class FailingDisk:
+class FailingDisk(KeyedServer):
     mode: str
-    server: ServerProcess
-    key: str
-
-    @property
-    def audit(self) -> Path:
-        return self.server.root / "audit"
 
     def make_room(self) -> None:
         """Give the disk room again, without touching the server: what an operator freeing space does."""
@@ -72,10 +66,6 @@ class FailingDisk:
             assert self.server.process is not None
             unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
             resource.prlimit(self.server.process.pid, resource.RLIMIT_FSIZE, unlimited)  # raising soft to hard
-
-    def http(self, **headers: str) -> httpx.Client:
-        return httpx.Client(base_url=self.server.url, timeout=60,
-                            headers={"Authorization": f"Bearer {self.key}", **headers})  # fmt: skip
 
 
 def _mount_tmpfs(where: Path) -> str | None:
@@ -126,7 +116,7 @@ def failing(request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path) ->
             _take_every_free_page(root / "audit")
         else:
             assert _file_size_limit(server) == PAGE, "the server process itself (not a wrapper) carries the limit"
-        yield FailingDisk(request.param, server, key)
+        yield FailingDisk(server, key, request.param)
     finally:
         server.stop()
         if mounted:

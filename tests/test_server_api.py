@@ -19,6 +19,7 @@ import pytest
 from openai import omit
 
 from server_support import ServerProcess, create_api_key, sealbox
+from server_support import api_key, root, server  # noqa: F401, F811  (module fixtures)
 
 CONTEXT = 512
 MAX_TOKENS = 256
@@ -30,22 +31,6 @@ max_sequences = 4
 queue_size = 16
 """
 HELLO = [{"role": "user", "content": "hello world"}]
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("appliance")
-
-
-@pytest.fixture(scope="module")
-def api_key(root: Path) -> str:
-    return create_api_key(root, "alice")
-
-
-@pytest.fixture(scope="module")
-def server(root: Path, api_key: str, tiny_model: Path, embedding_model: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(root, models=[tiny_model, embedding_model], policy_text=POLICY) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from server_support import ServerProcess, create_api_key
+from server_support import ServerProcess
+from server_support import api_key, root, server  # noqa: F401, F811  (module fixtures)
 
 MAX_BODY = 64 * 1024
 MAX_TOKENS = 64
@@ -32,22 +32,6 @@ ANY = object()
 """The case names no `param` to check."""
 JSON = {"content-type": "application/json"}
 USER = {"role": "user", "content": "hello"}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("appliance")
-
-
-@pytest.fixture(scope="module")
-def api_key(root: Path) -> str:
-    return create_api_key(root, "fuzzer")
-
-
-@pytest.fixture(scope="module")
-def server(root: Path, api_key: str, tiny_model: Path, embedding_model: Path) -> Iterator[ServerProcess]:
-    with ServerProcess(root, models=[tiny_model, embedding_model], policy_text=POLICY) as process:
-        yield process
 
 
 @pytest.fixture(scope="module")

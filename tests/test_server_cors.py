@@ -13,21 +13,12 @@ import httpx
 import pytest
 
 from server_support import ServerProcess, create_api_key
+from server_support import api_key, root  # noqa: F401, F811  (module fixtures)
 
 ALLOWED = "http://chat.example.internal:3000"
 STRANGER = "http://evil.example"
 PREFLIGHT = {"access-control-request-method": "POST", "access-control-request-headers": "authorization, content-type"}
 HELLO = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("appliance")
-
-
-@pytest.fixture(scope="module")
-def api_key(root: Path) -> str:
-    return create_api_key(root, "browser")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from sealbox.bundler.blobs import DEFAULT_MAX_PART_SIZE
-from sealbox.bundler.cli.keys import fail, open_signer
+from sealbox.bundler.cli.keys import open_signer
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.errors import BundleError, InputError, KeyFileError
 from sealbox.bundler.keys import load_public_key
@@ -25,6 +25,8 @@ from sealbox.bundler.manifest import Target, format_time
 from sealbox.bundler.signing import check_signatures
 from sealbox.bundler.verify import failure_to_dict, read_unverified, verify_bundle
 from sealbox.runtime.cli.lazy_group import lazy_group
+from sealbox.runtime.cli.refusal import refuse
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.sizes import HELP as SIZE_HELP
 from sealbox.runtime.sizes import format_size, parse_size
 
@@ -49,15 +51,15 @@ def _refusals(as_json: bool = False) -> Iterator[None]:
     except BundleError as exc:
         if as_json:
             typer.echo(json.dumps(failure_to_dict(exc)))
-        raise fail(exc, exc.exit_code) from exc
+        raise refuse(exc) from exc
     except (InputError, KeyFileError) as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}))
-        raise fail(exc, exc.exit_code) from exc
+        raise refuse(exc) from exc
     except OSError as exc:
         if as_json:
             typer.echo(json.dumps({"ok": False, "error": "OSError", "exit_code": 1, "message": str(exc)}))
-        raise fail(exc, 1) from exc
+        raise refuse(exc, ExitCode.FAILED) from exc
 
 
 def _size_option(text: str | int) -> int:

@@ -20,7 +20,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.bundler.audit_trail import AuditTrailError
-from sealbox.bundler.cli.keys import fail
 from sealbox.bundler.cli.progress import stderr_progress
 from sealbox.bundler.delta import DeltaBaseError
 from sealbox.bundler.errors import BundleError
@@ -31,6 +30,7 @@ from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.runtime.evaluation import evaluation_text, read_result
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import PolicyError
 from sealbox.runtime.sizes import format_size
@@ -55,7 +55,16 @@ def _refusals(as_json: bool) -> Iterator[None]:
             if isinstance(exc, DeltaBaseError):
                 data["missing"] = [item.to_dict() for item in exc.missing]
             typer.echo(json.dumps(data))
-        raise fail(exc, code) from exc
+        raise refuse(exc, code) from exc
+
+
+@contextmanager
+def _locked_releases(host: HostRoot, as_json: bool) -> Iterator[Releases]:
+    """The host's releases under their lock, for one change (rollback, gc); a refusal becomes the exit code."""
+    with _refusals(as_json):
+        releases = Releases(host)
+        with releases.lock():
+            yield releases
 
 
 def _ask(question: str) -> bool:
@@ -191,11 +200,9 @@ def rollback(
 ) -> None:
     """Switch `current` back to an earlier release that the trust store accepts (atomic; recorded in the audit log)."""
     host = HostRoot.resolve(root)
-    with _refusals(as_json):
-        releases = Releases(host)
-        with releases.lock():
-            trust = TrustStore(host).policy()
-            before, after = releases.rollback(release, trust=trust, allow_untrusted=allow_untrusted)
+    with _locked_releases(host, as_json) as releases:
+        trust = TrustStore(host).policy()
+        before, after = releases.rollback(release, trust=trust, allow_untrusted=allow_untrusted)
     if as_json:
         typer.echo(json.dumps({"ok": True, "from": before.label if before else None, "to": after.label}))
         return
@@ -209,11 +216,9 @@ def gc(
 ) -> None:
     """Remove releases beyond the last N (never the current one) and store blobs no kept release uses."""
     host = HostRoot.resolve(root)
-    with _refusals(as_json):
-        releases = Releases(host)
-        with releases.lock():
-            count = keep if keep is not None else policy_in_force(host).releases.keep
-            result = releases.gc(count)
+    with _locked_releases(host, as_json) as releases:
+        count = keep if keep is not None else policy_in_force(host).releases.keep
+        result = releases.gc(count)
     if as_json:
         typer.echo(json.dumps({"ok": True, "keep": count, **result.to_dict()}))
         return

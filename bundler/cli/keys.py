@@ -14,6 +14,7 @@ from securesystemslib.signer import CryptoSigner
 from sealbox.bundler.errors import KeyFileError
 from sealbox.bundler.keys import PASSPHRASE_ENV, generate_key_pair, load_signer, private_key_is_encrypted
 from sealbox.runtime.cli.lazy_group import lazy_group
+from sealbox.runtime.cli.refusal import refuse
 
 keys_app = typer.Typer(
     help="Publisher keys (Ed25519) that sign bundles; `keys api` for the server's API keys.",
@@ -35,14 +36,6 @@ def open_signer(path: Path) -> CryptoSigner:
     return load_signer(path, passphrase=secret)
 
 
-def fail(error: Exception, code: int) -> typer.Exit:
-    from rich.console import Console  # here, not at the top: a command that succeeds never needs rich
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[bold red]sealbox: refused:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
 @keys_app.command("generate")
 def generate(
     name: Annotated[str, typer.Argument(help="Key name: files NAME.key and NAME.pub.")],
@@ -57,7 +50,7 @@ def generate(
         secret = None if no_encryption else passphrase(f"Passphrase for {name}.key", confirm=True)
         files = generate_key_pair(name, out, passphrase=secret)
     except KeyFileError as exc:
-        raise fail(exc, exc.exit_code) from exc
+        raise refuse(exc) from exc
     if as_json:
         typer.echo(
             json.dumps(

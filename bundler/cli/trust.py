@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.bundler.audit_trail import AuditTrailError
-from sealbox.bundler.cli.keys import fail
-from sealbox.bundler.trust import TrustStore, TrustStoreError
+from sealbox.bundler.trust import TrustedKey, TrustStore, TrustStoreError
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
 
 trust_app = typer.Typer(help="Publisher keys this host trusts to sign bundles, and how many must sign.", no_args_is_help=True)
@@ -31,7 +32,19 @@ def _store(root: Path | None) -> TrustStore:
 
 
 def _refused(exc: TrustStoreError | AuditTrailError) -> typer.Exit:
-    return fail(exc, exc.exit_code)
+    return refuse(exc)
+
+
+def _change(change: Callable[[TrustStore], TrustedKey], *, root: Path | None, as_json: bool, done: str) -> None:
+    """Add or remove one key (recorded in the audit trail) and print the key it was about: `<done> key <id> (<name>)`."""
+    try:
+        changed = change(_store(root))
+    except (TrustStoreError, AuditTrailError) as exc:
+        raise _refused(exc) from exc
+    if as_json:
+        typer.echo(json.dumps(changed.to_dict()))
+        return
+    typer.echo(f"{done} key {changed.key_id} ({changed.name})")
 
 
 @trust_app.command("add")
@@ -42,14 +55,7 @@ def add(
     as_json: JsonOption = False,
 ) -> None:
     """Trust a publisher key. Compare its key id with the publisher's out of band before adding it."""
-    try:
-        added = _store(root).add(public_key, name=name)
-    except (TrustStoreError, AuditTrailError) as exc:
-        raise _refused(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(added.to_dict()))
-        return
-    typer.echo(f"trusted key {added.key_id} ({added.name})")
+    _change(lambda store: store.add(public_key, name=name), root=root, as_json=as_json, done="trusted")
 
 
 @trust_app.command("list")
@@ -80,14 +86,7 @@ def remove(
     as_json: JsonOption = False,
 ) -> None:
     """Stop trusting a key; bundles signed only by it no longer install."""
-    try:
-        removed = _store(root).remove(key)
-    except (TrustStoreError, AuditTrailError) as exc:
-        raise _refused(exc) from exc
-    if as_json:
-        typer.echo(json.dumps(removed.to_dict()))
-        return
-    typer.echo(f"removed key {removed.key_id} ({removed.name})")
+    _change(lambda store: store.remove(key), root=root, as_json=as_json, done="removed")
 
 
 @trust_app.command("threshold")

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealbox.runtime.audit.errors import AuditFormatError, AuditKeyError
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.audit.record import canonical
 
 PRIVATE_KEY_NAME = "audit-key"
@@ -214,7 +215,7 @@ class AuditKey:
             raise AuditKeyError(f"{private_path}: not an Ed25519 key")
         key = cls(private)
         if not public_path.exists():
-            _write_new(public_path, key.public_pem().encode(), 0o644, owner)
+            write_atomically(public_path, key.public_pem().encode(), mode=0o644, owner=owner)
         return key
 
     @classmethod
@@ -224,35 +225,11 @@ class AuditKey:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         try:
-            _write_new(private_path, pem, 0o600, owner)
+            write_atomically(private_path, pem, mode=0o600, owner=owner)
             public_path.unlink(missing_ok=True)  # a stray public key from an earlier key would mislead auditors
-            _write_new(public_path, key.public_pem().encode(), 0o644, owner)
+            write_atomically(public_path, key.public_pem().encode(), mode=0o644, owner=owner)
         except OSError as exc:
             raise AuditKeyError(f"{private_path}: cannot create the host audit key: {exc.strerror}") from exc
         return key
 
 
-def _write_new(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None) -> None:
-    """Write a new file durably: temp file with the final mode from the start, fsync, rename, fsync the directory."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(temp, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,6 +32,7 @@ from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, PUBLIC_KEY_NAME, 
 from sealbox.runtime.audit.errors import AuditFormatError
 from sealbox.runtime.audit.record import canonical, format_time, stated_hash
 from sealbox.runtime.audit.segment import list_segments
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.audit.verify import CSV_COLUMNS, EXPORT_FORMAT, companion_path, export_statement
 
 ExportFormat = Literal["jsonl", "csv"]
@@ -187,12 +187,12 @@ def export_log(
     }
     companion = None
     if fmt == "jsonl":
-        _write_atomically(out, [canonical(header) + b"\n", *lines])
+        write_atomically(out, [canonical(header) + b"\n", *lines], mode=0o600)
     elif fmt == "csv":
         header["records_file"] = out.name
         companion = companion_path(out)
-        _write_atomically(out, [_csv_bytes(lines)])
-        _write_atomically(companion, [json.dumps(header, indent=2, ensure_ascii=False).encode() + b"\n"])
+        write_atomically(out, [_csv_bytes(lines)], mode=0o600)
+        write_atomically(companion, json.dumps(header, indent=2, ensure_ascii=False).encode() + b"\n", mode=0o600)
     else:
         raise AuditFormatError(f"unknown export format {fmt!r}: use jsonl or csv")
     return ExportResult(out, len(lines), first_seq, last_seq, window_last, companion)
@@ -229,16 +229,3 @@ def _cell(value: object) -> str:
     return "'" + text if text.startswith(_SPREADSHEET_FORMULA) else text
 
 
-def _write_atomically(path: Path, chunks: list[bytes]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sealbox.runtime.audit.errors import AuditFormatError
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.audit.verify import VerificationReport, verify_export
 
 MERGE_FORMAT = "sealbox-audit-merge"
@@ -79,19 +79,8 @@ def merge_exports(parts: list[Part], out: Path) -> dict[str, object]:
                         "first_seq": report.first_seq, "last_seq": report.last_seq})  # fmt: skip
         bodies.append(data)
     manifest = {"format": MERGE_FORMAT, "parts": entries}
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode() + b"\n")
-            for body in bodies:
-                stream.write(body)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, out)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    head = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    write_atomically(out, [head, *bodies], mode=0o600)
     return manifest
 
 

@@ -14,10 +14,11 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, Checkpoint, fsync_directory
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, Checkpoint
 from sealbox.runtime.audit.record import RecordError, canonical, format_time, parse_record
 from sealbox.runtime.audit.segment import Segment, list_segments, read_last_line, torn_files
-from sealbox.runtime.audit.tail import ChainTail, PendingRecord, write_all
+from sealbox.runtime.durable_file import fsync_directory, write_atomically
+from sealbox.runtime.audit.tail import ChainTail, PendingRecord
 
 
 @dataclass(frozen=True)
@@ -122,16 +123,7 @@ def _drop_checkpoints_before(tail: ChainTail, anchor: int) -> None:
         except ValueError:
             pass
         kept.append(line)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        if tail.owner is not None:
-            os.fchown(fd, *tail.owner)
-        write_all(fd, b"".join(kept))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
+    write_atomically(path, kept, mode=0o600, owner=tail.owner)
 
 
 def _remove_old_torn_files(tail: ChainTail, cutoff: float) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, AuditKey, Checkpoint, fsync_directory
+from sealbox.runtime.audit.checkpoint import CHECKPOINTS_NAME, AuditKey, Checkpoint
 from sealbox.runtime.audit.errors import AuditUnavailableError
 from sealbox.runtime.audit.record import (
     GENESIS,
@@ -37,6 +37,7 @@ from sealbox.runtime.audit.record import (
     stated_hash,
 )
 from sealbox.runtime.audit.segment import SEGMENT_MAX_BYTES, SEGMENT_MAX_RECORDS, Segment, list_segments, read_last_line
+from sealbox.runtime.durable_file import fsync_directory
 from sealbox.runtime.audit.verify import ChainVerifier, TailBound
 
 LOCK_NAME = ".lock"

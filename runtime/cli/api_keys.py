@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sealbox.runtime.api_keys import ApiKeyError, ApiKeyStore
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
 
 api_app = typer.Typer(help="API keys for `sealbox serve` (only their hashes are stored).", no_args_is_help=True)
@@ -26,11 +27,6 @@ def _store(root: Path | None) -> ApiKeyStore:
     return ApiKeyStore(HostRoot.resolve(root).api_keys)
 
 
-def _refuse(exc: ApiKeyError) -> typer.Exit:
-    _err.print(f"[bold red]sealbox: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    return typer.Exit(exc.exit_code)
-
-
 @api_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="Principal the audit log names for this key's requests.")],
@@ -42,7 +38,7 @@ def create(
     try:
         entry, secret = _store(root).create(name, purpose=purpose)
     except ApiKeyError as exc:
-        raise _refuse(exc) from exc
+        raise refuse(exc) from exc
     if as_json:
         typer.echo(json.dumps({"name": entry.name, "purpose": entry.purpose, "key": secret}))
         return
@@ -60,7 +56,7 @@ def list_keys(
     try:
         keys = _store(root).load()
     except ApiKeyError as exc:
-        raise _refuse(exc) from exc
+        raise refuse(exc) from exc
     if as_json:
         typer.echo(json.dumps([{"name": k.name, "purpose": k.purpose, "created_at": k.created_at,
                                 "revoked_at": k.revoked_at} for k in keys]))  # fmt: skip
@@ -80,5 +76,5 @@ def revoke(name: Annotated[str, typer.Argument(help="The key's name.")], root: R
     try:
         entry = _store(root).revoke(name)
     except ApiKeyError as exc:
-        raise _refuse(exc) from exc
+        raise refuse(exc) from exc
     _err.print(f"revoked {escape(entry.name)} at {entry.revoked_at}", highlight=False)

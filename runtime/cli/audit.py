@@ -20,6 +20,7 @@ from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.audit.report import ProcessingReport, Usage, build_report
 from sealbox.runtime.audit.verify import TailBound, VerificationReport, verify_path
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.policy import AuditPolicy
 
 audit_app = typer.Typer(
@@ -70,7 +71,7 @@ def export(
     directory = HostRoot.resolve(root).audit
     if not (directory / PUBLIC_KEY_NAME).exists():
         console.print(f"[red]no audit log at {escape(str(directory))}[/] ({PUBLIC_KEY_NAME} is missing)")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.USAGE)
     try:
         log = AuditLog.open(directory, AuditPolicy(), retention=False)
     except AuditUnavailableError as exc:
@@ -78,7 +79,7 @@ def export(
             "[red]cannot export:[/] an export is signed with the host audit key, and the log cannot be opened: "
             + escape(str(exc))
         )
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     try:
         through = _record_export(log, start, stop, fmt, out)
         result = export_log(
@@ -87,7 +88,7 @@ def export(
         )  # fmt: skip
     except (AuditFormatError, AuditUnavailableError, OSError) as exc:
         console.print(f"[red]export failed:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     finally:
         log.close()
     span = f"seq {result.first_seq}..{result.last_seq}" if result.records else "no records in the window"
@@ -152,13 +153,13 @@ def verify(
             typer.echo(json.dumps({"source": str(path), "ok": False, "error": str(exc)}, indent=2))
         else:
             Console(stderr=True, soft_wrap=True).print(f"[red]cannot verify:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         render_verification(report, Console(soft_wrap=True))
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def render_verification(report: VerificationReport, console: Console) -> None:
@@ -200,7 +201,7 @@ def anchor(root: RootOption = None, pubkey: PubkeyOption = None) -> None:
         data = (directory / CHECKPOINTS_NAME).read_bytes()
     except (AuditFormatError, OSError) as exc:
         console.print(f"[red]no anchor:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     newest = None
     for line in data.splitlines():
         try:
@@ -211,7 +212,7 @@ def anchor(root: RootOption = None, pubkey: PubkeyOption = None) -> None:
             newest = checkpoint
     if newest is None:
         console.print(f"[red]no anchor:[/] {CHECKPOINTS_NAME} holds no checkpoint signed by this key")
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
     typer.echo(newest.to_note(public), nl=False)
 
 
@@ -229,13 +230,13 @@ def report(
         summary = build_report(directory, since=parse_moment(since), until=parse_moment(until), pubkey=pubkey)
     except AuditFormatError as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]cannot report:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
         render_report(summary, Console())
     if summary.integrity is not None and not summary.integrity.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _usage_table(title: str, rows: dict[str, Usage]) -> Table:
@@ -304,7 +305,7 @@ def merge(
         manifest = merge_exports([Part(host, path, keys[host]) for host, path in exports.items()], out)
     except (MergeError, OSError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]merge refused:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from exc
+        raise typer.Exit(ExitCode.FAILED) from exc
     for entry in manifest["parts"]:  # type: ignore[union-attr]
         typer.echo(f"{entry['host']}: {entry['records']} record(s), seq {entry['first_seq']}..{entry['last_seq']}, "
                    f"key {entry['key_id']}")  # fmt: skip
@@ -323,11 +324,11 @@ def verify_merged_command(
         result = verify_merged(report, _host_pairs(pubkey, "--pubkey"))
     except (MergeError, OSError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]cannot verify:[/] {escape(str(exc))}")
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     console = Console(soft_wrap=True)
     for host, part in result.parts.items():
         console.print(f"{escape(host)}: {'ok' if part.ok else 'FAILED'} ({escape(part.summary())})")
     for problem in result.problems:
         console.print(f"[red]{escape(problem)}[/]")
     if not result.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)

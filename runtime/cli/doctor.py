@@ -14,6 +14,7 @@ from rich.table import Table
 from sealbox.runtime.doctor import Appliance, CheckStatus, DoctorReport, run_doctor
 from sealbox.runtime.egress.guard import install_egress_guard
 from sealbox.runtime.egress.offline_env import apply_offline_environment
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.hostroot import HostRoot
 
 _STYLE = {
@@ -40,7 +41,7 @@ def doctor(
     else:
         render(report, Console())
     if strict and not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def render(report: DoctorReport, console: Console) -> None:

@@ -20,10 +20,9 @@ from rich.table import Table
 from sealbox.runtime.evaluation import LAST_RUN_FILE, SUITE_FILE, EvalClient, Suite, SuiteError, run_suite
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.server.model_registry import ActiveRelease, ReleaseError
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.staging_server import StagingServer, StagingServerError, release_python
 
-EXIT_FAILED = 29
-EXIT_CANNOT_RUN = 1
 _err = Console(stderr=True)
 _out = Console()
 
@@ -46,7 +45,7 @@ def eval_command(
     threads: Annotated[int | None, typer.Option("--threads", help="llama.cpp threads of the staging server.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
-    """Run the live release's evaluation suite against it in a private staging server; exit 29 if it fails."""
+    """Run the live release's evaluation suite against it in a private staging server; exit 32 (ExitCode.EVALUATION_FAILED) if it fails."""
     host = HostRoot.resolve(root)
     try:
         release = ActiveRelease.load(host)
@@ -61,7 +60,7 @@ def eval_command(
                 result = run_suite(suite, EvalClient(server.base_url, server.api_key))
     except (ReleaseError, SuiteError, StagingServerError, OSError) as exc:
         _err.print(f"[bold red]sealbox eval:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_CANNOT_RUN) from exc
+        raise typer.Exit(ExitCode.FAILED) from exc
     status = "passed" if result.passed else "failed"
     stored = {"status": status, "release": release.label, **result.to_dict()}
     host.run.mkdir(parents=True, exist_ok=True)
@@ -78,4 +77,4 @@ def eval_command(
         _out.print(table)
         typer.echo(f"{release.label}: {result.summary()}")
     if not result.passed:
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(ExitCode.EVALUATION_FAILED)

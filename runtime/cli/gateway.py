@@ -6,13 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from sealbox.runtime.cli.serve import run_prepared
 from sealbox.runtime.gateway.startup import GatewayOptions, prepare_gateway
-from sealbox.runtime.server.startup import ServeRefused
-
-_err = Console(stderr=True)
 
 
 def gateway(
@@ -26,10 +22,4 @@ def gateway(
     """Front several engine hosts (each a `sealbox serve`) with one API: keys, fairness, audit, routing by load."""
     options = GatewayOptions(root=root, policy_file=policy_file, host=host, port=port, no_auth=no_auth,
                              no_audit=no_audit)  # fmt: skip
-    try:
-        prepared = prepare_gateway(options)
-        prepared.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
-        prepared.run()
-    except ServeRefused as exc:
-        _err.print(f"[bold red]sealbox gateway: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from exc
+    run_prepared(lambda: prepare_gateway(options), command="sealbox gateway")

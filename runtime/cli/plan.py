@@ -21,6 +21,7 @@ from sealbox.runtime.memory_plan import (
 from sealbox.runtime.layer_split import LayerSplit
 from sealbox.runtime.policy import LimitsPolicy
 from sealbox.runtime.sizes import HELP as SIZE_HELP
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.sizes import SizeError, format_size, parse_size
 
 KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
@@ -60,10 +61,10 @@ def plan(
         split = split_for_plan(result, gpus) if gpus else None
     except (MemoryPlanError, SizeError) as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     except (OSError, ValueError) as exc:
         typer.echo(f"error: {model}: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        raise typer.Exit(ExitCode.USAGE) from exc
     if as_json:
         typer.echo(json.dumps(to_dict(result) | split_to_dict(split), indent=2))
     else:
@@ -71,7 +72,7 @@ def plan(
         if split is not None:
             render_split(split, Console())
     if result.sequences_that_fit < 1:
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def engine_gpu_bytes() -> list[int]:

@@ -5,13 +5,15 @@ The start itself (guard first, then doctor, keys, audit log, models, socket) is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.server.startup import ServeOptions, ServeRefused, prepare
 
 _err = Console(stderr=True)
@@ -31,10 +33,21 @@ def serve(
     """Serve the active release's models on an OpenAI-compatible API, with auth, admission control and an audit log."""
     options = ServeOptions(root=root, models=tuple(model), policy_file=policy_file, host=host, port=port,
                            no_auth=no_auth, strict=strict, threads=threads, no_audit=no_audit)  # fmt: skip
+    run_prepared(lambda: prepare(options), command="sealbox serve")
+
+
+class Prepared(Protocol):
+    report: Callable[[str], None]
+
+    def run(self) -> None: ...
+
+
+def run_prepared(prepare_start: Callable[[], Prepared], *, command: str) -> None:
+    """Check and open what the start needs, report on stderr, serve until a signal; a refusal at any step becomes the
+    command's message and exit code (`sealbox serve` and `sealbox gateway` alike)."""
     try:
-        server = prepare(options)
-        server.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
-        server.run()
+        prepared = prepare_start()
+        prepared.report = lambda line: _err.print(escape(line), highlight=False, soft_wrap=True)
+        prepared.run()
     except ServeRefused as exc:
-        _err.print(f"[bold red]sealbox serve: refused:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from exc
+        raise refuse(exc, command=command) from exc

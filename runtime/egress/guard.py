@@ -29,6 +29,7 @@ from sealbox.runtime.egress.allowlist import Allowlist
 from sealbox.runtime.egress.local_names import LocalNames
 from sealbox.runtime.egress.rules import WATCHED_EVENTS, EgressRules, Refusal
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.durable_file import write_atomically
 from sealbox.runtime.policy import EgressPolicy
 
 OnBlock = Callable[[str, str], None]
@@ -144,12 +145,7 @@ class GuardStatus:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode("utf-8"), mode=0o644)
 
     @classmethod
     def read(cls, path: Path) -> GuardStatus:

@@ -12,13 +12,13 @@ import asyncio
 import hashlib
 import logging
 import ssl
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from sealbox.runtime.background_task import cancel_and_wait
 from sealbox.runtime.policy import EngineHostPolicy, GatewayPolicy
 
 log = logging.getLogger("sealbox.gateway")
@@ -228,12 +228,7 @@ class EngineHosts:
             await self.poll_all()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for host in self.hosts:
             await host.client.aclose()
 

@@ -9,7 +9,6 @@ guard would trust).
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -19,12 +18,19 @@ from urllib.parse import urlsplit
 
 from sealbox.runtime.api_keys import Authenticator
 from sealbox.runtime.audit.log import AuditLog
-from sealbox.runtime.egress.guard import audit_log_reporter, install_egress_guard
+from sealbox.runtime.egress.guard import install_egress_guard
 from sealbox.runtime.egress.offline_env import apply_offline_environment
 from sealbox.runtime.gateway.engine_hosts import EngineHostError, EngineHosts
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import EgressPolicy, GatewayPolicy, Policy, PolicyError, is_loopback_host
-from sealbox.runtime.server.startup import EXIT_CONFIG, ServeRefused, authenticator_for, listen
+from sealbox.runtime.exit_codes import ExitCode
+from sealbox.runtime.server.startup import (
+    ServeRefused,
+    authenticator_for,
+    open_audit_log,
+    record_stop,
+    serve_until_stopped,
+)
 
 
 @dataclass(frozen=True)
@@ -69,26 +75,13 @@ class PreparedGateway:
     report: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
     def run(self) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        import uvicorn
-
         from sealbox.runtime.gateway.app import GatewayConfig, create_gateway_app
 
         config = GatewayConfig(policy=self.policy, engines=self.engines, authenticator=self.authenticator,
                                audit=self.audit, on_started=self._started, on_stopping=self._stopping)  # fmt: skip
-        try:
-            listener = listen(self.host, self.port)
-        except OSError as exc:
-            self._close()
-            raise ServeRefused(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
         gateway = self.policy.gateway
-        server = uvicorn.Server(uvicorn.Config(create_gateway_app(config), log_level="warning", access_log=False,
-                                              ssl_certfile=gateway.tls_cert or None, ssl_keyfile=gateway.tls_key or None,
-                                              timeout_graceful_shutdown=10))  # fmt: skip
-        try:
-            server.run(sockets=[listener])
-        finally:
-            self._close()
+        serve_until_stopped(self.host, self.port, lambda: create_gateway_app(config), release=self._close,
+                            ssl_certfile=gateway.tls_cert or None, ssl_keyfile=gateway.tls_key or None)  # fmt: skip
 
     def _started(self, engines: EngineHosts) -> None:
         if self.audit is not None:
@@ -104,13 +97,7 @@ class PreparedGateway:
                     f"in rotation) on {scheme}://{self.host}:{self.port}/v1")  # fmt: skip
 
     def _stopping(self) -> None:
-        if self.audit is not None:
-            from sealbox.runtime.audit.errors import AuditError
-
-            try:
-                self.audit.append("gateway.stop", pid=os.getpid())
-            except AuditError:
-                pass
+        record_stop(self.audit, "gateway.stop")
         self._close()
 
     def _close(self) -> None:
@@ -130,9 +117,9 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
         policy = Policy.load(options.policy_file) if options.policy_file is not None else Policy.default()
         egress = engine_egress(policy.egress, policy.gateway)
     except PolicyError as exc:
-        raise ServeRefused(str(exc), EXIT_CONFIG) from exc
+        raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     if not policy.gateway.engines:
-        raise ServeRefused("the policy names no engine hosts: add [[gateway.engines]] tables", EXIT_CONFIG)
+        raise ServeRefused("the policy names no engine hosts: add [[gateway.engines]] tables", ExitCode.USAGE)
     guard = install_egress_guard(egress)
     host = options.host or policy.gateway.host
     port = options.port or policy.gateway.port
@@ -142,15 +129,7 @@ def prepare_gateway(options: GatewayOptions) -> PreparedGateway:
     try:
         engines = EngineHosts.from_policy(policy.gateway)
     except (EngineHostError, OSError) as exc:
-        raise ServeRefused(f"gateway: {exc}", EXIT_CONFIG) from exc
-    audit = None
-    if not options.no_audit:
-        from sealbox.runtime.audit.errors import AuditError
-
-        try:
-            audit = AuditLog.open(appliance.audit, policy.audit)
-        except AuditError as exc:
-            raise ServeRefused(str(exc)) from exc
-        guard.set_on_block(audit_log_reporter(audit))
+        raise ServeRefused(f"gateway: {exc}", ExitCode.USAGE) from exc
+    audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     return PreparedGateway(policy=policy, host=host, port=port, engines=engines, authenticator=authenticator,
                            audit=audit)  # fmt: skip

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from sealbox.runtime.audit.errors import AuditError
+from sealbox.runtime.background_task import cancel_and_wait
 from sealbox.runtime.audit.log import AuditLog
 
 log = logging.getLogger("sealbox.audit")
@@ -72,13 +73,8 @@ class RefusalTally:
 
     async def stop(self) -> None:
         """Stop the interval timer and record what was counted since the last flush."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.flush()
 
     async def _every_interval(self) -> None:

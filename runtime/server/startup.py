@@ -21,6 +21,7 @@ from sealbox.runtime.egress.guard import EgressGuard, audit_log_reporter, guard_
 from sealbox.runtime.egress.offline_env import RemoteReferenceError, apply_offline_environment, require_local_reference
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy, PolicyError, is_loopback_host
+from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.server.model_registry import ActiveRelease, ModelSource, ReleaseError
 
 if TYPE_CHECKING:
@@ -28,14 +29,12 @@ if TYPE_CHECKING:
     from sealbox.runtime.audit.log import AuditLog
     from sealbox.runtime.server.model_registry import ModelRegistry
 
-EXIT_CONFIG = 2
-EXIT_REFUSED = 3
 
 
 class ServeRefused(Exception):
     """The server will not start; the message says why, `exit_code` is the command's exit status."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_REFUSED) -> None:
+    def __init__(self, message: str, exit_code: int = ExitCode.REFUSED) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -72,39 +71,25 @@ class PreparedServer:
     report: Callable[[str], None] = field(default=lambda line: print(line, file=sys.stderr))
 
     def run(self) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        import uvicorn
-
         from sealbox.runtime.server.app import ServerConfig, create_app
         from sealbox.runtime.server.connection import BoundedConnection
 
         config = ServerConfig(policy=self.policy, sources=self.sources, authenticator=self.authenticator,
                               audit=self.audit, threads=self.threads, on_started=self._started,
                               on_stopping=self._stopping, listen=(self.host, self.port))  # fmt: skip
-        try:
-            listener = listen(self.host, self.port)
-        except OSError as exc:
-            self._release_state()
-            raise ServeRefused(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from exc
         limits = self.policy.server
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(config),
-                http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
-                                                  max_connections=limits.max_connections),
-                log_level="warning",
-                access_log=False,
-                ssl_certfile=limits.tls_cert or None,
-                ssl_keyfile=limits.tls_key or None,
-                **mutual_tls(limits.tls_client_ca),
-                timeout_graceful_shutdown=10,
-                timeout_keep_alive=limits.keep_alive_timeout_seconds,  # type: ignore[arg-type]  # used as a float
-            )
+        serve_until_stopped(
+            self.host,
+            self.port,
+            lambda: create_app(config),
+            release=self._release_state,  # also when start-up failed before the lifespan's `stopping` could run
+            http=BoundedConnection.configured(header_timeout_s=limits.header_timeout_seconds,
+                                              max_connections=limits.max_connections),
+            ssl_certfile=limits.tls_cert or None,
+            ssl_keyfile=limits.tls_key or None,
+            **mutual_tls(limits.tls_client_ca),
+            timeout_keep_alive=limits.keep_alive_timeout_seconds,
         )
-        try:
-            server.run(sockets=[listener])
-        finally:
-            self._release_state()  # also when start-up failed before the lifespan's `stopping` could run
 
     def _started(self, registry: ModelRegistry) -> None:
         self.guard.status().write(guard_status_path(self.appliance))
@@ -138,13 +123,7 @@ class PreparedServer:
             self.audit.close()
 
     def _stopping(self) -> None:
-        if self.audit is not None:
-            from sealbox.runtime.audit.errors import AuditError
-
-            try:
-                self.audit.append("server.stop", pid=os.getpid())
-            except AuditError:
-                pass
+        record_stop(self.audit, "server.stop")
         self._release_state()
 
 
@@ -166,7 +145,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
     try:
         policy = _policy(options.policy_file, release)
     except PolicyError as exc:
-        raise ServeRefused(str(exc), EXIT_CONFIG) from exc
+        raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     guard = install_egress_guard(policy.egress)
     _check_accelerator()
     host = options.host or policy.server.host
@@ -195,16 +174,7 @@ def prepare(options: ServeOptions) -> PreparedServer:
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise ServeRefused(f"two models share a name: {names}")
-    audit = None
-    if not options.no_audit:
-        from sealbox.runtime.audit.errors import AuditError
-        from sealbox.runtime.audit.log import AuditLog
-
-        try:
-            audit = AuditLog.open(appliance.audit, policy.audit)
-        except AuditError as exc:
-            raise ServeRefused(str(exc)) from exc
-        guard.set_on_block(audit_log_reporter(audit))
+    audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     return PreparedServer(appliance=appliance, policy=policy, guard=guard, host=host, port=port, sources=sources,
                           release_label=release_label, authenticator=authenticator, audit=audit,
                           threads=options.threads)  # fmt: skip
@@ -246,6 +216,35 @@ def authenticator_for(appliance: HostRoot) -> Authenticator:
     return authenticator
 
 
+def open_audit_log(appliance: HostRoot, policy: Policy, guard: EgressGuard) -> AuditLog:
+    """The appliance's audit log, also told every connection the guard blocks.
+
+    Raises:
+        ServeRefused: the log cannot be opened (or does not verify).
+    """
+    from sealbox.runtime.audit.errors import AuditError
+    from sealbox.runtime.audit.log import AuditLog
+
+    try:
+        audit = AuditLog.open(appliance.audit, policy.audit)
+    except AuditError as exc:
+        raise ServeRefused(str(exc)) from exc
+    guard.set_on_block(audit_log_reporter(audit))
+    return audit
+
+
+def record_stop(audit: AuditLog | None, event: str) -> None:
+    """Record an orderly stop; a log that cannot take it any more does not stop the shutdown."""
+    if audit is None:
+        return
+    from sealbox.runtime.audit.errors import AuditError
+
+    try:
+        audit.append(event, pid=os.getpid())
+    except AuditError:
+        pass
+
+
 def mutual_tls(client_ca: str) -> dict[str, object]:
     """uvicorn's settings that make a client certificate signed by `client_ca` a condition of the handshake."""
     if not client_ca:
@@ -272,6 +271,38 @@ def listen(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def serve_until_stopped(host: str, port: int, make_app: Callable[[], object], *, release: Callable[[], None],
+                        **uvicorn_options: object) -> None:  # fmt: skip
+    """The last start step of `serve` and `gateway`: log to stderr, bind the socket (a refusal when it cannot be had),
+    then build the app and serve it until a signal; `release` runs however this ends.
+
+    Raises:
+        ServeRefused: the address cannot be bound.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    import uvicorn
+
+    try:
+        listener = listen_or_refuse(host, port)
+        config = uvicorn.Config(make_app(), log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                                **uvicorn_options)  # type: ignore[arg-type]  # fmt: skip
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        release()
+
+
+def listen_or_refuse(host: str, port: int) -> socket.socket:
+    """`listen`, with a socket that cannot be had (port taken, address not ours) as a refusal that names it.
+
+    Raises:
+        ServeRefused: the address cannot be bound.
+    """
+    try:
+        return listen(host, port)
+    except OSError as exc:
+        raise ServeRefused(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def _policy(policy_file: Path | None, release: ActiveRelease | None) -> Policy:
