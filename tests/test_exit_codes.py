@@ -38,5 +38,5 @@ def test_no_two_refusals_of_different_meaning_share_a_status() -> None:
     # the bundle's root class and a digest mismatch are both "integrity"; a bad input file is refused alike whichever
     assert shared == {
         ExitCode.INTEGRITY: {"BundleError", "IntegrityError", "DigestMismatchError"},
-        ExitCode.REFUSED: {"InputError", "SuiteError"},
+        ExitCode.REFUSED: {"InputError", "SuiteError", "AcceleratorError"},
     }

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from sealbox.runtime.regular_file import read_regular
+from sealbox.runtime.exit_codes import ExitCode
 
 ENGINE_BUILD_FILE = "sealbox-engine.json"
 """Written into the llama_cpp package by the bundler's CUDA recipe; read here without importing llama_cpp."""
@@ -43,7 +44,7 @@ Device = Literal["cpu", "cuda"]
 class AcceleratorError(Exception):
     """The engine cannot run on this host as built: the message says exactly why (driver, version, architecture)."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 @dataclass(frozen=True, kw_only=True)
