@@ -152,3 +152,21 @@ def test_a_strict_json_schema_answer_parses_and_validates_on_the_real_vocabulary
     document = json.loads(content)
     jsonschema_rs.validate(CITY, document)
     assert document["city"]
+
+
+def test_completion_logprob_offsets_count_a_character_split_over_tokens_once_streamed_or_not(gemma: Gemma) -> None:
+    """`text_offset` is where each token starts in the text: the four byte tokens of 🦩 all start at the character,
+    and the tokens after it are found at their offsets (not three characters further on), streamed as whole."""
+    whole = gemma.client.completions.create(model=gemma.model, prompt=LOVE, temperature=0, max_tokens=14, logprobs=0)
+    text, logprobs = whole.choices[0].text, whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.text_offset is not None
+    at = text.index(FLAMINGO)
+    assert logprobs.text_offset.count(at) == 4  # the premise: four tokens make the flamingo
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        if token != "\ufffd":
+            assert text[offset : offset + len(token)] == token, (token, offset, text)
+    chunks = gemma.client.completions.create(model=gemma.model, prompt=LOVE, temperature=0, max_tokens=14, logprobs=0,
+                                             stream=True)  # fmt: skip
+    streamed = [offset for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for offset in chunk.choices[0].logprobs.text_offset or []]  # fmt: skip
+    assert streamed == logprobs.text_offset
