@@ -170,3 +170,26 @@ def test_completion_logprob_offsets_count_a_character_split_over_tokens_once_str
     streamed = [offset for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
                 for offset in chunk.choices[0].logprobs.text_offset or []]  # fmt: skip
     assert streamed == logprobs.text_offset
+
+
+BIRD = {"type": "object", "additionalProperties": False, "required": ["bird"],
+        "properties": {"bird": {"enum": ["🦩 flamingo", "🐧 penguin"]}}}  # fmt: skip
+"""Constants whose emoji Gemma has no piece for: the grammar must lead the sampler through their byte tokens."""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_strict_enum_of_emoji_outside_the_vocabulary_answers_one_of_its_values(gemma: Gemma, stream: bool) -> None:
+    options: dict[str, Any] = dict(
+        model=gemma.model, temperature=0, max_tokens=32,
+        messages=[{"role": "user", "content": "Which bird is pink? Answer as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "bird", "strict": True, "schema": BIRD}},
+    )  # fmt: skip
+    if stream:
+        chunks = list(gemma.client.chat.completions.create(stream=True, **options))
+        deltas = [chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices]
+        assert all(_whole_text(delta) for delta in deltas), deltas
+        content = "".join(deltas)
+    else:
+        content = gemma.client.chat.completions.create(**options).choices[0].message.content or ""
+    assert "\ufffd" not in content, content
+    jsonschema_rs.validate(BIRD, json.loads(content))
