@@ -140,7 +140,7 @@ def schema_grammar(schema: dict[str, Any], *, param: str, strict: bool = False) 
     if strict and (ignored := _unenforced(schema)) is not None:
         raise ApiError(400, f"strict: the JSON schema uses {ignored}, which this server cannot enforce (drop it, "
                        "or send strict: false for best effort)", code="invalid_schema", param=param)  # fmt: skip
-    reason = _unbounded(schema) or _not_text(schema)
+    reason = _unbounded(schema)
     if reason is not None:
         raise ApiError(400, f"the JSON schema cannot be enforced: {reason}", code="invalid_schema", param=param)
     try:
@@ -179,15 +179,6 @@ def _whole_characters(grammar: str) -> str:
         return match.group(1) + chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
 
     return _SURROGATE_PAIR.sub(character, grammar)
-
-
-def _not_text(schema: Any) -> str | None:
-    """Why `schema` holds a string that is not text (a lone surrogate, which no encoding can carry), or None."""
-    try:
-        json.dumps(schema, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"it holds a lone surrogate ({exc.object[exc.start : exc.end]!r}), which is not a character"
-    return None
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
