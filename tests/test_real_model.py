@@ -4,7 +4,8 @@ The synthetic test model's small made-up vocabulary cannot show where a real one
 token boundary, a character split over byte-fallback tokens, a grammar that must lead the sampler through a
 vocabulary of 262,144 real pieces. Gemma can: its greedy continuations of the prompts below were observed through
 this server, and each test first checks the premise it depends on (that the stop spans tokens, that the character
-spans tokens), so a changed model or build fails loudly instead of passing vacuously. Greedy decoding and few tokens: the CPU is slow.
+spans tokens), so a changed model or build fails loudly instead of passing vacuously.
+Greedy decoding and few tokens: the CPU is slow.
 """
 
 from __future__ import annotations
