@@ -31,6 +31,10 @@ FLAMINGOS = "Pink birds: 🦩🦩🦩"
 FLAMINGO = "🦩"
 LOVE = "I love flamingos 🦩"
 """Greedy: "\\n\\nI love flamingos 🦩\\n\\n…": ASCII tokens, then a character in four byte tokens."""
+RIVERS = [{"role": "user", "content": "Name three rivers."}]
+"""Greedy, in Gemma's turns: "Name three rivers.\nRiver Name\n…" (a base model echoes)."""
+ACROSS_THREE = "s.\nRi"
+"""The end of " rivers", all of "." and "\n", the start of "River": three token boundaries."""
 CITY = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
         "properties": {"city": {"type": "string", "maxLength": 20}, "population": {"type": "integer"}}}  # fmt: skip
 BIRD = {"type": "object", "additionalProperties": False, "required": ["bird"],
@@ -100,6 +104,27 @@ def test_a_stop_string_spanning_two_tokens_ends_the_answer_just_before_it(gemma:
     assert text == spoken[: spoken.index(ACROSS)]
     assert text.endswith(" th") and ACROSS not in text
     assert finish == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_chat_stop_string_across_three_token_boundaries_ends_the_reply_before_it(gemma: Gemma, stream: bool) -> None:
+    options: dict[str, Any] = dict(model=gemma.model, messages=RIVERS, temperature=0, max_tokens=8)
+    tokens = gemma.client.chat.completions.create(logprobs=True, **options).choices[0].logprobs
+    assert tokens is not None and tokens.content is not None
+    pieces = [token.token for token in tokens.content]
+    spoken = "".join(pieces)
+    start = spoken.index(ACROSS_THREE)
+    ends = [len("".join(pieces[: i + 1])) for i in range(len(pieces))]
+    assert [end for end in ends if start < end < start + len(ACROSS_THREE)] == [start + 1, start + 2, start + 3], pieces
+    if stream:
+        chunks = list(gemma.client.chat.completions.create(stream=True, stop=ACROSS_THREE, **options))
+        content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        finish = _finish_reasons(chunks)
+    else:
+        reply = gemma.client.chat.completions.create(stop=ACROSS_THREE, **options)
+        content, finish = reply.choices[0].message.content or "", [reply.choices[0].finish_reason]
+    assert content == spoken[:start] == "Name three river"
+    assert finish == ["stop"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
