@@ -5,6 +5,7 @@ two shapes (chat's `content` list, text completions' parallel arrays)."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -133,11 +134,15 @@ def chat_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
 
 def completion_logprobs(items: list[TokenLogprob], *, offset: int = 0) -> dict[str, Any]:
     """Text completions' `logprobs`: parallel `tokens`, `token_logprobs`, `top_logprobs`, `text_offset` (characters
-    from the start of the choice's text, `offset` being where the completion starts in it)."""
+    from the start of the choice's text, `offset` being where the completion starts in it).
+
+    Offsets count the characters the text holds, not the tokens' own renderings: the byte tokens of one character
+    (each rendered U+FFFD) all start where that character does, and count as that one character."""
     offsets = []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for item in items:
         offsets.append(offset)
-        offset += len(_token_text(item.piece))
+        offset += len(decoder.decode(item.piece))
     return {
         "tokens": [_token_text(item.piece) for item in items],
         "token_logprobs": [item.logprob for item in items],

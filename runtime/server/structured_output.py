@@ -152,6 +152,7 @@ def schema_grammar(schema: dict[str, Any], *, param: str, strict: bool = False) 
     # U+0000-U+001F would make the answer unparseable. Exclude them as JSON_GBNF does (it leaves out DEL as well).
     for loose, tight in _LOOSE_RULES:
         grammar = grammar.replace(loose, tight)
+    grammar = _whole_characters(grammar)
     if len(grammar) > MAX_GRAMMAR_BYTES:
         raise ApiError(400, f"the JSON schema cannot be enforced: its grammar is larger than {MAX_GRAMMAR_BYTES} "
                        "bytes", code="invalid_schema", param=param)  # fmt: skip
@@ -162,6 +163,22 @@ _LOOSE_RULES = (
     (r'char ::= [^"\\]', r'char ::= [^"\\\x7F\x00-\x1F]'),
     (r"dot ::= [^\x0A\x0D]", r'dot ::= [^"\\\x7F\x00-\x1F]'),
 )
+
+
+# The converter writes a constant (`const`, `enum`, a property name) as `json.dumps` spells it, so a character outside
+# the Basic Multilingual Plane becomes a JSON surrogate pair, `\ud83e\udda9`. GBNF reads each `\uXXXX` as one code
+# point and would make the sampler emit two UTF-8-encoded surrogates: six bytes that are not text, where the schema
+# asked for 🦩. Each pair (after an even run of backslashes, so an escaped backslash is left alone) becomes the
+# character itself, which GBNF takes as UTF-8.
+_SURROGATE_PAIR = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})", re.IGNORECASE)
+
+
+def _whole_characters(grammar: str) -> str:
+    def character(match: re.Match[str]) -> str:
+        high, low = int(match.group(2), 16), int(match.group(3), 16)
+        return match.group(1) + chr(0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00))
+
+    return _SURROGATE_PAIR.sub(character, grammar)
 
 
 def response_format_grammar(response_format: ResponseFormat | None) -> str | None:
