@@ -1,16 +1,16 @@
-"""Named points where a test may kill the installer outright, to prove a crash there leaves the host consistent.
+"""Named points in the installer's order of steps, where a crash must leave the host consistent.
 
-`SEALBOX_TEST_CRASH_AT=<point>` makes the process SIGKILL itself on reaching that point: no exception handler, no
-`finally`, no buffered write runs, exactly like a power cut or `kill -9`. Unset (always, in production) it costs one
-dictionary lookup. The points are listed here so a test can assert it named a real one.
+Each step's end is a point (`crash_point(name)`). In production a point does nothing: no environment variable or
+file can make the installer stop there. A test that proves crash safety runs the installer through its own launcher
+(`tests/crash_launcher.py`), which calls `die_at(point)` in that process before the command starts: the process then
+SIGKILLs itself on reaching the point, so no exception handler, no `finally` and no buffered write runs, exactly like
+a power cut or `kill -9`. The points are listed here so a test can assert it named a real one.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-
-CRASH_ENV = "SEALBOX_TEST_CRASH_AT"
 
 POINTS = (
     "verified",  # the bundle's signatures, expiry, layout and rollback rules passed; nothing written yet
@@ -25,8 +25,18 @@ POINTS = (
     "activated",  # `current` points at the new release; old releases not yet pruned
 )
 
+_fatal: str | None = None
+
+
+def die_at(point: str) -> None:
+    """Make this process SIGKILL itself on reaching `point` (for crash tests, called by their launcher)."""
+    global _fatal
+    if point not in POINTS:
+        raise ValueError(f"{point!r} is not a crash point; the points are {', '.join(POINTS)}")
+    _fatal = point
+
 
 def crash_point(name: str) -> None:
-    """Die here, by SIGKILL, when the environment names this point."""
-    if os.environ.get(CRASH_ENV) == name:
+    """The installer reached `name`; dies here only in a process whose launcher asked for it."""
+    if _fatal == name:
         os.kill(os.getpid(), signal.SIGKILL)

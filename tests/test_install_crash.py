@@ -1,6 +1,6 @@
 """`kill -9` of `bundle install` at any step leaves the previous release live and intact; re-running completes it.
 
-The installer SIGKILLs itself at a named point (`SEALBOX_TEST_CRASH_AT`): no handler, no `finally` runs, like a
+The installer SIGKILLs itself at a named point (run through `tests/crash_launcher.py`): no handler, no `finally` runs, like a
 power cut. Each case installs version 1, crashes the install of version 2 in a real subprocess, checks what a
 reader of `<root>` would see, then runs the same install again.
 """
@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from sealbox.bundler.crashpoints import CRASH_ENV, POINTS
+from sealbox.bundler.crashpoints import POINTS
 from sealbox.bundler.install import InstallRequest, install_bundle
 from sealbox.bundler.releases import Releases
 from install_support import REPO, Publisher, make_keys, model_item, snapshot, trust, write_gguf
 from sealbox.runtime.audit.verify import verify_directory
 from sealbox.runtime.hostroot import HostRoot
+
+CRASH_LAUNCHER = Path(__file__).with_name("crash_launcher.py")
 
 PART = 8 * 1024
 BEFORE_SWITCH = [p for p in POINTS if p not in ("activated", "venv-built")]
@@ -51,12 +53,12 @@ def sha256(path: Path) -> str:
 
 
 def run_install(bundle: Path, root: Path, crash_at: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != CRASH_ENV}
     if crash_at:
-        env[CRASH_ENV] = crash_at
-    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
+        command = [sys.executable, str(CRASH_LAUNCHER), crash_at]
+    else:
+        command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
     command += ["bundle", "install", str(bundle), "--root", str(root), "--json"]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def live_models(root: Path) -> dict[str, str]:
@@ -117,3 +119,18 @@ def test_a_crash_right_after_the_switch_leaves_the_new_release_live_and_the_old_
     assert finished.returncode == 0, finished.stderr
     assert '"activated": false' in finished.stdout
 
+
+
+def test_the_shipped_installer_ignores_the_old_crash_variable(tmp_path: Path) -> None:
+    """No environment variable reaches a crash point: only a test's own launcher can make the installer stop."""
+    keys = make_keys(tmp_path / "keys", "alice")
+    root = trust(tmp_path / "root", keys / "alice.pub")
+    (tmp_path / "m").mkdir()
+    bundle = Publisher(keys).publish(tmp_path / "b1", [model_item(write_gguf(tmp_path / "m" / "alpha.gguf", seed=1))],
+                                     version=1)  # fmt: skip
+    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
+    command += ["bundle", "install", str(bundle), "--root", str(root.path), "--json"]
+    done = subprocess.run(command, cwd=REPO, env=os.environ | {"SEALBOX_TEST_CRASH_AT": "verified"},
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert os.readlink(root.current) == "releases/demo-1"

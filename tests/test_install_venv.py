@@ -123,13 +123,14 @@ def test_a_crash_after_the_venv_is_built_leaves_the_previous_release_live_and_a_
     publisher = Publisher(keys)
     install_bundle(InstallRequest(bundle=publisher.publish(tmp_path / "b1", [model_item(model)], version=1), root=host))
     bundle = publisher.publish(tmp_path / "b2", [model_item(model), wheel_item(wheels["hello"])], version=2)
-    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
-    command += ["bundle", "install", str(bundle), "--root", str(host.path)]
-    crashed = subprocess.run(command, cwd=REPO, env=os.environ | {"SEALBOX_TEST_CRASH_AT": "venv-built"}, check=False)
+    arguments = ["bundle", "install", str(bundle), "--root", str(host.path)]
+    launcher = Path(__file__).with_name("crash_launcher.py")
+    crashed = subprocess.run([sys.executable, str(launcher), "venv-built", *arguments], cwd=REPO, check=False)
     assert crashed.returncode == -signal.SIGKILL
     assert os.readlink(host.current) == "releases/demo-1"
     assert not (host.releases / "demo-2").exists()
-    rerun = subprocess.run(command, cwd=REPO, env={k: v for k, v in os.environ.items() if k != "SEALBOX_TEST_CRASH_AT"}, check=False)
+    command = [sys.executable, "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()"]
+    rerun = subprocess.run([*command, *arguments], cwd=REPO, check=False)
     assert rerun.returncode == 0
     assert os.readlink(host.current) == "releases/demo-2"
     assert subprocess.run([str(host.current / "venv" / "bin" / "hello-sealbox")], capture_output=True, check=True).returncode == 0
