@@ -1,0 +1,110 @@
+"""One chat through Open WebUI's own page, in headless Chromium (the system's /usr/bin/chromium, driven by Playwright):
+type a message, wait for the answer to finish, save a screenshot, print what the page showed.
+
+Chromium gets a dead proxy on loopback for everything that is not loopback, and the page's requests beyond loopback
+are aborted and listed: the check says whether the page tried to reach the internet.
+
+Settings (environment): CHECK_OPENWEBUI_URL, CHECK_SCREENSHOT, CHECK_CHROMIUM (default /usr/bin/chromium),
+CHECK_MESSAGE, CHECK_ANSWER_TIMEOUT_S. Prints one JSON object on stdout; exit status 1 when the chat failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from urllib.parse import urlsplit
+
+from playwright.sync_api import Page, Request, Route, sync_playwright
+
+URL = os.environ["CHECK_OPENWEBUI_URL"]
+SCREENSHOT = os.environ["CHECK_SCREENSHOT"]
+CHROMIUM = os.environ.get("CHECK_CHROMIUM", "/usr/bin/chromium")
+MESSAGE = os.environ.get("CHECK_MESSAGE", "Write one sentence about the sea.")
+ANSWER_TIMEOUT_S = float(os.environ.get("CHECK_ANSWER_TIMEOUT_S", "300"))
+MARKERS = ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>")
+LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # run as root in a container
+    "--proxy-server=http://127.0.0.1:9",  # nothing listens there: whatever is not loopback goes nowhere
+    "--disable-background-networking", "--disable-component-update", "--disable-domain-reliability",
+    "--disable-sync", "--no-first-run", "--no-default-browser-check", "--metrics-recording-only",
+    "--disable-features=Translate,OptimizationHints,MediaRouter,AutofillServerCommunication",
+]  # fmt: skip
+
+
+class Outside:
+    """Requests the page made beyond loopback: aborted, and listed in the result."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def route(self, route: Route, request: Request) -> None:
+        host = urlsplit(request.url).hostname or ""
+        if request.url.startswith(("data:", "blob:")) or host in LOOPBACK:
+            route.continue_()
+        else:
+            self.urls.append(request.url)
+            route.abort("blockedbyclient")
+
+
+def dismiss_dialogs(page: Page) -> None:
+    """First visit: Open WebUI greets with a changelog dialog; close whatever modal is open."""
+    for label in ("Okay, Let's Go!", "Okay, let's go!", "Get started", "Close"):
+        button = page.get_by_role("button", name=label)
+        if button.count() and button.first.is_visible():
+            button.first.click()
+    page.keyboard.press("Escape")
+
+
+def last_answer(page: Page) -> str:
+    """The text of the newest assistant message (Open WebUI gives each message an id `message-<uuid>`)."""
+    return page.evaluate(
+        """() => {
+            const nodes = [...document.querySelectorAll('#response-content-container, .chat-assistant')];
+            return nodes.length ? nodes[nodes.length - 1].innerText : '';
+        }"""
+    )
+
+
+def main() -> int:
+    outside = Outside()
+    result: dict[str, object] = {"url": URL, "message": MESSAGE, "screenshot": SCREENSHOT}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.route("**/*", outside.route)
+        failures: list[str] = []
+        page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        try:
+            page.goto(URL, wait_until="networkidle", timeout=120_000)
+            dismiss_dialogs(page)
+            box = page.locator("#chat-input")
+            box.wait_for(state="visible", timeout=60_000)
+            box.click()
+            page.keyboard.type(MESSAGE)
+            started = time.monotonic()
+            # The page posts /api/chat/completed once the answer has streamed to its end.
+            with page.expect_request(lambda r: "/api/chat/completed" in r.url, timeout=ANSWER_TIMEOUT_S * 1000):
+                page.keyboard.press("Enter")
+            page.wait_for_load_state("networkidle", timeout=60_000)
+            result["answer_seconds"] = round(time.monotonic() - started, 1)
+            answer = last_answer(page)
+            result["answer"] = answer
+            problems = [f"the answer shows {m!r}" for m in MARKERS if m in answer]
+            if not answer.strip():
+                problems.append("no answer text on the page")
+            result["problems"] = problems
+        except Exception as error:  # what the page did is the result; the screenshot shows where it stopped
+            result["problems"] = [f"{type(error).__name__}: {str(error).splitlines()[0]}"]
+        page.screenshot(path=SCREENSHOT, full_page=False)
+        result["http_errors"] = failures
+        result["outside_loopback"] = outside.urls
+        browser.close()
+    print(json.dumps(result, indent=1))
+    return 1 if result["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
