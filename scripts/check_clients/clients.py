@@ -23,6 +23,8 @@ BASE_URL = os.environ["CHECK_BASE_URL"]
 API_KEY = os.environ["CHECK_API_KEY"]
 MODEL = os.environ["CHECK_MODEL"]
 MAX_TOKENS = int(os.environ.get("CHECK_MAX_TOKENS", "48"))
+TOOL_MAX_TOKENS = 128
+"""A base model may call the tool several times over (parallel calls): room for a few."""
 TIMEOUT_S = 600.0
 MARKERS = ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>", "<|eot_id|>")
 PROMPT = "Say hello in five words."
@@ -121,7 +123,7 @@ def openai_checks() -> dict[str, Callable[[], str]]:
         return short(parsed.model_dump_json())
 
     def tool_call() -> str:
-        reply = client.chat.completions.create(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+        reply = client.chat.completions.create(model=MODEL, max_tokens=TOOL_MAX_TOKENS, tools=[WEATHER_TOOL],
                                                tool_choice="required",
                                                messages=[{"role": "user", "content": WEATHER_PROMPT}])  # fmt: skip
         expect_finish(reply.choices[0].finish_reason, ("tool_calls",))
@@ -131,20 +133,22 @@ def openai_checks() -> dict[str, Callable[[], str]]:
         return f"get_weather({calls[0].function.arguments}) [{parsed_arguments(calls[0].function.arguments)['city']}]"
 
     def streamed_tool_call() -> str:
-        chunks = list(client.chat.completions.create(model=MODEL, max_tokens=64, tools=[WEATHER_TOOL],
+        chunks = list(client.chat.completions.create(model=MODEL, max_tokens=TOOL_MAX_TOKENS, tools=[WEATHER_TOOL],
                                                      tool_choice="required", stream=True,
                                                      messages=[{"role": "user", "content": WEATHER_PROMPT}]))  # fmt: skip
         deltas = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         if not deltas:
-            raise CheckFailed("no delta.tool_calls chunk in the stream")
+            raise CheckFailed(f"no delta.tool_calls chunk in the stream (finish_reason {finishes})")
         expect_finish(finishes[-1] if finishes else None, ("tool_calls",))
-        name = "".join(d.function.name or "" for d in deltas if d.function)
-        arguments = "".join(d.function.arguments or "" for d in deltas if d.function)
-        if name != "get_weather" or not deltas[0].id:
-            raise CheckFailed(f"streamed call {name!r} (id {deltas[0].id!r}), expected get_weather with an id")
+        first = [d for d in deltas if d.index == deltas[0].index]  # the first call's chunks; others may follow
+        name = "".join(d.function.name or "" for d in first if d.function)
+        arguments = "".join(d.function.arguments or "" for d in first if d.function)
+        if name != "get_weather" or not first[0].id:
+            raise CheckFailed(f"streamed call {name!r} (id {first[0].id!r}), expected get_weather with an id")
         parsed_arguments(arguments)
-        return f"{len(deltas)} delta.tool_calls: {name}({arguments})"
+        calls = len({d.index for d in deltas})
+        return f"{len(deltas)} delta.tool_calls, {calls} call(s): {name}({arguments})"
 
     return {"chat": chat, "stream": stream, "structured output": structured, "tool call": tool_call,
             "streamed tool call": streamed_tool_call}  # fmt: skip
@@ -166,6 +170,9 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
         """The current weather for a city."""
         return f"sunny in {city}"
 
+    tools_llm = ChatOpenAI(model=MODEL, base_url=BASE_URL, api_key=API_KEY, max_retries=0, timeout=TIMEOUT_S,
+                           max_completion_tokens=TOOL_MAX_TOKENS).bind_tools([get_weather], tool_choice="any")  # fmt: skip
+
     def chat() -> str:
         message = llm.invoke(PROMPT)
         expect_finish(message.response_metadata.get("finish_reason"), ("stop", "length"))
@@ -186,7 +193,7 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
         return short(answer.model_dump_json())
 
     def tool_call() -> str:
-        message = llm.bind_tools([get_weather], tool_choice="any").invoke(WEATHER_PROMPT)
+        message = tools_llm.invoke(WEATHER_PROMPT)
         if not message.tool_calls or message.tool_calls[0]["name"] != "get_weather":
             raise CheckFailed(f"no get_weather call: tool_calls={message.tool_calls!r} "
                               f"invalid={message.invalid_tool_calls!r}")  # fmt: skip
@@ -196,7 +203,7 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
     def streamed_tool_call() -> str:
         total: AIMessageChunk | None = None
         count = 0
-        for chunk in llm.bind_tools([get_weather], tool_choice="any").stream(WEATHER_PROMPT):
+        for chunk in tools_llm.stream(WEATHER_PROMPT):
             total = chunk if total is None else total + chunk  # type: ignore[assignment]
             count += 1
         if total is None or not total.tool_calls or total.tool_calls[0]["name"] != "get_weather":
@@ -215,6 +222,7 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
 def litellm_checks() -> dict[str, Callable[[], str]]:
     import litellm
 
+    litellm.suppress_debug_info = True  # else it prints a "Provider List" banner into the table for a local model
     options: dict[str, Any] = {"model": f"openai/{MODEL}", "api_base": BASE_URL, "api_key": API_KEY,
                                "timeout": TIMEOUT_S, "num_retries": 0}  # fmt: skip
     messages = [{"role": "user", "content": PROMPT}]
@@ -238,7 +246,7 @@ def litellm_checks() -> dict[str, Callable[[], str]]:
         return short(Weather.model_validate_json(content or "").model_dump_json())
 
     def tool_call() -> str:
-        reply = litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=64,
+        reply = litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=TOOL_MAX_TOKENS,
                                    tools=[WEATHER_TOOL], tool_choice="required", **options)  # fmt: skip
         expect_finish(reply.choices[0].finish_reason, ("tool_calls",))
         calls = reply.choices[0].message.tool_calls or []
@@ -248,7 +256,7 @@ def litellm_checks() -> dict[str, Callable[[], str]]:
         return f"get_weather({calls[0].function.arguments})"
 
     def streamed_tool_call() -> str:
-        chunks = list(litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=64,
+        chunks = list(litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=TOOL_MAX_TOKENS,
                                          tools=[WEATHER_TOOL], tool_choice="required", stream=True, **options))  # fmt: skip
         reply = litellm.stream_chunk_builder(chunks, messages=[{"role": "user", "content": WEATHER_PROMPT}])
         calls = reply.choices[0].message.tool_calls or []  # type: ignore[union-attr]

@@ -24,6 +24,7 @@ CHROMIUM = os.environ.get("CHECK_CHROMIUM", "/usr/bin/chromium")
 MESSAGE = os.environ.get("CHECK_MESSAGE", "Write one sentence about the sea.")
 ANSWER_TIMEOUT_S = float(os.environ.get("CHECK_ANSWER_TIMEOUT_S", "300"))
 MARKERS = ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>")
+DONE = "button.regenerate-response-button, button[aria-label='Regenerate']"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 CHROMIUM_ARGS = [
     "--no-sandbox",  # run as root in a container
@@ -58,13 +59,14 @@ def dismiss_dialogs(page: Page) -> None:
     page.keyboard.press("Escape")
 
 
-def last_answer(page: Page) -> str:
-    """The text of the newest assistant message (Open WebUI gives each message an id `message-<uuid>`)."""
+def last_text(page: Page, selector: str) -> str:
+    """The text of the last element the selector finds ('' when none)."""
     return page.evaluate(
-        """() => {
-            const nodes = [...document.querySelectorAll('#response-content-container, .chat-assistant')];
+        """(selector) => {
+            const nodes = [...document.querySelectorAll(selector)];
             return nodes.length ? nodes[nodes.length - 1].innerText : '';
-        }"""
+        }""",
+        selector,
     )
 
 
@@ -78,20 +80,22 @@ def main() -> int:
         failures: list[str] = []
         page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         try:
-            page.goto(URL, wait_until="networkidle", timeout=120_000)
-            dismiss_dialogs(page)
+            page.goto(URL, wait_until="load", timeout=120_000)
             box = page.locator("#chat-input")
-            box.wait_for(state="visible", timeout=60_000)
+            box.wait_for(state="visible", timeout=120_000)
+            dismiss_dialogs(page)
             box.click()
             page.keyboard.type(MESSAGE)
             started = time.monotonic()
-            # The page posts /api/chat/completed once the answer has streamed to its end.
-            with page.expect_request(lambda r: "/api/chat/completed" in r.url, timeout=ANSWER_TIMEOUT_S * 1000):
+            with page.expect_request(lambda r: r.method == "POST" and "/api/chat/completions" in r.url,
+                                     timeout=30_000):  # fmt: skip
                 page.keyboard.press("Enter")
-            page.wait_for_load_state("networkidle", timeout=60_000)
+            # A message's actions (Regenerate among them) are drawn once its answer is done, or has failed.
+            page.locator(DONE).last.wait_for(state="attached", timeout=ANSWER_TIMEOUT_S * 1000)
             result["answer_seconds"] = round(time.monotonic() - started, 1)
-            answer = last_answer(page)
+            answer = last_text(page, "#response-content-container")
             result["answer"] = answer
+            result["message_as_shown"] = last_text(page, "[id^='message-']")  # with an error box, if any
             problems = [f"the answer shows {m!r}" for m in MARKERS if m in answer]
             if not answer.strip():
                 problems.append("no answer text on the page")
