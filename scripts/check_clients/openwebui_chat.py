@@ -22,9 +22,8 @@ URL = os.environ["CHECK_OPENWEBUI_URL"]
 SCREENSHOT = os.environ["CHECK_SCREENSHOT"]
 CHROMIUM = os.environ.get("CHECK_CHROMIUM", "/usr/bin/chromium")
 MESSAGE = os.environ.get("CHECK_MESSAGE", "Write one sentence about the sea.")
-ANSWER_TIMEOUT_S = float(os.environ.get("CHECK_ANSWER_TIMEOUT_S", "300"))
+ANSWER_TIMEOUT_S = float(os.environ.get("CHECK_ANSWER_TIMEOUT_S", "900"))
 MARKERS = ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>")
-DONE = "button.regenerate-response-button, button[aria-label='Regenerate']"
 LOOPBACK = {"127.0.0.1", "localhost", "[::1]", "::1"}
 CHROMIUM_ARGS = [
     "--no-sandbox",  # run as root in a container
@@ -70,6 +69,35 @@ def last_text(page: Page, selector: str) -> str:
     )
 
 
+def stored_answer(page: Page) -> dict[str, object]:
+    """The newest assistant message as Open WebUI stored it (content, and `error` when the request failed), read
+    through its own API with the page's token: the page draws an error in the same place as an answer."""
+    return page.evaluate(
+        """async () => {
+            const id = location.pathname.split('/c/')[1];
+            if (!id) return {};
+            const reply = await fetch(`/api/v1/chats/${id}`, {headers: {Authorization: `Bearer ${localStorage.token}`}});
+            const history = (await reply.json()).chat.history;
+            const message = history.messages[history.currentId];
+            const error = message.error ? (message.error.content ?? JSON.stringify(message.error)) : null;
+            return {content: message.content, error: error, done: message.done ?? null};
+        }"""
+    )
+
+
+def wait_until_done(page: Page) -> dict[str, object]:
+    """Polls the stored message until Open WebUI marks it done: with tools offered, a message can go through several
+    rounds (the model calls tools, Open WebUI runs them and asks again), and the page's buttons come and go."""
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while True:
+        stored = stored_answer(page)
+        if stored.get("done") or stored.get("error"):
+            return stored
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the answer was not done after {ANSWER_TIMEOUT_S:.0f}s")
+        page.wait_for_timeout(2000)
+
+
 def main() -> int:
     outside = Outside()
     result: dict[str, object] = {"url": URL, "message": MESSAGE, "screenshot": SCREENSHOT}
@@ -84,21 +112,26 @@ def main() -> int:
             box = page.locator("#chat-input")
             box.wait_for(state="visible", timeout=120_000)
             dismiss_dialogs(page)
-            box.click()
+            box.focus()  # not a click: a dialog's closing animation may still lie over the box
             page.keyboard.type(MESSAGE)
+            page.wait_for_function("(text) => document.querySelector('#chat-input').innerText.includes(text)", arg=MESSAGE,
+                                   timeout=30_000)  # fmt: skip
             started = time.monotonic()
             with page.expect_request(lambda r: r.method == "POST" and "/api/chat/completions" in r.url,
                                      timeout=30_000):  # fmt: skip
                 page.keyboard.press("Enter")
-            # A message's actions (Regenerate among them) are drawn once its answer is done, or has failed.
-            page.locator(DONE).last.wait_for(state="attached", timeout=ANSWER_TIMEOUT_S * 1000)
+            page.wait_for_url("**/c/**", timeout=60_000)
+            stored = wait_until_done(page)
             result["answer_seconds"] = round(time.monotonic() - started, 1)
-            answer = last_text(page, "#response-content-container")
+            answer = str(stored.get("content") or "")
             result["answer"] = answer
-            result["message_as_shown"] = last_text(page, "[id^='message-']")  # with an error box, if any
+            result["answer_as_shown"] = last_text(page, "#response-content-container")
             problems = [f"the answer shows {m!r}" for m in MARKERS if m in answer]
-            if not answer.strip():
-                problems.append("no answer text on the page")
+            if stored.get("error"):
+                problems.append(f"Open WebUI shows an error instead of an answer: {stored['error']}")
+            elif not answer.strip() and not result["answer_as_shown"].strip():  # type: ignore[union-attr]
+                problems.append("neither words nor tool calls in the answer")
+            result["model_wrote_words"] = bool(answer.strip())
             result["problems"] = problems
         except Exception as error:  # what the page did is the result; the screenshot shows where it stopped
             result["problems"] = [f"{type(error).__name__}: {str(error).splitlines()[0]}"]

@@ -1,0 +1,49 @@
+"""The end of scripts/check-clients' report: Open WebUI's row, then every lookup or connection beyond loopback the
+audit hook refused (none is the goal). Arguments: openwebui-chat.json egress.jsonl. Exit status 1 when either
+shows a problem."""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+from pathlib import Path
+
+
+def openwebui_row(path: Path) -> tuple[str, bool]:
+    if not path.is_file() or not path.read_text().strip():
+        return f"open-webui  chat through its page  FAIL  (no result in {path})", False
+    result = json.loads(path.read_text())
+    problems = result.get("problems") or []
+    verdict = "FAIL: " + "; ".join(problems) if problems else "pass"
+    words = "the model wrote words" if result.get("model_wrote_words") else "no words from the model"
+    shown = " ".join(str(result.get("answer_as_shown", "")).split())[:160]
+    outside = len(result.get("outside_loopback") or [])
+    seconds = result.get("answer_seconds", "-")
+    return (f"open-webui  chat through its page  {verdict}  ({seconds}s; {words}; page requests beyond loopback: "
+            f"{outside}; shown: {shown!r})"), not problems  # fmt: skip
+
+
+def egress_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    seen: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        where = " < ".join(reversed(record["stack"][-3:]))
+        seen[(record["argv0"].rsplit("/", 1)[-1], record["event"], record["target"], where)] += 1
+    return [f"{count:4}x {who}: {event} {target}  at {where}" for (who, event, target, where), count in sorted(seen.items())]
+
+
+def main() -> int:
+    row, passed = openwebui_row(Path(sys.argv[1]))
+    print(row)
+    lines = egress_lines(Path(sys.argv[2]))
+    print("\nlookups and connections beyond loopback (refused): " + ("none" if not lines else ""))
+    if lines:
+        print("\n".join(lines))
+    return 0 if passed and not lines else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
