@@ -1,11 +1,13 @@
-"""One chat through Open WebUI's own page, in headless Chromium (the system's /usr/bin/chromium, driven by Playwright):
-type a message, wait for the answer to finish, save a screenshot, print what the page showed.
+"""Chats through Open WebUI's own page, in headless Chromium (the system's /usr/bin/chromium, driven by Playwright):
+type a message, wait for the answer to finish, save a screenshot, print what the page showed. Twice: as Open WebUI
+comes (its built-in tools sent with the chat, issue 14's first point), then with the user's Function Calling setting
+on "legacy" (no tools: the model's words).
 
 Chromium gets a dead proxy on loopback for everything that is not loopback, and the page's requests beyond loopback
 are aborted and listed: the check says whether the page tried to reach the internet.
 
 Settings (environment): CHECK_OPENWEBUI_URL, CHECK_SCREENSHOT, CHECK_CHROMIUM (default /usr/bin/chromium),
-CHECK_MESSAGE, CHECK_ANSWER_TIMEOUT_S. Prints one JSON object on stdout; exit status 1 when the chat failed.
+CHECK_MESSAGE, CHECK_ANSWER_TIMEOUT_S. Prints one JSON object on stdout; exit status 1 when a chat failed.
 """
 
 from __future__ import annotations
@@ -98,49 +100,82 @@ def wait_until_done(page: Page) -> dict[str, object]:
         page.wait_for_timeout(2000)
 
 
+LEGACY_FUNCTION_CALLING = """async () => {
+    const headers = {Authorization: `Bearer ${localStorage.token}`, 'Content-Type': 'application/json'};
+    const settings = (await (await fetch('/api/v1/users/user/settings', {headers})).json()) || {};
+    const ui = {...(settings.ui || {})};
+    ui.params = {...(ui.params || {}), function_calling: 'legacy'};
+    const reply = await fetch('/api/v1/users/user/settings/update', {method: 'POST', headers,
+                                                                     body: JSON.stringify({...settings, ui})});
+    return reply.status;
+}"""
+"""The user's setting Function Calling: "legacy" (Open WebUI's own prompt-based mode): no built-in tools are sent."""
+TOOL_LIMIT = "Tool-call limit reached"
+
+
+def one_chat(page: Page, label: str, screenshot: str) -> dict[str, object]:
+    """A new chat on the page: type the message, send it, wait until Open WebUI marks the answer done."""
+    result: dict[str, object] = {"chat": label, "message": MESSAGE, "screenshot": screenshot}
+    try:
+        page.goto(URL, wait_until="load", timeout=120_000)
+        box = page.locator("#chat-input")
+        box.wait_for(state="visible", timeout=120_000)
+        dismiss_dialogs(page)
+        box.focus()  # not a click: a dialog's closing animation may still lie over the box
+        page.keyboard.type(MESSAGE)
+        page.wait_for_function("(text) => document.querySelector('#chat-input').innerText.includes(text)",
+                               arg=MESSAGE, timeout=30_000)  # fmt: skip
+        started = time.monotonic()
+        with page.expect_request(lambda r: r.method == "POST" and "/api/chat/completions" in r.url,
+                                 timeout=30_000) as sent:  # fmt: skip
+            page.keyboard.press("Enter")
+        result["function_calling_sent"] = ((sent.value.post_data_json or {}).get("params") or {}).get("function_calling")
+        page.wait_for_url("**/c/**", timeout=60_000)
+        stored = wait_until_done(page)
+        result["answer_seconds"] = round(time.monotonic() - started, 1)
+        answer = str(stored.get("content") or "")
+        shown = last_text(page, "#response-content-container")
+        result.update(answer=answer, answer_as_shown=shown, model_wrote_words=bool(answer.strip()))
+        problems = [f"the answer shows {m!r}" for m in MARKERS if m in answer + shown]
+        error = str(stored.get("error") or "")
+        if error.startswith(TOOL_LIMIT):
+            # Served, not refused: the model called tools every round and Open WebUI stopped asking.
+            result["outcome"] = f"the model called tools every round; Open WebUI stopped: {error}"
+        elif error:
+            problems.append(f"Open WebUI shows an error instead of an answer: {error}")
+        elif not answer.strip() and not shown.strip():
+            problems.append("neither words nor tool calls in the answer")
+        result["problems"] = problems
+    except Exception as error:  # what the page did is the result; the screenshot shows where it stopped
+        result["problems"] = [f"{type(error).__name__}: {str(error).splitlines()[0]}"]
+    page.screenshot(path=screenshot, full_page=False)
+    return result
+
+
 def main() -> int:
     outside = Outside()
-    result: dict[str, object] = {"url": URL, "message": MESSAGE, "screenshot": SCREENSHOT}
+    chats: list[dict[str, object]] = []
+    failures: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         page.route("**/*", outside.route)
-        failures: list[str] = []
         page.on("response", lambda r: failures.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+        # Open WebUI's default: its built-in tools go with every chat (issue 14's first point).
+        chats.append(one_chat(page, "default (built-in tools offered)", SCREENSHOT.replace(".png", "-tools.png")))
+        # The same chat as a user who turned function calling to "legacy": words from the model.
         try:
-            page.goto(URL, wait_until="load", timeout=120_000)
-            box = page.locator("#chat-input")
-            box.wait_for(state="visible", timeout=120_000)
-            dismiss_dialogs(page)
-            box.focus()  # not a click: a dialog's closing animation may still lie over the box
-            page.keyboard.type(MESSAGE)
-            page.wait_for_function("(text) => document.querySelector('#chat-input').innerText.includes(text)", arg=MESSAGE,
-                                   timeout=30_000)  # fmt: skip
-            started = time.monotonic()
-            with page.expect_request(lambda r: r.method == "POST" and "/api/chat/completions" in r.url,
-                                     timeout=30_000):  # fmt: skip
-                page.keyboard.press("Enter")
-            page.wait_for_url("**/c/**", timeout=60_000)
-            stored = wait_until_done(page)
-            result["answer_seconds"] = round(time.monotonic() - started, 1)
-            answer = str(stored.get("content") or "")
-            result["answer"] = answer
-            result["answer_as_shown"] = last_text(page, "#response-content-container")
-            problems = [f"the answer shows {m!r}" for m in MARKERS if m in answer]
-            if stored.get("error"):
-                problems.append(f"Open WebUI shows an error instead of an answer: {stored['error']}")
-            elif not answer.strip() and not result["answer_as_shown"].strip():  # type: ignore[union-attr]
-                problems.append("neither words nor tool calls in the answer")
-            result["model_wrote_words"] = bool(answer.strip())
-            result["problems"] = problems
-        except Exception as error:  # what the page did is the result; the screenshot shows where it stopped
-            result["problems"] = [f"{type(error).__name__}: {str(error).splitlines()[0]}"]
-        page.screenshot(path=SCREENSHOT, full_page=False)
-        result["http_errors"] = failures
-        result["outside_loopback"] = outside.urls
+            status = page.evaluate(LEGACY_FUNCTION_CALLING)
+        except Exception as error:  # reported as that chat's problem
+            status = f"{type(error).__name__}: {error}"
+        chat = one_chat(page, "function calling: legacy (no tools)", SCREENSHOT)
+        if status != 200:
+            chat["problems"] = [f"setting function calling to legacy answered {status}", *chat["problems"]]  # type: ignore[misc]
+        chats.append(chat)
         browser.close()
-    print(json.dumps(result, indent=1))
-    return 1 if result["problems"] else 0
+    report = {"url": URL, "chats": chats, "http_errors": failures, "outside_loopback": outside.urls}
+    print(json.dumps(report, indent=1))
+    return 1 if any(chat["problems"] for chat in chats) or outside.urls else 0
 
 
 if __name__ == "__main__":

@@ -10,18 +10,24 @@ import sys
 from pathlib import Path
 
 
-def openwebui_row(path: Path) -> tuple[str, bool]:
+def openwebui_rows(path: Path) -> tuple[list[str], bool]:
     if not path.is_file() or not path.read_text().strip():
-        return f"open-webui  chat through its page  FAIL  (no result in {path})", False
-    result = json.loads(path.read_text())
-    problems = result.get("problems") or []
-    verdict = "FAIL: " + "; ".join(problems) if problems else "pass"
-    words = "the model wrote words" if result.get("model_wrote_words") else "no words from the model"
-    shown = " ".join(str(result.get("answer_as_shown", "")).split())[:160]
-    outside = len(result.get("outside_loopback") or [])
-    seconds = result.get("answer_seconds", "-")
-    return (f"open-webui  chat through its page  {verdict}  ({seconds}s; {words}; page requests beyond loopback: "
-            f"{outside}; shown: {shown!r})"), not problems  # fmt: skip
+        return [f"open-webui  FAIL  (no result in {path})"], False
+    report = json.loads(path.read_text())
+    rows, passed = [], True
+    for chat in report["chats"]:
+        problems = chat.get("problems") or []
+        passed = passed and not problems
+        verdict = "FAIL: " + "; ".join(problems) if problems else "pass"
+        words = "the model wrote words" if chat.get("model_wrote_words") else "no words from the model"
+        shown = " ".join(str(chat.get("answer_as_shown", "")).split())[:160]
+        rows.append(f"open-webui  {chat['chat']}: {verdict}  ({chat.get('answer_seconds', '-')}s; {words}; "
+                    f"function_calling sent: {chat.get('function_calling_sent')!r}; shown: {shown!r})")  # fmt: skip
+        if chat.get("outcome"):
+            rows.append(f"            {chat['outcome']}")
+    outside = report.get("outside_loopback") or []
+    rows.append(f"open-webui  page requests beyond loopback: {len(outside)} {outside[:5] if outside else ''}")
+    return rows, passed and not outside
 
 
 def egress_lines(path: Path) -> list[str]:
@@ -36,8 +42,8 @@ def egress_lines(path: Path) -> list[str]:
 
 
 def main() -> int:
-    row, passed = openwebui_row(Path(sys.argv[1]))
-    print(row)
+    rows, passed = openwebui_rows(Path(sys.argv[1]))
+    print("\n".join(rows))
     lines = egress_lines(Path(sys.argv[2]))
     print("\nlookups and connections beyond loopback (refused): " + ("none" if not lines else ""))
     if lines:
