@@ -6,7 +6,8 @@ on "legacy" (no tools: the model's words).
 Chromium gets a dead proxy on loopback for everything that is not loopback, and the page's requests beyond loopback
 are aborted and listed: the check says whether the page tried to reach the internet.
 
-Settings (environment): CHECK_OPENWEBUI_URL, CHECK_SCREENSHOT, CHECK_CHROMIUM (default /usr/bin/chromium),
+Settings (environment): CHECK_OPENWEBUI_URL, CHECK_SCREENSHOT (the legacy chat's; the default chat's goes to
+<name>-tools.png), CHECK_CHROMIUM (default /usr/bin/chromium),
 CHECK_MESSAGE, CHECK_ANSWER_TIMEOUT_S. Prints one JSON object on stdout; exit status 1 when a chat failed.
 """
 
@@ -148,6 +149,9 @@ def one_chat(page: Page, label: str, screenshot: str) -> dict[str, object]:
         result["problems"] = problems
     except Exception as error:  # what the page did is the result; the screenshot shows where it stopped
         result["problems"] = [f"{type(error).__name__}: {str(error).splitlines()[0]}"]
+    first = page.locator("[id^='message-']").first
+    if first.count():  # the question and the answer's beginning, not the end of a long answer
+        first.scroll_into_view_if_needed()
     page.screenshot(path=screenshot, full_page=False)
     return result
 
