@@ -29,6 +29,7 @@ TIMEOUT_S = 600.0
 MARKERS = ("<|im_end|>", "<|im_start|>", "<end_of_turn>", "<start_of_turn>", "<eos>", "<bos>", "<|eot_id|>")
 PROMPT = "Say hello in five words."
 WEATHER_PROMPT = "What is the weather in Paris? Use the tool."
+JSON_PROMPT = "The weather in Paris as JSON."
 
 
 class Weather(BaseModel):
@@ -96,6 +97,7 @@ def openai_checks() -> dict[str, Callable[[], str]]:
 
     client = openai.OpenAI(base_url=BASE_URL, api_key=API_KEY, max_retries=0, timeout=TIMEOUT_S)
     messages: list[Any] = [{"role": "user", "content": PROMPT}]
+    weather: list[Any] = [{"role": "user", "content": WEATHER_PROMPT}]
 
     def chat() -> str:
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS)
@@ -116,7 +118,7 @@ def openai_checks() -> dict[str, Callable[[], str]]:
 
     def structured() -> str:
         reply = client.chat.completions.parse(model=MODEL, max_tokens=200, response_format=Weather,
-                                              messages=[{"role": "user", "content": "The weather in Paris as JSON."}])  # fmt: skip
+                                              messages=[{"role": "user", "content": JSON_PROMPT}])
         parsed = reply.choices[0].message.parsed
         if parsed is None:
             raise CheckFailed(f"nothing parsed from {reply.choices[0].message.content!r}")
@@ -124,8 +126,7 @@ def openai_checks() -> dict[str, Callable[[], str]]:
 
     def tool_call() -> str:
         reply = client.chat.completions.create(model=MODEL, max_tokens=TOOL_MAX_TOKENS, tools=[WEATHER_TOOL],
-                                               tool_choice="required",
-                                               messages=[{"role": "user", "content": WEATHER_PROMPT}])  # fmt: skip
+                                               tool_choice="required", messages=weather)
         expect_finish(reply.choices[0].finish_reason, ("tool_calls",))
         calls = reply.choices[0].message.tool_calls or []
         if not calls or calls[0].function.name != "get_weather":
@@ -134,8 +135,7 @@ def openai_checks() -> dict[str, Callable[[], str]]:
 
     def streamed_tool_call() -> str:
         chunks = list(client.chat.completions.create(model=MODEL, max_tokens=TOOL_MAX_TOKENS, tools=[WEATHER_TOOL],
-                                                     tool_choice="required", stream=True,
-                                                     messages=[{"role": "user", "content": WEATHER_PROMPT}]))  # fmt: skip
+                                                     tool_choice="required", stream=True, messages=weather))
         deltas = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
         if not deltas:
@@ -171,7 +171,7 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
         return f"sunny in {city}"
 
     tools_llm = ChatOpenAI(model=MODEL, base_url=BASE_URL, api_key=API_KEY, max_retries=0, timeout=TIMEOUT_S,
-                           max_completion_tokens=TOOL_MAX_TOKENS).bind_tools([get_weather], tool_choice="any")  # fmt: skip
+                           max_completion_tokens=TOOL_MAX_TOKENS).bind_tools([get_weather], tool_choice="any")
 
     def chat() -> str:
         message = llm.invoke(PROMPT)
@@ -187,7 +187,7 @@ def langchain_checks() -> dict[str, Callable[[], str]]:
         structured_llm = ChatOpenAI(model=MODEL, base_url=BASE_URL, api_key=API_KEY, max_retries=0,
                                     timeout=TIMEOUT_S, max_completion_tokens=200
                                     ).with_structured_output(Weather, method="json_schema")  # fmt: skip
-        answer = structured_llm.invoke("The weather in Paris as JSON.")
+        answer = structured_llm.invoke(JSON_PROMPT)
         if not isinstance(answer, Weather):
             raise CheckFailed(f"with_structured_output returned {answer!r}")
         return short(answer.model_dump_json())
@@ -226,6 +226,7 @@ def litellm_checks() -> dict[str, Callable[[], str]]:
     options: dict[str, Any] = {"model": f"openai/{MODEL}", "api_base": BASE_URL, "api_key": API_KEY,
                                "timeout": TIMEOUT_S, "num_retries": 0}  # fmt: skip
     messages = [{"role": "user", "content": PROMPT}]
+    weather = [{"role": "user", "content": WEATHER_PROMPT}]
 
     def chat() -> str:
         reply = litellm.completion(messages=messages, max_tokens=MAX_TOKENS, **options)
@@ -240,13 +241,13 @@ def litellm_checks() -> dict[str, Callable[[], str]]:
         return f"{len(chunks)} chunks: " + short(clean_text(text, "streamed answer"))
 
     def structured() -> str:
-        reply = litellm.completion(messages=[{"role": "user", "content": "The weather in Paris as JSON."}],
+        reply = litellm.completion(messages=[{"role": "user", "content": JSON_PROMPT}],
                                    max_tokens=200, response_format=Weather, **options)  # fmt: skip
         content = reply.choices[0].message.content
         return short(Weather.model_validate_json(content or "").model_dump_json())
 
     def tool_call() -> str:
-        reply = litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=TOOL_MAX_TOKENS,
+        reply = litellm.completion(messages=weather, max_tokens=TOOL_MAX_TOKENS,
                                    tools=[WEATHER_TOOL], tool_choice="required", **options)  # fmt: skip
         expect_finish(reply.choices[0].finish_reason, ("tool_calls",))
         calls = reply.choices[0].message.tool_calls or []
@@ -256,9 +257,9 @@ def litellm_checks() -> dict[str, Callable[[], str]]:
         return f"get_weather({calls[0].function.arguments})"
 
     def streamed_tool_call() -> str:
-        chunks = list(litellm.completion(messages=[{"role": "user", "content": WEATHER_PROMPT}], max_tokens=TOOL_MAX_TOKENS,
-                                         tools=[WEATHER_TOOL], tool_choice="required", stream=True, **options))  # fmt: skip
-        reply = litellm.stream_chunk_builder(chunks, messages=[{"role": "user", "content": WEATHER_PROMPT}])
+        chunks = list(litellm.completion(messages=weather, max_tokens=TOOL_MAX_TOKENS, tools=[WEATHER_TOOL],
+                                         tool_choice="required", stream=True, **options))
+        reply = litellm.stream_chunk_builder(chunks, messages=weather)
         calls = reply.choices[0].message.tool_calls or []  # type: ignore[union-attr]
         if not calls or calls[0].function.name != "get_weather":
             raise CheckFailed(f"no get_weather call assembled from {len(chunks)} chunks")

@@ -20,6 +20,7 @@ import time
 from urllib.parse import urlsplit
 
 from playwright.sync_api import Page, Request, Route, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 URL = os.environ["CHECK_OPENWEBUI_URL"]
 SCREENSHOT = os.environ["CHECK_SCREENSHOT"]
@@ -54,10 +55,13 @@ class Outside:
 
 def dismiss_dialogs(page: Page) -> None:
     """First visit: Open WebUI greets with a changelog dialog; close whatever modal is open."""
-    for label in ("Okay, Let's Go!", "Okay, let's go!", "Get started", "Close"):
+    for label in ("Okay, Let's Go!", "Okay, let's go!", "Get started"):
         button = page.get_by_role("button", name=label)
         if button.count() and button.first.is_visible():
-            button.first.click()
+            try:
+                button.first.click(timeout=5_000)
+            except PlaywrightTimeout:  # it closed by itself, or another layer took the click: Escape below
+                pass
     page.keyboard.press("Escape")
 
 
@@ -79,7 +83,8 @@ def stored_answer(page: Page) -> dict[str, object]:
         """async () => {
             const id = location.pathname.split('/c/')[1];
             if (!id) return {};
-            const reply = await fetch(`/api/v1/chats/${id}`, {headers: {Authorization: `Bearer ${localStorage.token}`}});
+            const headers = {Authorization: `Bearer ${localStorage.token}`};
+            const reply = await fetch(`/api/v1/chats/${id}`, {headers});
             const history = (await reply.json()).chat.history;
             const message = history.messages[history.currentId];
             const error = message.error ? (message.error.content ?? JSON.stringify(message.error)) : null;
@@ -130,7 +135,8 @@ def one_chat(page: Page, label: str, screenshot: str) -> dict[str, object]:
         with page.expect_request(lambda r: r.method == "POST" and "/api/chat/completions" in r.url,
                                  timeout=30_000) as sent:  # fmt: skip
             page.keyboard.press("Enter")
-        result["function_calling_sent"] = ((sent.value.post_data_json or {}).get("params") or {}).get("function_calling")
+        params = (sent.value.post_data_json or {}).get("params") or {}
+        result["function_calling_sent"] = params.get("function_calling")
         page.wait_for_url("**/c/**", timeout=60_000)
         stored = wait_until_done(page)
         result["answer_seconds"] = round(time.monotonic() - started, 1)
@@ -174,7 +180,8 @@ def main() -> int:
             status = f"{type(error).__name__}: {error}"
         chat = one_chat(page, "function calling: legacy (no tools)", SCREENSHOT)
         if status != 200:
-            chat["problems"] = [f"setting function calling to legacy answered {status}", *chat["problems"]]  # type: ignore[misc]
+            refused = f"setting function calling to legacy answered {status}"
+            chat["problems"] = [refused, *chat["problems"]]  # type: ignore[misc]
         chats.append(chat)
         browser.close()
     report = {"url": URL, "chats": chats, "http_errors": failures, "outside_loopback": outside.urls}

@@ -38,7 +38,8 @@ def egress_lines(path: Path) -> list[str]:
         record = json.loads(line)
         where = " < ".join(reversed(record["stack"][-3:]))
         seen[(record["argv0"].rsplit("/", 1)[-1], record["event"], record["target"], where)] += 1
-    return [f"{count:4}x {who}: {event} {target}  at {where}" for (who, event, target, where), count in sorted(seen.items())]
+    return [f"{count:4}x {who}: {event} {target}  at {where}"
+            for (who, event, target, where), count in sorted(seen.items())]  # fmt: skip
 
 
 def main() -> int:
