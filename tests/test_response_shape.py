@@ -71,6 +71,36 @@ def test_generic_tool_calls_stream_as_one_head_and_arguments_per_call_ending_in_
     assert [c["function"]["name"] for c in whole["message"]["tool_calls"]] == ["get_weather", "get_time"]
 
 
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_generic_tool_calls_cut_short_by_max_tokens_keep_the_calls_written_in_full(size: int) -> None:
+    # A model that goes on calling (a base model repeats its call) runs into max_tokens inside a later call: the calls
+    # it closed before the cut are answered, in the stream and the whole answer alike; the one cut short is not.
+    calls = [{"name": "get_weather", "arguments": {"city": "Pune"}}, {"name": "get_time", "arguments": {}}]
+    text = json.dumps({"tool_calls": calls})
+    cut = text[: text.index('"get_time"') + 4]
+    shape = CompletionShape(id="x", model="m", chat=True, parser=GenericParser(NAMES))
+    chunks = shape.opening()
+    for piece in _cuts(cut, size):
+        chunks += shape.text(piece)
+    chunks += shape.closing("length")
+    streamed = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [c["function"]["name"] for c in streamed if "id" in c] == ["get_weather"]
+    assert json.loads("".join(c["function"]["arguments"] for c in streamed)) == {"city": "Pune"}
+    whole = CompletionShape(id="x", model="m", chat=True, parser=GenericParser(NAMES)).whole(cut, "length", {})
+    message = whole["choices"][0]["message"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Pune"})
+    ]
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_generic_tool_calls_cut_short_inside_the_first_call_answer_nothing() -> None:
+    text = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pu'
+    whole = CompletionShape(id="x", model="m", chat=True, parser=GenericParser(NAMES)).whole(text, "length", {})
+    assert whole["choices"][0]["message"]["content"] == "" and "tool_calls" not in whole["choices"][0]["message"]
+    assert whole["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_lone_surrogate_escape_becomes_a_replacement_character_not_an_unsendable_string() -> None:
     content, _, _ = _stream(_parsers()["generic"], '{"response": "a\\ud800b"}', 1)
     assert content == "a\ufffdb"

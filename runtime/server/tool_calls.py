@@ -270,6 +270,8 @@ class ToolCallParser:
 
 _GENERIC_START = re.compile(r'\s*\{\s*"(response|tool_calls)"\s*:\s*')
 _ESCAPE = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
+_CALLS_OPEN = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
+_SPACE = re.compile(r"\s*")
 
 
 @dataclass
@@ -353,9 +355,30 @@ class GenericParser(ToolCallParser):
             full = _clean(data["response"])
             rest = full[len(said):] if full.startswith(said) else ""
             return [Content(rest)] if rest else []
+        if self._kind == "tool_calls":
+            return list(self._calls_written_in_full())
         if self._kind is not None or self._text.lstrip().startswith("{"):
             return []  # the object was cut short (max_tokens): what was said stands, the rest is no one's words
         return [Content(self._text)] if self._text else []
+
+    def _calls_written_in_full(self) -> list[Call]:
+        """The calls of a `tool_calls` array cut short (max_tokens) whose objects were closed before the cut: a model
+        that goes on calling must not lose the calls it finished. All or none, as for a whole array."""
+        opening = _CALLS_OPEN.match(self._text)
+        if opening is None:
+            return []
+        decoder, text, at, items = json.JSONDecoder(), self._text, opening.end(), []
+        while True:
+            at = _SPACE.match(text, at).end()  # type: ignore[union-attr]  # \s* always matches
+            if items and text.startswith(",", at):
+                at = _SPACE.match(text, at + 1).end()  # type: ignore[union-attr]
+            try:
+                item, at = decoder.raw_decode(text, at)
+            except ValueError:
+                break  # the call being written when the text ended, or the array's end
+            items.append(item)
+        calls = [_as_call(item, self.names) for item in items]
+        return calls if calls and all(call is not None for call in calls) else []  # type: ignore[return-value]
 
 
 def _is_surrogate(escape: str, low: int, high: int) -> bool:
