@@ -77,7 +77,7 @@ class ServerPolicy(_Section):
 
 
 class LimitsPolicy(_Section):
-    context: int = Field(4096, ge=0)
+    context: int = Field(8192, ge=0)
     max_tokens: int = Field(2048, ge=1)
     max_sequences: int = Field(16, ge=1, le=1024)
     queue_size: int = Field(64, ge=0)
