@@ -56,6 +56,8 @@ readahead and in 1.5 s with this; warm reads are unchanged (1.35 s)."""
 Buffer = bytearray | mmap.mmap
 
 ByteCounter = Callable[[int], None]
+
+
 @dataclass(frozen=True)
 class WrittenBlob:
     sha256: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -95,16 +95,6 @@ class ServedModel:
     def name(self) -> str:
         return self.source.name
 
-    def with_template(self) -> ServedModel:
-        """This model with the engine's chat template compiled (its BOS/EOS texts are known once the vocabulary has
-        loaded); a template that does not compile is kept as `template_problem` and reported in `/ready`."""
-        card = self.engine.card
-        try:
-            return replace(self, template=ChatTemplate(card.chat_template, bos_token=card.bos_token,
-                                                       eos_token=card.eos_token))  # fmt: skip
-        except ChatTemplateError as exc:
-            log.error("model %s: %s", self.name, exc)
-            return replace(self, template_problem=str(exc))
 
 @dataclass(frozen=True)
 class FailedModel:
@@ -145,8 +135,7 @@ class ModelRegistry:
         for source in sources:
             digest = _Digest()
             try:
-                served = await _start(source, policy.limits, digest, threads=threads)
-                self.models[source.name] = await asyncio.to_thread(served.with_template)
+                self.models[source.name] = await _start(source, policy.limits, digest, threads=threads)
             except _Refused as exc:
                 self.models[source.name] = FailedModel(source, str(exc), digest.value)
                 log.error("model %s is not served: %s", source.name, exc)
@@ -181,8 +170,6 @@ def file_sha256(path: Path) -> str:
 async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, threads: int | None) -> ServedModel:
     """Prove, size and start one model. The GGUF header is read once, here; the probe, the memory plan and the chat
     template take what it says."""
-    import asyncio
-
     try:
         digest.value = await asyncio.to_thread(file_sha256, source.path)
     except OSError as exc:
@@ -239,5 +226,17 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
         source.name, digest.value[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
         sizing.type_v, sizing.n_gpu_layers,
     )  # fmt: skip
+    template, template_problem = await asyncio.to_thread(_compile_template, source.name, engine.card)
     return ServedModel(source, digest.value, engine, embeddings=embeddings, context=sizing.n_ctx_per_seq,
-                       sequences=sizing.n_seq_max, gpu_layers=sizing.n_gpu_layers)  # fmt: skip
+                       sequences=sizing.n_seq_max, gpu_layers=sizing.n_gpu_layers, template=template,
+                       template_problem=template_problem)  # fmt: skip
+
+
+def _compile_template(name: str, card: ModelCard) -> tuple[ChatTemplate | None, str | None]:
+    """The model's chat template, compiled once (its BOS/EOS texts are known once the engine has loaded the
+    vocabulary); one that does not compile is kept as the problem `/ready` reports, the model still served."""
+    try:
+        return ChatTemplate(card.chat_template, bos_token=card.bos_token, eos_token=card.eos_token), None
+    except ChatTemplateError as exc:
+        log.error("model %s: %s", name, exc)
+        return None, str(exc)
