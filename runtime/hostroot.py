@@ -62,5 +62,10 @@ class HostRoot:
         return self.path / "run"
 
     @property
+    def calibration(self) -> Path:
+        """Which KV cache type and attention kernel each model ran fastest with on this host (`models.calibration`)."""
+        return self.run / "calibration"
+
+    @property
     def staging(self) -> Path:
         return self.path / "staging"

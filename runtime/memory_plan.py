@@ -19,6 +19,7 @@ from sealbox.runtime.sizes import KiB, MiB, format_size
 
 if TYPE_CHECKING:
     from sealbox.runtime.layer_split import LayerSplit
+    from sealbox.runtime.models.calibration import KernelChoice
     from sealbox.runtime.models.gguf_facts import ModelFile
 
 
@@ -27,6 +28,9 @@ DEFAULT_BATCH = 512
 FIXED_OVERHEAD_BYTES = 64 * MiB
 """Graph metadata, scheduler copies and allocator slack beyond the buffers estimated here."""
 DEFAULT_MEMORY_FRACTION = LimitsPolicy.model_fields["memory_fraction"].default
+AUTO_SEQUENCES = 64
+"""Sequences a policy's `max_sequences = 0` asks for when memory holds them all at full context (fewer when not):
+enough that 64 concurrent users are decoded together instead of queueing, where a fixed 16 made half of 32 wait."""
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
@@ -103,6 +107,7 @@ class EngineSizing:
     n_gpu_layers: int
     type_k: str = "f16"
     type_v: str = "f16"
+    flash_attention: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +122,9 @@ class MemoryPlan:
     kv_budget_bytes: int
     gpu_memory_bytes: int | None
     gpu_layers: int
+    flash_attention: bool = True
+    """Whether the engine runs flash attention: as chosen, except off in a pool shared on the CPU (see
+    `plan_model`) and always on with GPU layers."""
 
     @property
     def usable_bytes(self) -> int:
@@ -171,6 +179,7 @@ class MemoryPlan:
             n_gpu_layers=self.gpu_layers,
             type_k=self.shape.type_k,
             type_v=self.shape.type_v,
+            flash_attention=self.flash_attention,
         )
 
     @property
@@ -311,9 +320,11 @@ def plan_for_policy(
     gpu_memory_bytes: int | None = None,
     detect_gpu: bool = True,
     model_file: ModelFile | None = None,
+    kernels: KernelChoice | None = None,
 ) -> MemoryPlan:
     """The plan `sealbox serve` sizes its engine with: the policy's context (0 = the model's own) and sequences, in the
-    memory available now (or the amounts given), keeping the policy's headroom and its `kv_cells` cap.
+    memory available now (or the amounts given), keeping the policy's headroom and its `kv_cells` cap. `kernels`:
+    the KV types and attention the calibration chose (without it, the policy's, with q8_0 for "auto").
 
     Raises:
         MemoryPlanError: the model's facts cannot be read.
@@ -322,7 +333,9 @@ def plan_for_policy(
         gpu_memory_bytes = gpu_free_bytes()
     return plan_model(
         model,
-        kv_cache=limits.kv_cache,
+        kv_cache=kernels.type_k if kernels is not None else _fixed_kv_cache(limits.kv_cache),
+        v_cache=kernels.type_v if kernels is not None else None,
+        flash_attention=kernels.flash_attention if kernels is not None else limits.flash_attention != "off",
         memory_bytes=memory_bytes if memory_bytes is not None else host_memory_bytes(),
         context=limits.context,
         users=limits.max_sequences,
@@ -331,6 +344,11 @@ def plan_for_policy(
         kv_cells=limits.kv_cells or None,
         model_file=model_file,
     )
+
+
+def _fixed_kv_cache(kv_cache: str) -> str:
+    """The policy's KV type where nothing was measured: q8_0 for "auto" (half the memory of f16)."""
+    return "q8_0" if kv_cache == "auto" else kv_cache
 
 
 def plan_model(
@@ -344,11 +362,14 @@ def plan_model(
     gpu_memory_bytes: int | None = None,
     kv_cells: int | None = None,
     model_file: ModelFile | None = None,
+    v_cache: str | None = None,
+    flash_attention: bool = True,
 ) -> MemoryPlan:
-    """`plan` for a GGUF file and a KV cache type (`context` 0 = the model's own).
+    """`plan` for a GGUF file and a KV cache type (`context` 0 = the model's own; `users` 0 = `AUTO_SEQUENCES`, or
+    as many as fit at full context when fewer do). `v_cache`: V's type when it differs from K's.
 
     The cache is kept in f16 where llama.cpp cannot quantize it: a head whose size is not a whole number of q8_0
-    blocks (32 values; Phi-2's 80, for one) is refused or aborts the process. And a quantized V needs flash attention,
+    blocks (32 values; Phi-2's 80, for one) is refused or aborts the process. A quantized V needs flash attention,
     which the engine leaves off for a pool shared by all sequences on the CPU (see `LlamaBatchEngine`): there V stays
     f16, and the plan is made again with that, so that the memory the engine takes is the memory planned.
     """
@@ -356,15 +377,26 @@ def plan_model(
 
     model_file = model_file or read_model_file(model)
     facts = model_file.facts
-    if facts.head_dim % KV_BLOCK[kv_cache]:
-        kv_cache = "f16"
-    shape = ModelShape.from_gguf(model, type_k=kv_cache, type_v=kv_cache, model_file=model_file)
+    type_k, type_v = kv_cache, v_cache or kv_cache
+    if facts.head_dim % KV_BLOCK[type_k] or facts.head_dim % KV_BLOCK[type_v]:
+        type_k = type_v = "f16"
+    if not flash_attention:
+        type_v = "f16"
+    shape = ModelShape.from_gguf(model, type_k=type_k, type_v=type_v, model_file=model_file)
 
-    def make(shape: ModelShape) -> MemoryPlan:
+    def make(shape: ModelShape, users: int) -> MemoryPlan:
         return plan(shape, memory_bytes=memory_bytes, context=context or shape.context_length, users=users,
                     fraction=fraction, gpu_memory_bytes=gpu_memory_bytes, kv_cells=kv_cells)  # fmt: skip
 
-    result = make(shape)
-    if kv_cache != "f16" and result.gpu_layers == 0 and result.shares_a_pool:
-        result = make(replace(shape, type_v="f16", kv_bytes_per_token=kv_bytes_per_token(facts, kv_cache, "f16")))
-    return result
+    if users == 0:
+        wanted = make(shape, AUTO_SEQUENCES)
+        users = AUTO_SEQUENCES if wanted.fits else max(1, wanted.sequences_that_fit)
+    result = make(shape, users)
+    if result.gpu_layers:
+        return replace(result, flash_attention=True)
+    if result.shares_a_pool:  # flash attention off on the CPU in a shared pool: V must be f16
+        if type_v != "f16":
+            shape = replace(shape, type_v="f16", kv_bytes_per_token=kv_bytes_per_token(facts, type_k, "f16"))
+            result = make(shape, users)
+        return replace(result, flash_attention=False)
+    return replace(result, flash_attention=flash_attention)

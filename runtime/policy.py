@@ -79,16 +79,21 @@ class ServerPolicy(_Section):
 class LimitsPolicy(_Section):
     context: int = Field(8192, ge=0)
     max_tokens: int = Field(2048, ge=1)
-    max_sequences: int = Field(16, ge=1, le=1024)
+    max_sequences: int = Field(0, ge=0, le=1024)
+    """Sequences decoded together; 0: as many as the memory plan fits at full context, up to
+    `memory_plan.AUTO_SEQUENCES`."""
     queue_size: int = Field(64, ge=0)
     memory_fraction: float = Field(0.9, gt=0, le=1)
     kv_cells: int = Field(0, ge=0)
     """KV cells (tokens held by all sequences together) at most; 0 = as many as `memory_fraction` allows."""
-    kv_cache: Literal["q8_0", "f16"] = "q8_0"
+    kv_cache: Literal["auto", "q8_0", "f16"] = "auto"
     """Element type of the KV cache. q8_0 (blocks of 32 int8 values and a scale) holds about twice the tokens of f16
-    in the same memory and decodes faster on CPUs (measured here: +28% tokens/s at 16 sequences, +36% at 32), for a
-    rounding of the cached keys and values that llama.cpp's perplexity measurements put at noise level. f16 keeps
-    them exactly as computed."""
+    in the same memory, for a rounding of the cached keys and values that llama.cpp's perplexity measurements put at
+    noise level; f16 keeps them exactly as computed. Which decodes faster depends on the model and the CPU (q8_0 won
+    by 28% on the synthetic test model here, f16 by 70% on Gemma 3 270M): "auto" times both at the model's first
+    start (`runtime.models.calibration`)."""
+    flash_attention: Literal["auto", "on", "off"] = "auto"
+    """llama.cpp's flash attention kernel; "auto" is timed with the KV cache type. A q8_0 V cache needs it."""
 
     @model_validator(mode="after")
     def _kv_cells_hold_a_sequence(self) -> "LimitsPolicy":

@@ -95,3 +95,31 @@ def test_a_request_that_reserves_a_whole_shared_pool_still_completes_beside_its_
         assert events[-1] == Finished("length", prompt_tokens=len(prompt), completion_tokens=256 - len(prompt))
 
     asyncio.run(scenario())
+
+
+def same_length_prompts(engine: LlamaBatchEngine, n: int) -> list[list[int]]:
+    """`n` prompts of one token length (the test model's tokenizer splits words unevenly), then one longer."""
+    prompts = [engine.tokenize(f"{SYSTEM} question {word}") for word in
+               ("one", "two", "six", "ten", "red", "big", "old", "new", "sun", "sea", "cat", "dog")]  # fmt: skip
+    length = max((len(prompt) for prompt in prompts), key=[len(prompt) for prompt in prompts].count)
+    chosen = [prompt for prompt in prompts if len(prompt) == length][:n]
+    assert len(chosen) == n, "the word list has too few prompts of one length"
+    return chosen + [engine.tokenize(SYSTEM + "a much longer question than those here")]
+
+
+def test_greedy_requests_sent_together_answer_as_each_does_alone(tiny_model: Path) -> None:
+    """A burst of prompts, four of one length and one longer, each answers as it does alone. (Prefilling chunks of
+    one length in one step would cut them nowhere, yet it moves their logits: llama.cpp's kernels sum a query row
+    differently beside another sequence's rows. So each reproducible chunk keeps a step of its own.)"""
+
+    async def scenario() -> tuple[list[Answer], list[Answer]]:
+        async with started(tiny_model) as engine:
+            prompts = same_length_prompts(engine, 4)
+            alone = [await complete(engine, prompt, GREEDY) for prompt in prompts]
+        async with started(tiny_model) as engine:
+            together = await asyncio.gather(*(complete(engine, prompt, GREEDY) for prompt in prompts))
+        return alone, list(together)
+
+    alone, together = asyncio.run(scenario())
+    assert together == alone
+

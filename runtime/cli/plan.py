@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sealbox.runtime.memory_plan import (
+    AUTO_SEQUENCES,
     DEFAULT_MEMORY_FRACTION,
     MemoryPlan,
     MemoryPlanError,
@@ -24,14 +25,16 @@ from sealbox.runtime.sizes import HELP as SIZE_HELP
 from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.sizes import SizeError, format_size, parse_size
 
-KV_CACHE_DEFAULT = LimitsPolicy.model_fields["kv_cache"].default
-KV_CACHE_TYPES = get_args(LimitsPolicy.model_fields["kv_cache"].annotation)
+KV_CACHE_TYPES = tuple(kind for kind in get_args(LimitsPolicy.model_fields["kv_cache"].annotation) if kind != "auto")
 
 
 def plan(
     model: Annotated[Path, typer.Option("--model", help="The GGUF file.", exists=True, dir_okay=False)],
     ctx: Annotated[int, typer.Option("--ctx", min=1, help="Tokens one sequence holds (prompt + completion).")] = 4096,
-    users: Annotated[int, typer.Option("--users", min=1, help="Sequences served at once.")] = 16,
+    users: Annotated[
+        int, typer.Option("--users", min=0, help=f"Sequences served at once; 0: as many as fit at --ctx, at most "
+                          f"{AUTO_SEQUENCES} (what the default policy's max_sequences = 0 serves).")
+    ] = 0,
     memory: Annotated[
         str | None, typer.Option("--memory", help=f"Host memory for the model, e.g. 24G ({SIZE_HELP}; default: available now).")
     ] = None,
@@ -44,8 +47,9 @@ def plan(
         float, typer.Option("--fraction", min=0.05, max=1.0, help="Share of that memory to plan with (headroom).")
     ] = DEFAULT_MEMORY_FRACTION,
     kv_cache: Annotated[
-        str, typer.Option("--kv-cache", help="KV cache element type: q8_0 (the policy's default) or f16.")
-    ] = KV_CACHE_DEFAULT,
+        str, typer.Option("--kv-cache", help="KV cache element type: q8_0 or f16. The policy's \"auto\" times "
+                          "both at a model's first start and the server logs its choice.")
+    ] = "q8_0",
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Print weight bytes, KV bytes per token and per sequence, how many sequences fit, the largest context at that

@@ -160,7 +160,8 @@ class EngineOptions:
     n_gpu_layers: int = 0
     n_threads: int | None = None
     embeddings: bool = False
-    flash_attention: bool = False
+    flash_attention: bool | None = None
+    """None: on for split streams, off in a shared pool (see `LlamaBatchEngine`)."""
     extra_buffers: bool = True
     type_k: str = "f16"
     type_v: str = "f16"

@@ -174,6 +174,10 @@ class ContextSettings:
     type_k: str = "f16"
     type_v: str = "f16"
     """The KV cache's element types (`KV_TYPES`); a quantized V needs flash attention."""
+    swa_full: bool = False
+    """Sliding-window layers (Gemma 2 and 3, for instance) keep every cell of a sequence instead of its last window
+    (plus a batch): more memory, no gain in what a request can reuse unless it rewinds past the window. Off, as in
+    llama.cpp's server; the scheduler then checks what a sequence still holds before reusing its prefix."""
     flash_attention: bool = False
     """Off by default: llama.cpp's CPU flash attention sums in an order that depends on where a sequence's cells lie
     in the cache. In a unified pool that depends on the other sequences, so the same greedy request could answer
@@ -207,6 +211,7 @@ class Context:
         params.type_k = KV_TYPES[settings.type_k]
         params.type_v = KV_TYPES[settings.type_v]
         params.no_perf = True
+        params.swa_full = settings.swa_full
         params.embeddings = settings.embeddings
         params.flash_attn_type = (
             llama.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attention else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -229,6 +234,8 @@ class Context:
         self.n_batch: int = llama.llama_n_batch(handle)
         self.embeddings = settings.embeddings
         self.unified = settings.unified
+        self.n_swa: int = 0 if settings.swa_full else llama.llama_model_n_swa(model.handle)
+        """The attention window of the model's sliding-window layers, whose older cells llama.cpp drops (0: none)."""
         self.kv_bytes_per_cell = model.kv_values_per_cell * (
             _bytes_per_value(settings.type_k) + _bytes_per_value(settings.type_v)
         )
@@ -251,6 +258,11 @@ class Context:
         """Drop a sequence's cells from position `start` on (all of them by default)."""
         llama.llama_memory_seq_rm(self.memory, seq_id, start, -1)
 
+    def first_position(self, seq_id: int) -> int:
+        """The lowest position a sequence still holds in every layer (-1 when it holds none): above 0 once a
+        sliding-window layer dropped its oldest cells."""
+        return llama.llama_memory_seq_pos_min(self.memory, seq_id)
+
     def share(self, source: int, target: int, length: int) -> None:
         """Make positions [0, length) of `source` the start of `target` (whose own cells are dropped first).
 
@@ -269,10 +281,14 @@ class Context:
 
     def logits(self, batch_index: int) -> np.ndarray:
         """A copy of the logits the last decode produced at `batch_index` (one float per vocabulary token)."""
+        return self.logits_view(batch_index).copy()
+
+    def logits_view(self, batch_index: int) -> np.ndarray:
+        """The logits at `batch_index` in llama.cpp's own buffer: valid only until the next decode."""
         pointer = llama.llama_get_logits_ith(self.handle, batch_index)
         if not pointer:
             raise EngineError(f"the context has no logits at batch index {batch_index}")
-        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,)).copy()
+        return np.ctypeslib.as_array(pointer, shape=(self.model.n_vocab,))
 
     def sequence_embedding(self, seq_id: int) -> list[float]:
         pointer = llama.llama_get_embeddings_seq(self.handle, seq_id)

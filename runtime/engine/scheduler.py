@@ -194,7 +194,8 @@ class Scheduler:
 
         def usable(slot: Slot) -> int:
             n = min(slot.common_prefix(prompt), limit)
-            return min(n, slot.canonical) // chunk * chunk if reproducible else n
+            n = min(n, slot.canonical) // chunk * chunk if reproducible else n
+            return self._still_held(slot, n, reproducible=reproducible)
 
         idle = [slot for slot in self.slots if slot.task is None]
         if self.context.unified:
@@ -232,6 +233,22 @@ class Scheduler:
         self.metrics.prompt_tokens.inc(len(prompt))
         if reuse:
             self.metrics.prompt_tokens_reused.inc(reuse)
+
+    def _still_held(self, slot: Slot, n: int, *, reproducible: bool) -> int:
+        """`n` if the first `n` cached positions of `slot` can be continued from, else 0.
+
+        A sliding-window layer keeps only a sequence's last window of cells. Continuing at position n needs the
+        window before n: gone if the sequence ran further past n and its oldest cells were dropped. A reproducible
+        request needs more: that nothing was ever dropped, since a wrapped window lays cells out in another order
+        than evaluating the prompt afresh does, and flash attention sums them in that order."""
+        if not n or not self.context.n_swa:
+            return n
+        first = self.context.first_position(slot.id)
+        if first <= 0:
+            return n
+        if reproducible:
+            return 0
+        return n if first <= n - self.context.n_swa else 0
 
     def _prefilling_slot(self, task: GenerationTask) -> Slot | None:
         """The slot evaluating `task`'s prompt, or None once it has (or if it never got one)."""

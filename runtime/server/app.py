@@ -13,6 +13,7 @@ import base64
 import logging
 import struct
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -59,6 +60,8 @@ class ServerConfig:
     """The address served: `--no-auth` accepts only `Host` headers naming it."""
     registry: ModelRegistry = field(default_factory=ModelRegistry)
     started_at: float = field(default_factory=time.time)
+    calibration_dir: Path | None = None
+    """Where each model's measured KV cache and attention choice is remembered (None: measured at every start)."""
 
 
 def _record(request: Request) -> RequestRecord:
@@ -85,7 +88,8 @@ def create_app(config: ServerConfig) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await config.registry.start(config.sources, config.policy, threads=config.threads)
+        await config.registry.start(config.sources, config.policy, threads=config.threads,
+                                    calibration_dir=config.calibration_dir)  # fmt: skip
         if config.on_started is not None:
             config.on_started(config.registry)
         tally.start()

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from sealbox.runtime.engine import Engine, EngineLoadError, EngineOptions, ModelCard, open_engine
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.memory_plan import MemoryPlanError, plan_for_policy
+from sealbox.runtime.memory_plan import MemoryPlanError, gpu_free_bytes, plan_for_policy
 from sealbox.runtime.models.builtin_templates import template_for
-from sealbox.runtime.models.gguf_facts import ModelFileError, read_model_file
+from sealbox.runtime.models.calibration import CalibrationError, KernelChoice, candidates_for
+from sealbox.runtime.models.calibration import choose as choose_kernels
+from sealbox.runtime.models.gguf_facts import ModelFile, ModelFileError, read_model_file
 from sealbox.runtime.models.probe import probe_model
 from sealbox.runtime.policy import LimitsPolicy, Policy
 from sealbox.runtime.release import ReleaseFileError, current_directory, read_record
@@ -130,12 +133,14 @@ class ModelRegistry:
     def failed(self) -> list[FailedModel]:
         return [model for model in self.models.values() if isinstance(model, FailedModel)]
 
-    async def start(self, sources: list[ModelSource], policy: Policy, *, threads: int | None = None) -> None:
+    async def start(self, sources: list[ModelSource], policy: Policy, *, threads: int | None = None,
+                    calibration_dir: Path | None = None) -> None:  # fmt: skip
         """Check and start every model; a failure is kept as the model's `problem`, never raised."""
         for source in sources:
             digest = _Digest()
             try:
-                self.models[source.name] = await _start(source, policy.limits, digest, threads=threads)
+                self.models[source.name] = await _start(source, policy.limits, digest, threads=threads,
+                                                        calibration_dir=calibration_dir)  # fmt: skip
             except _Refused as exc:
                 self.models[source.name] = FailedModel(source, str(exc), digest.value)
                 log.error("model %s is not served: %s", source.name, exc)
@@ -167,7 +172,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, threads: int | None) -> ServedModel:
+async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, threads: int | None,
+                 calibration_dir: Path | None = None) -> ServedModel:  # fmt: skip
     """Prove, size and start one model. The GGUF header is read once, here; the probe, the memory plan and the chat
     template take what it says."""
     try:
@@ -188,7 +194,14 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
     if not probe.extra_buffers:
         log.warning("%s", probe.reason)
     try:
-        sizing = plan_for_policy(source.path, limits, model_file=model_file).engine_sizing()
+        gpu_bytes = await asyncio.to_thread(gpu_free_bytes)
+        plan = plan_for_policy(source.path, limits, model_file=model_file, gpu_memory_bytes=gpu_bytes, detect_gpu=False)
+        if plan.gpu_layers == 0:  # on the CPU, the KV cache type and attention kernel are measured (the probe is CPU-only)
+            kernels = await asyncio.to_thread(_kernels, source, limits, digest.value, model_file, probe.extra_buffers,
+                                              threads, calibration_dir)  # fmt: skip
+            plan = plan_for_policy(source.path, limits, model_file=model_file, gpu_memory_bytes=gpu_bytes,
+                                   detect_gpu=False, kernels=kernels)  # fmt: skip
+        sizing = plan.engine_sizing()
     except (ModelFileError, MemoryPlanError) as exc:
         raise _Refused(str(exc)) from exc
     embeddings = model_file.facts.pooling_type is not None
@@ -211,7 +224,7 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
             n_gpu_layers=sizing.n_gpu_layers,
             n_threads=threads,
             embeddings=embeddings,
-            flash_attention=sizing.n_gpu_layers > 0,
+            flash_attention=sizing.flash_attention,
             extra_buffers=probe.extra_buffers,
             type_k=sizing.type_k,
             type_v=sizing.type_v,
@@ -222,14 +235,28 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
     except EngineLoadError as exc:
         raise _Refused(str(exc)) from exc
     log.info(
-        "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers",
+        "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers, flash attention %s",
         source.name, digest.value[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
-        sizing.type_v, sizing.n_gpu_layers,
+        sizing.type_v, sizing.n_gpu_layers, "on" if sizing.flash_attention else "off",
     )  # fmt: skip
     template, template_problem = await asyncio.to_thread(_compile_template, source.name, engine.card)
     return ServedModel(source, digest.value, engine, embeddings=embeddings, context=sizing.n_ctx_per_seq,
                        sequences=sizing.n_seq_max, gpu_layers=sizing.n_gpu_layers, template=template,
                        template_problem=template_problem)  # fmt: skip
+
+
+def _kernels(source: ModelSource, limits: LimitsPolicy, sha256: str, model_file: ModelFile, extra_buffers: bool,
+             threads: int | None, calibration_dir: Path | None) -> KernelChoice | None:
+    """The KV cache type and attention the calibration finds fastest among those the policy leaves open; None (the
+    policy's fixed defaults) when it cannot measure them: a slower model is better than none."""
+    candidates = candidates_for(kv_cache=limits.kv_cache, flash_attention=limits.flash_attention,
+                                head_dim=model_file.facts.head_dim)  # fmt: skip
+    try:
+        return choose_kernels(source.path, sha256=sha256, candidates=candidates, threads=threads or os.cpu_count() or 1,
+                              extra_buffers=extra_buffers, cache_dir=calibration_dir)  # fmt: skip
+    except CalibrationError as exc:
+        log.warning("model %s: %s; using the policy's fixed KV cache settings", source.name, exc)
+        return None
 
 
 def _compile_template(name: str, card: ModelCard) -> tuple[ChatTemplate | None, str | None]:

@@ -76,7 +76,8 @@ class PreparedServer:
 
         config = ServerConfig(policy=self.policy, sources=self.sources, authenticator=self.authenticator,
                               audit=self.audit, threads=self.threads, on_started=self._started,
-                              on_stopping=self._stopping, listen=(self.host, self.port))  # fmt: skip
+                              on_stopping=self._stopping, listen=(self.host, self.port),
+                              calibration_dir=self.appliance.calibration)  # fmt: skip
         limits = self.policy.server
         serve_until_stopped(
             self.host,
