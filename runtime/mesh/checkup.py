@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from sealbox.runtime.mesh.host_identity import HostIdentity, MeshIdentityError
-from sealbox.runtime.policy import MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE, MeshHostPolicy, Policy
+from sealbox.runtime.policy import MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE, EgressPolicy, MeshHostPolicy, Policy
 from sealbox.runtime.regular_file import file_kind, read_regular
 
 EXPIRY_WARN_DAYS = 30
@@ -108,6 +108,23 @@ def check_peers(policy: Policy) -> MeshCheck:
     return _engine_refuses_strangers(policy, host)
 
 
+def probe_egress(policy: Policy) -> EgressPolicy:
+    """The doctor's egress allowlist: the policy's, plus exactly what check_peers talks to on this host (the gateway:
+    each engine on its port; an engine: its own address and port). Unchanged when this host cannot be told."""
+    if not policy.mesh.hosts:
+        return policy.egress
+    try:
+        _, host = installed_identity(policy)
+    except MeshIdentityError:
+        return policy.egress
+    if host.role == "gateway":
+        from sealbox.runtime.gateway.startup import engine_egress
+
+        return engine_egress(policy.egress, policy.gateway)
+    own = f"[{host.address}]:{host.port}" if ":" in host.address else f"{host.address}:{host.port}"
+    return policy.egress.model_copy(update={"peers": tuple(dict.fromkeys([*policy.egress.peers, own]))})
+
+
 def _gateway_reaches_engines(policy: Policy) -> MeshCheck:
     from sealbox.runtime.gateway.engine_hosts import EngineHostError, EngineHosts
 
@@ -154,4 +171,5 @@ def _engine_refuses_strangers(policy: Policy, host: MeshHostPolicy) -> MeshCheck
     if answer.startswith(b"HTTP/"):
         return MeshCheck("fail", f"the engine at {where} answers without a client certificate: "
                                  f"{answer.splitlines()[0].decode(errors='replace')}")  # fmt: skip
-    return MeshCheck("pass", f"the engine at {where} closes a connection without a client certificate")
+    return MeshCheck("pass", f"the engine at {where} refuses a connection without a client certificate",
+                     ("it closed the connection without an answer",))  # fmt: skip
