@@ -38,7 +38,8 @@ _MESH_HEADER = re.compile(r"^\[mesh\][ \t]*$", re.MULTILINE)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
 
 
 def _pem(certificate: x509.Certificate) -> bytes:
@@ -80,7 +81,8 @@ class MeshCA:
         write_atomically(cert_path, _pem(certificate), mode=0o644)
         return cls(key, certificate), True
 
-    def issue(self, host: MeshHostPolicy, *, now: datetime.datetime, days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    def issue(self, host: MeshHostPolicy, *, now: datetime.datetime,
+              days: int) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:  # fmt: skip
         """A certificate for `host`: its name as CN, its address as the only IP SAN, the role's key usage."""
         key = ec.generate_private_key(ec.SECP256R1())
         certificate = (
@@ -90,7 +92,8 @@ class MeshCA:
             .not_valid_after(min(now + datetime.timedelta(days=days), self.certificate.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ROLE_USAGE[host.role]]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host.address))]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host.address))]),
+                           critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )  # fmt: skip
@@ -145,7 +148,8 @@ def pin_ca_in_policy(policy_path: Path, pin: str) -> None:
     elif (header := _MESH_HEADER.search(text)) is not None and not _CA_PIN.search(text):
         updated = text[: header.end()] + "\n" + line + text[header.end():]
     else:
-        raise PolicyError(f"{policy_path}: cannot place the mesh CA pin: write a `[mesh]` table with one ca_sha256 line")
+        raise PolicyError(f"{policy_path}: cannot place the mesh CA pin: write a `[mesh]` table with one "
+                          "ca_sha256 line")  # fmt: skip
     if Policy.from_toml(updated, source=str(policy_path)).mesh.ca_sha256 != pin:
         raise PolicyError(f"{policy_path}: the ca_sha256 line edited is not the [mesh] table's")
     write_atomically(policy_path, updated.encode("utf-8"), mode=stat.S_IMODE(os.stat(policy_path).st_mode))
@@ -164,7 +168,9 @@ class KeyPackage:
     def read(cls, folder: Path) -> KeyPackage:
         """Raises MeshIdentityError when a file is missing or is not a regular file (a symlink, a FIFO)."""
         try:
-            return cls(folder, *(read_regular(folder / name, limit=1 << 16) for name in (MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE)))
+            names = (MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE)
+            files = (read_regular(folder / name, limit=1 << 16) for name in names)
+            return cls(folder, *files)
         except OSError as exc:
             raise MeshIdentityError(f"key package {folder}: {exc.strerror or exc}") from exc
 
@@ -172,7 +178,11 @@ class KeyPackage:
         return HostIdentity.from_bytes(self.ca, self.certificate, self.key)
 
     def verify(self, policy: Policy, host_name: str | None) -> MeshHostPolicy:
-        """The package is the pinned CA's, for this host, valid now, its key the certificate's. Raises MeshIdentityError."""
+        """The package is the pinned CA's, for this host, valid now, its key the certificate's.
+
+        Raises:
+            MeshIdentityError: naming the first check that fails.
+        """
         try:
             host = this_host(policy, host_name)
         except MeshHostError as exc:
@@ -209,7 +219,7 @@ def _service_owner(user: str) -> tuple[int, int]:
     try:
         entry = pwd.getpwnam(user)
     except KeyError as exc:
-        raise MeshIdentityError(f"service user {user!r} does not exist on this host: create it before the keys") from exc
+        raise MeshIdentityError(f"service user {user!r} does not exist on this host: create it first") from exc
     if os.geteuid() not in (0, entry.pw_uid):
         raise MeshIdentityError(f"only root can hand the mesh key to service user {user!r}")
     return entry.pw_uid, entry.pw_gid

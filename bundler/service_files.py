@@ -123,7 +123,8 @@ class ServiceContext:
             loopback_ports=tuple(policy.egress.allow_ports),
             local_names=policy.egress.local_names,
             gpu_devices=devices,
-            peers=tuple((p.ports.address.version, str(p.ports.address), p.ports.ports, p.why) for p in peer_set.outbound),
+            peers=tuple((p.ports.address.version, str(p.ports.address), p.ports.ports, p.why)
+                        for p in peer_set.outbound),  # fmt: skip
         )
 
 

@@ -53,4 +53,4 @@ class ExitCode(IntEnum):
     EVALUATION_FAILED = 32
     """The release's evaluation suite failed (at install, or `sealbox eval`)."""
     MESH_KEYS = 33
-    """A mesh host's certificate or key is not the one the policy's mesh CA issued for this host, or unsafe to install."""
+    """A mesh host's certificate or key is not the one the policy's mesh CA issued for it, or unsafe to install."""

@@ -282,7 +282,7 @@ class MeshPolicy(_Section):
     """sha256 of the mesh CA's certificate (DER), written by `sealbox keys mesh create`: a key package whose CA is
     not this one is refused at install, so the pin travels signed in the bundle and the CA's key never does."""
     key_dir: str = ""
-    """Where each host's certificate, key and the CA certificate are installed (`host.crt`, `host.key`, `mesh-ca.crt`)."""
+    """Where each host's certificate, key and CA certificate are installed (`host.crt`, `host.key`, `mesh-ca.crt`)."""
     hosts: tuple[MeshHostPolicy, ...] = ()
 
     @model_validator(mode="after")

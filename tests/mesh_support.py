@@ -88,4 +88,4 @@ def write_package(folder: Path, ca: x509.Certificate, certificate: x509.Certific
 
 
 def host_entry(host: MeshHost) -> MeshHostPolicy:
-    return MeshHostPolicy(name=host.name, role=host.role, address=host.address, port=host.port)  # type: ignore[arg-type]
+    return MeshHostPolicy.model_validate(vars(host))

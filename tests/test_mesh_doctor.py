@@ -110,7 +110,8 @@ def test_an_engine_that_serves_without_asking_for_client_certificates_fails_the_
     install_mesh_keys(mesh.package("gpu-1"), policy, "gpu-1")  # the certificate names the address, not the port
     # the same certificate and key, but no tls_client_ca: anyone on the link could talk to this engine
     open_policy = f'[server]\ntls_cert = "{policy.server.tls_cert}"\ntls_key = "{policy.server.tls_key}"\n' + LIMITS
-    process = EngineHostProcess(root=tmp_path, models=[tiny_model], policy_text=open_policy, host=moved.address, port=port)
+    process = EngineHostProcess(root=tmp_path, models=[tiny_model], policy_text=open_policy, host=moved.address,
+                                port=port)  # fmt: skip
     engine_key_file(process)
     process.start()
     try:
@@ -118,7 +119,8 @@ def test_an_engine_that_serves_without_asking_for_client_certificates_fails_the_
     finally:
         process.stop()
     assert peers.status == "fail"
-    assert peers.summary.startswith(f"the engine at 127.0.0.2:{port} answers without a client certificate: HTTP/1.1 401")
+    answered = f"the engine at 127.0.0.2:{port} answers without a client certificate: HTTP/1.1 401"
+    assert peers.summary.startswith(answered)
 
 
 def test_a_stopped_engine_is_unknown_to_its_doctor_not_passed(mesh: Mesh, tmp_path: Path) -> None:
@@ -211,8 +213,8 @@ def test_bundle_install_with_this_hosts_keys_renders_its_walls_and_the_doctor_pa
     root = tmp_path / "root"
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(host_policy(mesh, root / "mesh"))
-    bundle = Publisher(keys).publish(tmp_path / "bundle", [model_item(tiny_model), Item("policy", "policy.toml", policy_file)],
-                                     name="mesh", version=1, signers=("publisher",))  # fmt: skip
+    items = [model_item(tiny_model), Item("policy", "policy.toml", policy_file)]
+    bundle = Publisher(keys).publish(tmp_path / "bundle", items, name="mesh", version=1, signers=("publisher",))
     host = trust(root, keys / "publisher.pub")
     with pytest.raises(ReleaseContentError, match="for host 'gw', this host is 'gpu-1'"):
         install_bundle(InstallRequest(bundle=bundle, root=host, mesh_host="gpu-1", mesh_keys=mesh.package("gw"),

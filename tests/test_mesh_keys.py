@@ -69,7 +69,8 @@ def test_create_again_reuses_the_ca_so_the_pin_and_every_installed_host_stay_val
     assert again.policy().mesh.ca_sha256 == before
 
 
-def test_install_puts_the_hosts_files_in_place_private_to_the_service_user(key_dir: tuple[Policy, Path], mesh: Mesh) -> None:
+def test_install_puts_the_hosts_files_in_place_private_to_the_service_user(key_dir: tuple[Policy, Path],
+                                                                           mesh: Mesh) -> None:  # fmt: skip
     policy, installed = key_dir
     written = install_mesh_keys(mesh.package("gpu-1"), policy, "gpu-1")
     assert [p.name for p in written] == [MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE]

@@ -22,8 +22,12 @@ mesh_app = typer.Typer(help="Mutual-TLS keys of a gateway and its engine hosts (
 
 @mesh_app.command("create")
 def create(
-    policy: Annotated[Path, typer.Option("--policy", help="The bundle's policy; its [mesh] names the hosts. The CA pin is written into it.")],
-    ca_dir: Annotated[Path, typer.Option("--ca-dir", help="Where the mesh CA's key lives (made once, reused; stays on this host).")],
+    policy: Annotated[
+        Path, typer.Option("--policy", help="The bundle's policy, whose [mesh] names the hosts; the CA pin goes in.")
+    ],
+    ca_dir: Annotated[
+        Path, typer.Option("--ca-dir", help="Where the mesh CA's key lives (made once, reused; stays on this host).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Directory for the key packages: OUT/<host>/, one per host.")],
     days: Annotated[int, typer.Option("--days", min=1, help="Validity of the host certificates.")] = HOST_DAYS,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -48,8 +52,12 @@ def create(
 def install(
     package: Annotated[Path, typer.Argument(help="This host's key package (OUT/<host>/ from `keys mesh create`).")],
     host: Annotated[str, typer.Option("--host", help="This host's name in the policy's [mesh].")],
-    root: Annotated[Path | None, typer.Option("--root", help="Appliance root (its live release's policy is used).")] = None,
-    policy: Annotated[Path | None, typer.Option("--policy", help="Use this policy instead of the live release's.")] = None,
+    root: Annotated[
+        Path | None, typer.Option("--root", help="Appliance root (its live release's policy is used).")
+    ] = None,
+    policy: Annotated[
+        Path | None, typer.Option("--policy", help="Use this policy instead of the live release's.")
+    ] = None,
 ) -> None:
     """Check this host's key package against the policy's mesh CA and install it for the service user."""
     try:

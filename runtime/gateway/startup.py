@@ -2,7 +2,8 @@
 keys and audit log, then the socket), with the engine hosts in place of models.
 
 The egress guard allows the policy's networks plus exactly each engine host on its own port: the gateway can
-reach its engines and nothing else of them. Engine hosts are named by IP address (an isolated network has no resolver the
+reach its engines and nothing else of them. Engine hosts are named by IP address (an isolated network has no
+resolver the
 guard would trust).
 """
 

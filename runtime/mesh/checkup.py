@@ -63,7 +63,8 @@ def installed_identity(policy: Policy) -> tuple[HostIdentity, MeshHostPolicy]:
     identity = HostIdentity.from_bytes(contents[MESH_CA_FILE], contents[MESH_CERT_FILE], contents[MESH_KEY_FILE])
     host = policy.mesh.host(identity.name)
     if host is None:
-        raise MeshIdentityError(f"the installed certificate is for {identity.name!r}, a host the policy's mesh does not name")
+        raise MeshIdentityError(f"the installed certificate is for {identity.name!r}, a host the policy's mesh "
+                                "does not name")  # fmt: skip
     return identity, host
 
 
@@ -76,7 +77,8 @@ def _check_owner(path: Path, info: os.stat_result, user: str) -> None:
         raise MeshIdentityError(f"{path}: owned by uid {info.st_uid}, not the service user {user!r} ({uid})")
 
 
-def check_installed_keys(policy: Policy, *, now: datetime | None = None, warn_days: int = EXPIRY_WARN_DAYS) -> MeshCheck:
+def check_installed_keys(policy: Policy, *, now: datetime | None = None,
+                         warn_days: int = EXPIRY_WARN_DAYS) -> MeshCheck:  # fmt: skip
     """Fail on anything install would refuse (or the doctor's mode checks); warn within `warn_days` of expiry."""
     if not policy.mesh.hosts:
         return MeshCheck("pass", "a single host: the policy names no mesh")
@@ -151,7 +153,7 @@ def _gateway_reaches_engines(policy: Policy) -> MeshCheck:
 
 
 def _engine_refuses_strangers(policy: Policy, host: MeshHostPolicy) -> MeshCheck:
-    """Connect to this engine as a stranger would (the mesh CA trusted, no client certificate) and ask for its status."""
+    """Connect to this engine as a stranger would (trusting the mesh CA, no client certificate); ask for its status."""
     where = f"{host.address}:{host.port}"
     context = ssl.create_default_context(cafile=policy.mesh.path(MESH_CA_FILE))
     try:
@@ -162,7 +164,8 @@ def _engine_refuses_strangers(policy: Policy, host: MeshHostPolicy) -> MeshCheck
     except ConnectionRefusedError:
         return MeshCheck("unknown", f"nothing listens on {where}: is the engine running?")
     except ssl.SSLCertVerificationError as exc:
-        return MeshCheck("fail", f"the engine at {where} presents a certificate the mesh CA did not issue: {exc.verify_message}")
+        return MeshCheck("fail", f"the engine at {where} presents a certificate the mesh CA did not issue: "
+                                 f"{exc.verify_message}")  # fmt: skip
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError) as exc:
         return MeshCheck("pass", f"the engine at {where} refuses a connection without a client certificate",
                          (f"refused with: {exc}",))  # fmt: skip

@@ -61,7 +61,8 @@ class HostIdentity:
     @classmethod
     def from_bytes(cls, ca: bytes, certificate: bytes, key: bytes) -> HostIdentity:
         """Raises MeshIdentityError when a file does not parse."""
-        return cls(load_certificate(ca, "the mesh CA certificate"), load_certificate(certificate, "the host certificate"),
+        return cls(load_certificate(ca, "the mesh CA certificate"),
+                   load_certificate(certificate, "the host certificate"),
                    load_private_key(key, "the host key"))  # fmt: skip
 
     @property
@@ -90,7 +91,7 @@ class HostIdentity:
 
     def check_ca_pinned(self, mesh: MeshPolicy) -> None:
         if not mesh.ca_sha256:
-            raise MeshIdentityError("the policy pins no mesh CA ([mesh] ca_sha256; `sealbox keys mesh create` writes it)")
+            raise MeshIdentityError("the policy pins no mesh CA ([mesh] ca_sha256, which `keys mesh create` writes)")
         seen = certificate_sha256(self.ca)
         if seen != mesh.ca_sha256:
             raise MeshIdentityError(f"the mesh CA certificate is {seen}, the policy pins {mesh.ca_sha256}")
@@ -99,13 +100,16 @@ class HostIdentity:
         try:
             self.certificate.verify_directly_issued_by(self.ca)
         except (ValueError, TypeError, InvalidSignature) as exc:
-            raise MeshIdentityError(f"the host certificate does not chain to the mesh CA: {exc or type(exc).__name__}") from exc
+            why = str(exc) or type(exc).__name__
+            raise MeshIdentityError(f"the host certificate does not chain to the mesh CA: {why}") from exc
 
     def check_valid_at(self, now: datetime) -> None:
-        if now > self.certificate.not_valid_after_utc:
-            raise MeshIdentityError(f"the host certificate expired at {self.certificate.not_valid_after_utc.isoformat()}")
-        if now < self.certificate.not_valid_before_utc:
-            raise MeshIdentityError(f"the host certificate is not valid before {self.certificate.not_valid_before_utc.isoformat()}")
+        certificate = self.certificate
+        if now > certificate.not_valid_after_utc:
+            raise MeshIdentityError(f"the host certificate expired at {certificate.not_valid_after_utc.isoformat()}")
+        if now < certificate.not_valid_before_utc:
+            starts = certificate.not_valid_before_utc.isoformat()
+            raise MeshIdentityError(f"the host certificate is not valid before {starts}")
         if now > self.ca.not_valid_after_utc:
             raise MeshIdentityError(f"the mesh CA certificate expired at {self.ca.not_valid_after_utc.isoformat()}")
 
@@ -124,8 +128,6 @@ class HostIdentity:
             raise MeshIdentityError(f"the certificate is not for a mesh {host.role} (extended key usage {usages})")
 
     def check_key_matches(self) -> None:
-        ours = self.key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-        theirs = self.certificate.public_key().public_bytes(serialization.Encoding.DER,
-                                                             serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-        if ours != theirs:
+        der, info = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if self.key.public_key().public_bytes(der, info) != self.certificate.public_key().public_bytes(der, info):
             raise MeshIdentityError("the host key is not the certificate's key")
