@@ -51,6 +51,8 @@ from sealbox.bundler.progress import Progress, SilentProgress
 from sealbox.bundler.releases import GcResult, InstallRecord, Release, Releases, policy_in_force, release_dir_name
 from sealbox.bundler.sources import model_license
 from sealbox.bundler.service_files import ServiceContext, ServiceFileError, write_service_files
+from sealbox.bundler.mesh_keys import KeyPackage
+from sealbox.runtime.mesh.host_identity import MeshIdentityError
 from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.bundler.verify import VerifiedManifest, check_layout, check_parts, list_bundle, open_manifest, read_manifest_file
 from sealbox.runtime.hostroot import HostRoot
@@ -127,6 +129,11 @@ class InstallRequest:
     """Activate without running the bundle's evaluation suite (asked through `confirm_skip_eval`; recorded)."""
     confirm_skip_eval: Confirm | None = None
     """Asked before `skip_eval` takes effect; None refuses the skip."""
+    mesh_host: str | None = None
+    """This host's name in the policy's `[mesh]`: the walls are rendered for its peers."""
+    mesh_keys: Path | None = None
+    """This host's key package: refused before the release is placed unless the policy's mesh CA issued it for
+    `mesh_host` (the CLI installs it once the release is live)."""
 
 
 @dataclass(frozen=True)
@@ -478,9 +485,13 @@ class Installer:
             self.notes.append(
                 f"the bundle carries no wheels: no virtualenv was built; the service runs this host's sealbox ({executable})"
             )
-        context = ServiceContext.build(
-            label=final.name, root=self.root.path, release_dir=final, executable=executable, policy=policy
-        )
+        if self.request.mesh_keys is not None:
+            try:
+                KeyPackage.read(self.request.mesh_keys).verify(policy, self.request.mesh_host)
+            except MeshIdentityError as exc:
+                raise ReleaseContentError(f"mesh key package {self.request.mesh_keys}: {exc}") from exc
+        context = ServiceContext.build(label=final.name, root=self.root.path, release_dir=final, executable=executable,
+                                       policy=policy, mesh_host=self.request.mesh_host)  # fmt: skip
         write_service_files(release, context)
         install = InstallRecord(
             name=manifest.name,

@@ -21,6 +21,7 @@ from pathlib import Path
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
+from sealbox.runtime.mesh.peer_set import MeshHostError, PeerSet
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.exit_codes import ExitCode
 
@@ -82,10 +83,13 @@ class ServiceContext:
     """Loopback ports the account may send to: the policy's allow_ports, checked for loopback (empty = any but 53)."""
     local_names: tuple[tuple[str, tuple[str, ...]], ...]
     gpu_devices: tuple[str, ...]
+    peers: tuple[tuple[int, str, str, str], ...] = ()
+    """(IP version, address, port or range, what for): the mesh and Ray peers this host sends to (runtime.mesh)."""
 
     @classmethod
-    def build(cls, *, label: str, root: Path, release_dir: Path, executable: Path, policy: Policy) -> ServiceContext:
-        """Raises ServiceFileError naming the value that cannot be written safely."""
+    def build(cls, *, label: str, root: Path, release_dir: Path, executable: Path, policy: Policy,
+              mesh_host: str | None = None) -> ServiceContext:  # fmt: skip
+        """Raises ServiceFileError naming the value that cannot be written safely, or a mesh host the policy lacks."""
         if not _LABEL.fullmatch(label):
             raise ServiceFileError(f"release label {label!r} cannot go into a unit file")
         if not _USER.fullmatch(policy.service.user):
@@ -97,7 +101,11 @@ class ServiceContext:
         devices = tuple(_path(device, "service.gpu_devices entry") for device in policy.service.gpu_devices)
         if any(not device.startswith("/dev/") for device in devices):
             raise ServiceFileError(f"service.gpu_devices must be device nodes under /dev/: {list(devices)}")
-        ip_allow = tuple(dict.fromkeys(str(net) for net in [*clients, *egress]))
+        try:
+            peer_set = PeerSet.for_host(policy, mesh_host)
+        except MeshHostError as exc:
+            raise ServiceFileError(str(exc)) from exc
+        ip_allow = tuple(dict.fromkeys([*(str(net) for net in [*clients, *egress]), *peer_set.addresses]))
         release_text = _path(release_dir, "release directory")
         if ":" in release_text:
             raise ServiceFileError(f"release directory {release_text!r} cannot go into BindReadOnlyPaths (it holds ':')")
@@ -115,6 +123,8 @@ class ServiceContext:
             loopback_ports=tuple(policy.egress.allow_ports),
             local_names=policy.egress.local_names,
             gpu_devices=devices,
+            peers=tuple((p.ports.address.version, str(p.ports.address), p.ports.ports, p.why)
+                        for p in peer_set.outbound),  # fmt: skip
         )
 
 
@@ -165,6 +175,7 @@ def render_nft(context: ServiceContext, *, nft_path: str) -> str:
         allow_ports=context.allow_ports,
         loopback_ports=context.loopback_ports,
         dns_allowed=DNS_PORT in context.allow_ports,
+        peers=context.peers,
         nft_path=nft_path,
     )
 

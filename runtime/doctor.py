@@ -42,6 +42,7 @@ from sealbox.runtime.engine.accelerator import (
 )
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.memory_plan import MemoryPlanError, host_memory_bytes, plan_for_policy, split_for_plan
+from sealbox.runtime.mesh.checkup import MeshCheck, check_installed_keys, check_peers
 from sealbox.runtime.policy import Policy, PolicyError, default_policy_text, is_loopback_host
 from sealbox.runtime.regular_file import sha256_regular
 from sealbox.runtime.release import (
@@ -557,6 +558,20 @@ def check_evaluation(appliance: Appliance) -> Finding:
     return Finding(CheckStatus.WARN, f"the release went live without a passing evaluation: {reason}", tuple(details))
 
 
+def check_mesh_keys(appliance: Appliance) -> Finding:
+    """This host's mesh certificate and key (runtime/mesh/checkup.py): kinds, modes, owner, CA, expiry, address."""
+    return _mesh_finding(check_installed_keys(appliance.policy))
+
+
+def check_mesh_peers(appliance: Appliance) -> Finding:
+    """Gateway: every engine answers over mutual TLS. Engine: a connection without a client certificate is refused."""
+    return _mesh_finding(check_peers(appliance.policy))
+
+
+def _mesh_finding(check: MeshCheck) -> Finding:
+    return Finding(CheckStatus(check.status), check.summary, check.details)
+
+
 CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("release", "Active release", check_release),
     ("manifest-signature", "Manifest signature", check_manifest_signature),
@@ -575,11 +590,14 @@ CHECKS: tuple[tuple[str, str, Check], ...] = (
     ("offline-environment", "Offline environment", check_offline_environment),
     ("gpu", "GPU", check_gpu),
     ("memory-plan", "Layers on GPU", check_memory_plan),
+    ("mesh-keys", "Mesh certificate and key", check_mesh_keys),
+    ("mesh-peers", "Mesh peers (mutual TLS)", check_mesh_peers),
 )
 
 
 def run_doctor(root: HostRoot, *, strict: bool = False, systemd_dir: Path = SYSTEMD_DIR) -> DoctorReport:
-    """Run every check against `root` and report. Sends no packet and changes nothing on disk.
+    """Run every check against `root` and report. Changes nothing on disk, and sends packets only to the peers the
+    policy's `[mesh]` names (the mesh-peers check).
 
     Raises:
         DoctorFailedError: `strict` and at least one check failed (`serve --strict` refuses to start on it).

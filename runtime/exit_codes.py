@@ -52,3 +52,5 @@ class ExitCode(IntEnum):
     API_KEY = 31
     EVALUATION_FAILED = 32
     """The release's evaluation suite failed (at install, or `sealbox eval`)."""
+    MESH_KEYS = 33
+    """A mesh host's certificate or key is not the one the policy's mesh CA issued for it, or unsafe to install."""

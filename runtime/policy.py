@@ -145,6 +145,18 @@ class EgressPolicy(_Section):
     local_names: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_LOCAL_NAMES
     """The only names the process may resolve, with their addresses (TOML: `{ localhost = ["127.0.0.1", "::1"] }`).
     The unit's /etc/hosts is rendered from them and it gets no resolver: any other name would be a DNS query."""
+    peers: tuple[str, ...] = ()
+    """Single hosts reachable on exactly the ports named (`10.0.0.11:8443`, `[fd00::2]:8443`, `10.0.0.12:10002-10100`),
+    outside `allow` x `allow_ports`: the gateway adds its engines from `[mesh]`/`[gateway]`, a Ray node its peers."""
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from sealbox.runtime.egress.peers import PeerPorts
+
+        for item in value:
+            PeerPorts.parse(item)
+        return value
 
     @field_validator("allow_ports")
     @classmethod
@@ -246,6 +258,66 @@ class GatewayPolicy(_Section):
         return self
 
 
+MESH_CA_FILE, MESH_CERT_FILE, MESH_KEY_FILE = "mesh-ca.crt", "host.crt", "host.key"
+
+
+class MeshHostPolicy(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    role: Literal["gateway", "engine"]
+    address: str
+    """The host's IP address on the isolated network: the IP SAN of its certificate and what the walls let through."""
+    port: int = Field(ge=1, le=65535)
+    """The port it serves the mesh on (an engine's `sealbox serve`, the gateway's API)."""
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return str(ipaddress.ip_address(value))
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"https://{host}:{self.port}"
+
+
+class MeshPolicy(_Section):
+    """The hosts of one gateway and its engines, and the CA that signs their mutual-TLS certificates."""
+
+    ca_sha256: str = Field("", pattern=r"^(|sha256:[0-9a-f]{64})$")
+    """sha256 of the mesh CA's certificate (DER), written by `sealbox keys mesh create`: a key package whose CA is
+    not this one is refused at install, so the pin travels signed in the bundle and the CA's key never does."""
+    key_dir: str = ""
+    """Where each host's certificate, key and CA certificate are installed (`host.crt`, `host.key`, `mesh-ca.crt`)."""
+    hosts: tuple[MeshHostPolicy, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MeshPolicy":
+        if not self.hosts:
+            return self
+        if not self.key_dir.startswith("/"):
+            raise ValueError("mesh.key_dir must be an absolute path when mesh.hosts are named")
+        names = [host.name for host in self.hosts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two mesh hosts share a name: {names}")
+        if len({host.address for host in self.hosts}) != len(self.hosts):
+            raise ValueError("two mesh hosts share an address")
+        if [host.role for host in self.hosts].count("gateway") != 1:
+            raise ValueError("the mesh names exactly one gateway host")
+        return self
+
+    def host(self, name: str) -> MeshHostPolicy | None:
+        return next((host for host in self.hosts if host.name == name), None)
+
+    def path(self, file: str) -> str:
+        return f"{self.key_dir.rstrip('/')}/{file}"
+
+    def tls_paths(self) -> dict[str, dict[str, str]]:
+        """The policy fields that point at the installed mesh files (filled when left empty, refused when not these)."""
+        ca, cert, key = self.path(MESH_CA_FILE), self.path(MESH_CERT_FILE), self.path(MESH_KEY_FILE)
+        return {"server": {"tls_cert": cert, "tls_key": key, "tls_client_ca": ca},
+                "gateway": {"client_cert": cert, "client_key": key, "engine_ca": ca}}  # fmt: skip
+
+
 class VllmPolicy(_Section):
     """vLLM as a supervised child engine (GPU clusters): rendered into a launch command, environment and unit."""
 
@@ -301,6 +373,36 @@ class Policy(_Section):
     releases: ReleasesPolicy = ReleasesPolicy()
     gateway: GatewayPolicy = GatewayPolicy()
     vllm: VllmPolicy = VllmPolicy()
+    mesh: MeshPolicy = MeshPolicy()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mesh_paths_by_default(cls, data: object) -> object:
+        """With `[mesh] hosts`, the TLS paths of `[server]` and `[gateway]` default to the installed mesh files."""
+        mesh = data.get("mesh") if isinstance(data, dict) else None
+        if not isinstance(mesh, dict) or not mesh.get("hosts") or not isinstance(mesh.get("key_dir"), str):
+            return data
+        paths = MeshPolicy.model_construct(key_dir=mesh["key_dir"]).tls_paths()
+        data = dict(data)
+        for section, fields in paths.items():
+            given = data.get(section, {})
+            if isinstance(given, dict):
+                data[section] = {**{k: v for k, v in fields.items() if not given.get(k)}, **given}
+        return data
+
+    @model_validator(mode="after")
+    def _mesh_consistent(self) -> "Policy":
+        if not self.mesh.hosts:
+            return self
+        for section, fields in self.mesh.tls_paths().items():
+            for name, path in fields.items():
+                if getattr(getattr(self, section), name) != path:
+                    raise ValueError(f"{section}.{name} must be {path} (the mesh's installed file) or left empty")
+        engines = {host.name: host for host in self.mesh.hosts if host.role == "engine"}
+        for engine in self.gateway.engines:
+            if engine.name not in engines or engines[engine.name].url != engine.url:
+                raise ValueError(f"gateway.engines {engine.name} ({engine.url}) is not a mesh engine host at that URL")
+        return self
 
     @classmethod
     def from_toml(cls, text: str, *, source: str = "<policy>") -> "Policy":

@@ -24,8 +24,8 @@ def test_the_gateways_egress_allows_exactly_the_engine_hosts_on_top_of_the_polic
     policy = _policy(("a", "https://10.200.1.2:8443"), ("b", "https://[fd00::2]:8443"),
                      extra="[egress]\nallow_ports = [9000]\n")  # fmt: skip
     egress = engine_egress(policy.egress, policy.gateway)
-    assert egress.allow == ("127.0.0.0/8", "::1/128", "10.200.1.2/32", "fd00::2/128")
-    assert egress.allow_ports == (9000, 8443)
+    assert egress.allow == ("127.0.0.0/8", "::1/128") and egress.allow_ports == (9000,)
+    assert egress.peers == ("10.200.1.2:8443", "[fd00::2]:8443")  # each engine on its own port, nothing else of it
 
 
 def test_an_engine_named_by_hostname_is_refused_before_start() -> None:

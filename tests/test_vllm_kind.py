@@ -59,8 +59,9 @@ def test_a_multi_node_policy_renders_ray_with_fixed_ports_and_lets_in_only_the_p
     assert "--disable-usage-stats" in launch.ray_argv and "--include-dashboard=false" in launch.ray_argv
     assert launch.peers == ("10.0.0.11", "10.0.0.13")
     assert {6379, 6380, 6381, 10002, 10100} <= set(launch.ports) and 10101 not in launch.ports
-    egress = json.loads(launch.environment["SEALBOX_VLLM_EGRESS"])["allow"]
-    assert egress == ["127.0.0.0/8", "::1/128", "10.0.0.11/32", "10.0.0.13/32"]
+    egress = json.loads(launch.environment["SEALBOX_VLLM_EGRESS"])
+    assert egress["allow"] == ["127.0.0.0/8", "::1/128"]  # the peers are opened on Ray's ports only, not on all
+    assert egress["peers"] == [f"10.0.0.{n}:{port}" for n in (11, 13) for port in ("6379", "6380", "6381", "10002-10100")]
     unit = launch.unit(label="llm-7", user="sealbox", release_dir=tmp_path, devices=("/dev/nvidia0",))
     assert "IPAddressAllow=localhost 10.0.0.11 10.0.0.13\n" in unit and "IPAddressDeny=any\n" in unit
     assert 'Environment="HF_HUB_OFFLINE=1"\n' in unit and "DeviceAllow=/dev/nvidia0 rw\n" in unit

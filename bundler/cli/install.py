@@ -25,6 +25,7 @@ from sealbox.bundler.delta import DeltaBaseError
 from sealbox.bundler.errors import BundleError
 from sealbox.bundler.evaluation_gate import staged_results
 from sealbox.bundler.install import InstallRequest, install_bundle
+from sealbox.bundler.mesh_keys import install_mesh_keys
 from sealbox.bundler.offline_venv import VenvError
 from sealbox.bundler.releases import ReleaseError, Releases, policy_in_force
 from sealbox.bundler.service_files import ServiceFileError, enable
@@ -32,11 +33,13 @@ from sealbox.bundler.trust import TrustStore, TrustStoreError
 from sealbox.runtime.evaluation import evaluation_text, read_result
 from sealbox.runtime.cli.refusal import refuse
 from sealbox.runtime.hostroot import HostRoot
+from sealbox.runtime.mesh.host_identity import MeshIdentityError
 from sealbox.runtime.policy import PolicyError
 from sealbox.runtime.sizes import format_size
 
 _out = Console()
-_HANDLED = (BundleError, TrustStoreError, VenvError, ServiceFileError, ReleaseError, AuditTrailError, PolicyError, OSError)
+_HANDLED = (BundleError, TrustStoreError, VenvError, ServiceFileError, ReleaseError, AuditTrailError, PolicyError,
+            MeshIdentityError, OSError)  # fmt: skip
 
 RootOption = Annotated[
     Path | None, typer.Option("--root", help="Appliance root (default: $SEALBOX_ROOT, /var/lib/sealbox as root).")
@@ -102,6 +105,12 @@ def install(
     enable_service: Annotated[
         bool, typer.Option("--enable", help="Also load the egress rules and enable and start the service (root).")
     ] = False,
+    mesh_host: Annotated[
+        str | None, typer.Option("--mesh-host", help="This host's name in the policy's [mesh] (walls for its peers).")
+    ] = None,
+    mesh_keys: Annotated[
+        Path | None, typer.Option("--mesh-keys", help="This host's key package from `sealbox keys mesh create`.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Verify a bundle against <root>/trust and make it the live release (atomic; a crash leaves the old one live)."""
@@ -116,9 +125,13 @@ def install(
             confirm_name=_ask,
             skip_eval=skip_eval,
             confirm_skip_eval=(lambda _q: True) if yes else _ask_on_terminal,
+            mesh_host=mesh_host,
+            mesh_keys=mesh_keys,
         )
         with stderr_progress() as progress:
             result = install_bundle(request, progress)
+        if mesh_keys is not None:
+            install_mesh_keys(mesh_keys, result.release.policy(), mesh_host)
         commands = enable(host.path) if enable_service else []
     if as_json:
         typer.echo(json.dumps(result.to_dict() | {"enabled": commands}))

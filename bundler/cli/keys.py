@@ -17,9 +17,9 @@ from sealbox.runtime.cli.lazy_group import lazy_group
 from sealbox.runtime.cli.refusal import refuse
 
 keys_app = typer.Typer(
-    help="Publisher keys (Ed25519) that sign bundles; `keys api` for the server's API keys.",
+    help="Publisher keys (Ed25519) that sign bundles; `keys api` for the server's API keys, `keys mesh` for mTLS.",
     no_args_is_help=True,
-    cls=lazy_group({"api": "sealbox.runtime.cli.api_keys:api_app"}),
+    cls=lazy_group({"api": "sealbox.runtime.cli.api_keys:api_app", "mesh": "sealbox.bundler.cli.mesh_keys:mesh_app"}),
 )
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from sealbox.runtime.doctor import Appliance, CheckStatus, DoctorReport, run_doctor
 from sealbox.runtime.egress.guard import install_egress_guard
+from sealbox.runtime.mesh.checkup import probe_egress
 from sealbox.runtime.egress.offline_env import apply_offline_environment
 from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.hostroot import HostRoot
@@ -30,11 +31,12 @@ def doctor(
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when any check fails.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Check the installed appliance: release, signatures, models, audit chain, egress lockdown, GPU. Sends no packet."""
+    """Check the installed appliance: release, signatures, models, audit chain, egress lockdown, GPU, mesh keys and
+    peers. Sends packets only to the peers the policy's [mesh] names."""
     # The same order as `serve`: offline variables, then the guard with the release's allowlist, then the work.
     apply_offline_environment()
     host = HostRoot.resolve(root)
-    install_egress_guard(Appliance(host).policy.egress)
+    install_egress_guard(probe_egress(Appliance(host).policy))  # the mesh peers the mesh-peers check talks to
     report = run_doctor(host)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from sealbox.runtime.egress.peers import PeerPorts
 from sealbox.runtime.policy import EgressPolicy
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -26,12 +27,15 @@ class Allowlist:
 
     networks: tuple[IPNetwork, ...]
     ports: frozenset[int] = frozenset()
+    peers: tuple[PeerPorts, ...] = ()
+    """Single hosts on their own ports (mesh and Ray peers), allowed whatever `networks` and `ports` say."""
 
     @classmethod
     def from_policy(cls, egress: EgressPolicy) -> Allowlist:
         return cls(
             networks=tuple(egress.networks()),
             ports=frozenset(egress.allow_ports),
+            peers=tuple(PeerPorts.parse(peer) for peer in egress.peers),
         )
 
     def permits_address(self, address: IPAddress) -> bool:
@@ -40,14 +44,17 @@ class Allowlist:
 
     def permits(self, address: IPAddress, port: int) -> bool:
         """The allowlist alone; the rules add that port 53 is reachable only when listed by number."""
+        if any(peer.permits(unmapped(address), port) for peer in self.peers):
+            return True
         return self.permits_address(address) and (not self.ports or port in self.ports)
 
     def describe(self) -> str:
         """The allowlist as an operator wrote it, for error messages and the doctor's report."""
         networks = ", ".join(str(net) for net in self.networks) or "nothing"
+        peers = f"; peers {', '.join(str(peer) for peer in self.peers)}" if self.peers else ""
         if not self.ports:
-            return f"{networks} (any port but 53)"
-        return f"{networks} (ports {', '.join(str(p) for p in sorted(self.ports))})"
+            return f"{networks} (any port but 53){peers}"
+        return f"{networks} (ports {', '.join(str(p) for p in sorted(self.ports))}){peers}"
 
 
 def unmapped(address: IPAddress) -> IPAddress:

@@ -1,8 +1,9 @@
 """Starting `sealbox gateway`: the same order as `sealbox serve` (offline variables and egress guard first, then
 keys and audit log, then the socket), with the engine hosts in place of models.
 
-The egress guard allows the policy's networks plus exactly the engine hosts' addresses and ports: the gateway can
-reach its engines and nothing else. Engine hosts are named by IP address (an isolated network has no resolver the
+The egress guard allows the policy's networks plus exactly each engine host on its own port: the gateway can
+reach its engines and nothing else of them. Engine hosts are named by IP address (an isolated network has no
+resolver the
 guard would trust).
 """
 
@@ -44,13 +45,12 @@ class GatewayOptions:
 
 
 def engine_egress(egress: EgressPolicy, gateway: GatewayPolicy) -> EgressPolicy:
-    """The policy's egress allowlist widened by exactly the engine hosts (their addresses; their ports when the
-    policy narrows ports).
+    """The policy's egress allowlist plus exactly the engine hosts, each on its own port only (`[egress] peers`).
 
     Raises:
         PolicyError: an engine URL does not name an IP address and port.
     """
-    networks, ports = list(egress.allow), list(egress.allow_ports)
+    peers = list(egress.peers)
     for engine in gateway.engines:
         parts = urlsplit(engine.url)
         try:
@@ -58,10 +58,8 @@ def engine_egress(egress: EgressPolicy, gateway: GatewayPolicy) -> EgressPolicy:
             port = parts.port or 443
         except ValueError as exc:
             raise PolicyError(f"gateway.engines.{engine.name}.url: name the host by IP address and port ({exc})") from exc
-        networks.append(f"{address}/{address.max_prefixlen}")
-        if ports and port not in ports:
-            ports.append(port)
-    return EgressPolicy(allow=tuple(dict.fromkeys(networks)), allow_ports=tuple(ports))
+        peers.append(f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}")
+    return egress.model_copy(update={"peers": tuple(dict.fromkeys(peers))})
 
 
 @dataclass

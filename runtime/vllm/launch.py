@@ -18,6 +18,7 @@ from pathlib import Path
 
 from jinja2.sandbox import SandboxedEnvironment
 
+from sealbox.runtime.mesh.peer_set import ray_peers
 from sealbox.runtime.policy import EgressPolicy, Policy, VllmPolicy
 
 BOOTSTRAP = (
@@ -111,11 +112,9 @@ def systemd_quote(word: str) -> str:
 
 
 def engine_egress(egress: EgressPolicy, vllm: VllmPolicy) -> EgressPolicy:
-    """The child's allowlist: the policy's networks plus exactly the Ray peers (and the head)."""
-    networks = list(egress.allow)
-    for address in _peers(vllm):
-        networks.append(f"{address}/{32 if '.' in address else 128}")
-    return EgressPolicy(allow=tuple(dict.fromkeys(networks)), allow_ports=egress.allow_ports)
+    """The child's allowlist: the policy's, plus exactly the Ray peers (and the head) on Ray's fixed ports only."""
+    peers = [str(peer.ports) for peer in ray_peers(vllm)]
+    return egress.model_copy(update={"peers": tuple(dict.fromkeys([*egress.peers, *peers]))})
 
 
 def _peers(vllm: VllmPolicy) -> tuple[str, ...]:
