@@ -24,7 +24,7 @@ from sealbox.bundler.sources.resolution import resolve
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.vllm.launch import OFFLINE_ENVIRONMENT, VllmConfigError, render_launch
 
-SINGLE = '[vllm]\nmodel_dir = "models/llama-70b"\nserved_name = "llama-70b"\ntensor_parallel_size = 4\nport = 8001\n'
+SINGLE = '[egress]\nallow_ports = [8080, 8001]\n\n[vllm]\nmodel_dir = "models/llama-70b"\nserved_name = "llama-70b"\ntensor_parallel_size = 4\nport = 8001\n'
 CLUSTER = SINGLE + ('node_ip = "10.0.0.12"\nray_head = "10.0.0.11:6379"\nray_peers = ["10.0.0.11", "10.0.0.13"]\n'
                     "pipeline_parallel_size = 2\n")  # fmt: skip
 
@@ -144,3 +144,13 @@ def test_systemd_reads_the_rendered_unit_without_complaint(tmp_path: Path) -> No
                                                     devices=("/dev/null",)))  # fmt: skip
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_vllm_policy_whose_child_port_the_egress_ports_do_not_list_is_refused() -> None:
+    """The guard, the unit and the nftables rules open loopback ports from egress.allow_ports only: a child port
+    outside it would be a front that cannot reach its engine (or a hole opened on the side)."""
+    from sealbox.runtime.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="vllm.port"):
+        Policy.from_toml(SINGLE.replace("allow_ports = [8080, 8001]", "allow_ports = [8080]"))
+    assert Policy.from_toml(SINGLE.replace("allow_ports = [8080, 8001]", "allow_ports = []")).vllm.port == 8001

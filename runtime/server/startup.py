@@ -146,6 +146,10 @@ def prepare(options: ServeOptions) -> PreparedServer:
         policy = _policy(options.policy_file, release)
     except PolicyError as exc:
         raise ServeRefused(str(exc), ExitCode.USAGE) from exc
+    if policy.vllm.model_dir:  # the engine is a supervised vLLM child (sealbox.runtime.vllm.front)
+        from sealbox.runtime.vllm.front import prepare_vllm_front
+
+        return prepare_vllm_front(options, appliance, policy, release)  # type: ignore[return-value]
     guard = install_egress_guard(policy.egress)
     _check_accelerator()
     host = options.host or policy.server.host

@@ -20,17 +20,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from sealbox.runtime.policy import EgressPolicy, Policy, VllmPolicy
 
-BOOTSTRAP = (
-    "import os, runpy, sys; "
-    "from sealbox.runtime.egress.offline_env import apply_offline_environment; "
-    "from sealbox.runtime.egress.guard import install_egress_guard; "
-    "from sealbox.runtime.policy import EgressPolicy; "
-    "apply_offline_environment(); "
-    "install_egress_guard(EgressPolicy.model_validate_json(os.environ['SEALBOX_VLLM_EGRESS'])); "
-    "sys.argv[0] = 'vllm'; "
-    "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__', alter_sys=True)"
-)
-"""One line: systemd's ExecStart takes no newlines."""
+BOOTSTRAP = "from sealbox.runtime.vllm.bootstrap import main; main()"
+"""One line (systemd's ExecStart takes no newlines); `bootstrap.main` installs the guard, then runs vLLM's API server."""
 
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
@@ -42,6 +33,9 @@ OFFLINE_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
 }
+
+CACHE_VARIABLES = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME")
+"""Where the stack writes its compiled kernels; pointed into the one writable directory of the unit."""
 
 UNIT_TEMPLATE = """\
 # sealbox: vLLM engine of release {{ label }}, rendered from the policy by sealbox.runtime.vllm. Do not edit here.
@@ -127,8 +121,11 @@ def _peers(vllm: VllmPolicy) -> tuple[str, ...]:
     return tuple(dict.fromkeys(peers))
 
 
-def render_launch(policy: Policy, *, release_dir: Path, python: Path) -> VllmLaunch:
+def render_launch(policy: Policy, *, release_dir: Path, python: Path, cache_dir: Path | None = None) -> VllmLaunch:
     """The vLLM child's command and environment, and `ray start` for multi-node clusters.
+
+    `cache_dir` is where vLLM, Triton and torch may write their compile caches (the unit leaves only the root's
+    `run/` writable); without it they use their defaults.
 
     Raises:
         VllmConfigError: no model directory, or a multi-node cluster without a Ray head.
@@ -145,11 +142,14 @@ def render_launch(policy: Policy, *, release_dir: Path, python: Path) -> VllmLau
             "--pipeline-parallel-size", str(vllm.pipeline_parallel_size),
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
             "--distributed-executor-backend", "ray" if vllm.multi_node else "mp",
-            "--disable-log-requests"]  # fmt: skip
+            "--max-num-seqs", str(vllm.max_num_seqs), "--disable-log-requests"]  # fmt: skip
     if vllm.max_model_len:
         argv += ["--max-model-len", str(vllm.max_model_len)]
     environment = dict(OFFLINE_ENVIRONMENT)
     environment["SEALBOX_VLLM_EGRESS"] = engine_egress(policy.egress, vllm).model_dump_json()
+    if cache_dir is not None:
+        for key in CACHE_VARIABLES:
+            environment[key] = str(cache_dir)
     ray_argv = None
     ports: tuple[int, ...] = ()
     if vllm.multi_node:
