@@ -304,12 +304,21 @@ class Policy(_Section):
     vllm: VllmPolicy = VllmPolicy()
 
     @model_validator(mode="after")
-    def _vllm_port_allowed(self) -> "Policy":
+    def _vllm_fits_the_walls(self) -> "Policy":
+        if not self.vllm.model_dir:
+            return self
         # The front reaches its vLLM child on loopback; the guard, the unit and the nftables rules all read the
         # loopback ports from egress.allow_ports, so the child's port must be listed there, not opened on the side.
-        if self.vllm.model_dir and self.egress.allow_ports and self.vllm.port not in self.egress.allow_ports:
+        if self.egress.allow_ports and self.vllm.port not in self.egress.allow_ports:
             raise ValueError(f"egress.allow_ports must list vllm.port ({self.vllm.port}): the sealbox front reaches "
                              "its vLLM child there")  # fmt: skip
+        # The child runs inside sealbox's unit, which opens only service.gpu_devices (DevicePolicy=closed).
+        nodes = 1 + len(self.vllm.ray_peers)
+        needed = -(-self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size // nodes)
+        gpus = [d for d in self.service.gpu_devices if re.fullmatch(r"/dev/nvidia\d+", d)]
+        if len(gpus) < needed:
+            raise ValueError(f"service.gpu_devices opens {len(gpus)} GPU(s) (/dev/nvidiaN) to the unit; vLLM's "
+                             f"parallelism needs {needed} on this node")  # fmt: skip
         return self
 
     @classmethod

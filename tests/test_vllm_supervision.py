@@ -224,3 +224,17 @@ def test_restarts_back_off_while_the_child_never_becomes_ready_and_reset_once_it
     assert [backoff.after(was_ready=False) for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     assert backoff.after(was_ready=True) == 1.0
     assert backoff.after(was_ready=False) == 2.0
+
+
+def test_a_symlink_planted_where_vllms_cache_belongs_stops_the_start(
+    interpreter: Path, tmp_path: Path, probe: ProbeListener
+) -> None:
+    """The child writes compiled kernels there: a link would send them (and what reads them back) elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "root" / "run").mkdir(parents=True)
+    (tmp_path / "root" / "run" / "vllm-cache").symlink_to(elsewhere)
+    front = start_front(interpreter, tmp_path, probe)
+    assert front.process.wait(timeout=60) != 0
+    assert "vllm-cache: vLLM's cache must be a directory of this account; it is a symlink" in front.log(), front.log()
+    assert list(elsewhere.iterdir()) == []

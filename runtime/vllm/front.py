@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from sealbox.runtime.gateway.engine_hosts import EngineHosts
 from sealbox.runtime.gateway.startup import PreparedGateway
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy, is_loopback_host
-from sealbox.runtime.regular_file import sha256_regular
+from sealbox.runtime.regular_file import file_kind, sha256_regular
 from sealbox.runtime.release import ReleaseFileError, signed_payload
 from sealbox.runtime.server.startup import (
     ServeOptions,
@@ -130,9 +131,9 @@ def prepare_vllm_front(options: ServeOptions, appliance: HostRoot, policy: Polic
                            ExitCode.USAGE)  # fmt: skip
     guard = install_egress_guard(policy.egress)
     release_dir = release.directory if release is not None else Path.cwd()
+    cache = _cache_dir(appliance)
     try:
-        launch = render_launch(policy, release_dir=release_dir, python=Path(sys.executable),
-                               cache_dir=appliance.path / "run" / CACHE_DIR)  # fmt: skip
+        launch = render_launch(policy, release_dir=release_dir, python=Path(sys.executable), cache_dir=cache)
     except VllmConfigError as exc:
         raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     model = Path(launch.argv[launch.argv.index("--model") + 1])
@@ -151,6 +152,24 @@ def prepare_vllm_front(options: ServeOptions, appliance: HostRoot, policy: Polic
     engines = _engines(policy, launch, model_dir_digest(files))
     return PreparedVllmFront(policy=policy, host=host, port=port, engines=engines, authenticator=authenticator,
                              audit=audit, guard=guard, appliance=appliance)  # fmt: skip
+
+
+def _cache_dir(appliance: HostRoot) -> Path:
+    """`<root>/run/vllm-cache`, a real directory of this account (never a symlink planted elsewhere).
+
+    Raises:
+        ServeRefused: it cannot be made, or something other than a directory holds its name.
+    """
+    cache = appliance.path / "run" / CACHE_DIR
+    try:
+        cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = cache.lstat()
+    except OSError as exc:
+        raise ServeRefused(f"{cache}: cannot make vLLM's cache directory: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        what = file_kind(info.st_mode) if not stat.S_ISDIR(info.st_mode) else f"owned by uid {info.st_uid}"
+        raise ServeRefused(f"{cache}: vLLM's cache must be a directory of this account; it is {what}")
+    return cache
 
 
 def _engines(policy: Policy, launch: VllmLaunch, model_sha256: str) -> SupervisedEngines:

@@ -1,5 +1,6 @@
 """The vLLM child's launch, rendered from the policy: its command, its environment, the Ray node command for
-multi-node clusters, and the systemd unit that walls both in.
+multi-node clusters, and a unit for a node that runs Ray alone (on the node that serves, vLLM is `sealbox serve`'s
+child, `supervisor.py`, inside sealbox's own unit and wall).
 
 The command starts sealbox's egress guard in vLLM's own interpreter before vLLM is imported (`BOOTSTRAP`), with the
 policy's allowlist widened by exactly the Ray peers; the API listens on loopback only, so the sealbox front (or a
@@ -7,8 +8,8 @@ gateway through it) is its one client. The environment turns off every phone-hom
 vLLM usage stats, Ray usage stats and dashboard). Ray's ports are fixed in the policy, so the unit's
 `IPAddressAllow` and the nftables rules can name them.
 
-Nothing here has run on a GPU: the tests carry the command up to the process boundary (the child starts, installs
-the guard, and stops at `import vllm` on a machine without it).
+Nothing here has run on a GPU or with the real vLLM: the tests carry the command up to the process boundary (the
+child starts, installs the guard, and runs a stand-in `vllm` package's API server; see README).
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ def render_launch(policy: Policy, *, release_dir: Path, python: Path, cache_dir:
             environment[key] = str(cache_dir)
     ray_argv = None
     ports: tuple[int, ...] = ()
+    if not vllm.multi_node:
+        # vLLM finds its own address by "connecting" a UDP socket to a public address; the guard refuses that.
+        environment["VLLM_HOST_IP"] = "127.0.0.1"
     if vllm.multi_node:
         environment["RAY_ADDRESS"] = vllm.ray_head
         environment["VLLM_HOST_IP"] = vllm.node_ip
