@@ -314,3 +314,27 @@ def test_install_refuses_a_bundle_whose_weight_shard_has_one_flipped_byte(
     assert shard[:12] in refused.output or "model-00002-of-00002.safetensors" in refused.output, refused.output
     assert not host.current.exists() and not host.current.is_symlink()
     shutil.rmtree(bundle)
+
+
+def test_the_doctor_checks_every_file_of_an_installed_model_directory_and_names_a_tampered_shard(
+    tmp_path: Path, keys: Path, hub: Hub
+) -> None:
+    from sealbox.runtime.doctor import Appliance, CheckStatus, check_models, check_release_files
+
+    bundle = tmp_path / "bundle"
+    result = create(bundle, keys, "--model", f"hf://{REPO_ID}@{COMMIT}", "--policy", str(vllm_policy(tmp_path)),
+                    "--hf-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    host = trust(tmp_path / "root", keys / "alice.pub")
+    assert install(host.path, bundle).exit_code == 0
+    assert check_models(Appliance(host)).status == CheckStatus.PASS
+    clean = check_release_files(Appliance(host))
+    assert (clean.status, clean.summary) == (CheckStatus.PASS, "7 file(s) (model, policy, sbom) match the signed manifest")
+    shard = host.store / hashlib.sha256(model_files()["model-00001-of-00002.safetensors"]).hexdigest()
+    os.chmod(shard, 0o644)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    tampered = check_release_files(Appliance(host))
+    assert tampered.status == CheckStatus.FAIL
+    assert any("models/standin-7b/model-00001-of-00002.safetensors" in line for line in tampered.details), tampered.details
