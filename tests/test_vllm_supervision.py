@@ -26,6 +26,8 @@ import httpx
 import openai
 import pytest
 
+from install_support import audit_events
+
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
 MODEL = "standin-7b"
@@ -173,6 +175,9 @@ def test_the_vllm_child_serves_through_the_front_restarts_when_killed_and_stops_
         first = wait_for(front.ready_child, "the vLLM child in rotation")
         assert chat(front, stream=False) == ANSWER
         assert chat(front, stream=True) == ANSWER
+        with pytest.raises(openai.NotFoundError):  # the front's OpenAI-shaped 404, as for any engine host
+            openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+                model="no-such-model", messages=[{"role": "user", "content": "hi"}])
 
         # The child's own port takes no request without the key made for this run (vLLM's --api-key).
         assert httpx.get(f"http://127.0.0.1:{front.child_port}/v1/models", timeout=10).status_code == 401
@@ -187,6 +192,12 @@ def test_the_vllm_child_serves_through_the_front_restarts_when_killed_and_stops_
     assert front.process.returncode in (0, -signal.SIGTERM), front.log()
     assert f"vLLM child {second} stopped" in front.log()
     assert not alive(second), "the vLLM child outlived sealbox serve"  # type: ignore[arg-type]
+    # One audit record per request, naming the engine and the model directory's digest (config + weights here).
+    from sealbox.runtime.vllm.front import local_model_files, model_dir_digest
+
+    served = [fields for event, fields in audit_events(tmp_path / "root") if fields.get("engine_host") == "vllm"]
+    assert len(served) == 3
+    assert {fields["model_sha256"] for fields in served} == {model_dir_digest(local_model_files(tmp_path / "model"))}
 
 
 def test_the_egress_guard_runs_in_the_childs_interpreter_and_blocks_its_phone_home(
@@ -238,3 +249,22 @@ def test_a_symlink_planted_where_vllms_cache_belongs_stops_the_start(
     assert front.process.wait(timeout=60) != 0
     assert "vllm-cache: vLLM's cache must be a directory of this account; it is a symlink" in front.log(), front.log()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_child_that_never_becomes_ready_is_retried_with_growing_waits_while_the_front_answers_503(
+    tmp_path: Path, probe: ProbeListener
+) -> None:
+    """This project's own interpreter has no `vllm`: each start ends at the import. The front stays up and says so."""
+    front = start_front(Path(sys.executable), tmp_path, probe)
+    try:
+        wait_for(lambda: "starting it again in 0.8 s" in front.log(), "three failed starts")
+        log = front.log()
+        assert log.index("starting it again in 0.2 s") < log.index("in 0.4 s") < log.index("in 0.8 s")
+        assert "No module named 'vllm'" in log
+        with pytest.raises(openai.APIStatusError) as refused:
+            chat(front, stream=False)
+        assert refused.value.status_code == 503
+        assert refused.value.body["code"] == "engines_unavailable"  # type: ignore[index]
+        assert httpx.get(front.url + "/ready", timeout=10).status_code == 503
+    finally:
+        stop(front)
