@@ -6,8 +6,9 @@ the gateway's (API keys, per-principal fairness, one audit record per request na
 digest, 429 when the engine is full), over one engine host: the child, on loopback, reached with a key made for
 this run only, so no other local process can use it.
 
-The order is `serve`'s: offline variables and the egress guard first, then keys and the audit log, then the socket;
-the child starts with the app (the lifespan) and stops with it.
+The order is `serve`'s (its `prepare` runs the common steps: offline variables, the egress guard, the listen checks,
+the doctor with --strict, the keys), then the audit log, then the socket; the child starts with the app (the
+lifespan) and stops with it.
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ from pathlib import Path
 
 import httpx
 
+from sealbox.runtime.api_keys import Authenticator
+from sealbox.runtime.egress.guard import EgressGuard, guard_status_path
 from sealbox.runtime.exit_codes import ExitCode
 from sealbox.runtime.gateway.engine_hosts import EngineHosts
 from sealbox.runtime.gateway.startup import PreparedGateway
 from sealbox.runtime.hostroot import HostRoot
-from sealbox.runtime.policy import Policy, is_loopback_host
+from sealbox.runtime.policy import Policy
 from sealbox.runtime.regular_file import file_kind, sha256_regular
 from sealbox.runtime.release import ReleaseFileError, signed_payload
 from sealbox.runtime.server.startup import (
     ServeOptions,
     ServeRefused,
-    authenticator_for,
     mutual_tls,
     open_audit_log,
     serve_until_stopped,
 )
 from sealbox.runtime.server.model_registry import ActiveRelease
-from sealbox.runtime.egress.guard import EgressGuard, guard_status_path, install_egress_guard
 from sealbox.runtime.vllm.engine_host import SupervisedEngines, VllmEngineHost
 from sealbox.runtime.vllm.launch import VllmConfigError, VllmLaunch, render_launch
 from sealbox.runtime.vllm.supervisor import Backoff, VllmChild
@@ -118,18 +119,19 @@ class PreparedVllmFront(PreparedGateway):
         super()._close()
 
 
-def prepare_vllm_front(options: ServeOptions, appliance: HostRoot, policy: Policy,
-                       release: ActiveRelease | None) -> PreparedVllmFront:  # fmt: skip
-    """Everything the vLLM front needs, checked and opened; the child itself starts with the app.
+def prepare_vllm_front(options: ServeOptions, appliance: HostRoot, policy: Policy, release: ActiveRelease | None, *,
+                       guard: EgressGuard, host: str, port: int,
+                       authenticator: Authenticator | None) -> PreparedVllmFront:  # fmt: skip
+    """What the vLLM front needs beyond `serve`'s common start (guard, listen checks, doctor, keys, done by
+    `prepare`): the launch, the model directory's digest, the audit log; the child itself starts with the app.
 
     Raises:
-        ServeRefused: `--model` was given, the launch cannot be rendered, the model directory is missing, or the
-            keys or the audit log say no.
+        ServeRefused: `--model` was given, the launch cannot be rendered, the model directory or the cache directory
+            is not usable, or the audit log says no.
     """
     if options.models:
         raise ServeRefused("--model serves GGUF files with llama.cpp; this policy runs vLLM ([vllm] model_dir)",
                            ExitCode.USAGE)  # fmt: skip
-    guard = install_egress_guard(policy.egress)
     release_dir = release.directory if release is not None else Path.cwd()
     cache = _cache_dir(appliance)
     try:
@@ -143,11 +145,6 @@ def prepare_vllm_front(options: ServeOptions, appliance: HostRoot, policy: Polic
         files = release_model_files(release.directory, policy.vllm.model_dir) if release else local_model_files(model)
     except (ReleaseFileError, OSError) as exc:
         raise ServeRefused(f"the vLLM model's digests cannot be read: {exc}") from exc
-    host = options.host or policy.server.host
-    port = options.port or policy.server.port
-    if options.no_auth and not is_loopback_host(host):
-        raise ServeRefused(f"--no-auth serves anyone who can reach {host}; it is allowed on a loopback address only")
-    authenticator = None if options.no_auth else authenticator_for(appliance)
     audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     engines = _engines(policy, launch, model_dir_digest(files))
     return PreparedVllmFront(policy=policy, host=host, port=port, engines=engines, authenticator=authenticator,
