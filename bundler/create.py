@@ -27,6 +27,7 @@ from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
 from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec, EngineWheel
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
+from sealbox.bundler.sources.hf_snapshot import is_snapshot_reference
 from sealbox.bundler.sources.vllm_stack import VllmSpec
 from sealbox.runtime.durable_file import write_atomically
 
@@ -152,6 +153,9 @@ def _check_request(request: CreateRequest) -> None:
         raise InputError("at least one --sign-key is required: an unsigned bundle can never be installed")
     if request.max_part_size < 1:
         raise InputError("--max-part-size must be at least 1 byte")
+    if request.eval_suite is not None and any(is_snapshot_reference(ref) for ref in request.models):
+        raise InputError("--eval-suite gates a release by serving its GGUF models with llama.cpp; a vLLM model "
+                         "(hf://owner/repo@commit, safetensors) is not served that way, so it cannot be gated yet")  # fmt: skip
     if request.record_expected and request.eval_suite is None:
         raise InputError("--record-expected records the outputs of an --eval-suite; give one")
     if not (request.models or request.policies or request.files or request.wants_wheels or request.include_sealbox):

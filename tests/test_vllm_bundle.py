@@ -338,3 +338,26 @@ def test_the_doctor_checks_every_file_of_an_installed_model_directory_and_names_
     tampered = check_release_files(Appliance(host))
     assert tampered.status == CheckStatus.FAIL
     assert any("models/standin-7b/model-00001-of-00002.safetensors" in line for line in tampered.details), tampered.details
+
+
+def test_an_evaluation_suite_cannot_gate_a_vllm_model_and_is_refused_before_any_download(
+    tmp_path: Path, keys: Path, hub: Hub
+) -> None:
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[[cases]]\nname = "hello"\nprompt = "Hello"\n')
+    result = create(tmp_path / "bundle", keys, "--model", f"hf://{REPO_ID}@{COMMIT}", "--eval-suite", str(suite),
+                    "--hf-cache", str(tmp_path / "cache"))  # fmt: skip
+    assert result.exit_code != 0 and "cannot be gated" in result.output, result.output
+    assert hub.requests == []
+
+
+def test_the_sbom_names_a_safetensors_files_facts_as_safetensors(tmp_path: Path, keys: Path, hub: Hub) -> None:
+    out = tmp_path / "bundle"
+    assert create(out, keys, "--model", f"hf://{REPO_ID}@{COMMIT}", "--hf-cache", str(tmp_path / "c")).exit_code == 0
+    sbom_entry = next(e for e in signed_manifest(out).blobs if e.role == "sbom")
+    sbom = json.loads((out / BLOB_DIR / sbom_entry.sha256).read_bytes())
+    shard = next(c for c in sbom["components"] if c["name"] == "model-00002-of-00002.safetensors")
+    properties = {p["name"]: p["value"] for p in shard.get("properties", [])}
+    assert properties["sealbox:safetensors:parameter_count"] == "136"
+    assert not any(k.startswith("sealbox:gguf:") for k in properties)
+    assert shard["purl"] == f"pkg:huggingface/sealbox-tests/standin-7b@{COMMIT}"

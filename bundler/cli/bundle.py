@@ -374,7 +374,9 @@ def inspect(
     out.print(f"target: Python {target.python} ({target.implementation}/{target.abi}) {', '.join(target.platforms[:3])}")
     if target.accelerator:
         archs = ", ".join(f"sm_{arch}" for arch in target.accelerator.get("cuda_archs") or [])
-        out.print(f"accelerator: {target.accelerator.get('accelerator')} {target.accelerator.get('cuda_version', '')} ({archs})")
+        engine = target.accelerator.get("engine", "")
+        out.print(f"accelerator: {target.accelerator.get('accelerator')} {target.accelerator.get('cuda_version', '')} "
+                  f"({archs}) {escape(str(engine))}")
     if manifest.base:
         out.print(f"delta on {manifest.base.name} version {manifest.base.version} ({manifest.base.manifest_sha256[:16]})")
     for item in signatures:
