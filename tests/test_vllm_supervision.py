@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -158,6 +159,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def workers(front: Front) -> list[int]:
+    """The pids of the worker processes the stand-in children started, in order."""
+    return [int(pid) for pid in re.findall(r"standin worker pid (\d+)", front.log())]
+
+
 def chat(front: Front, *, stream: bool) -> str:
     client = openai.OpenAI(base_url=front.url + "/v1", api_key="unused", max_retries=0, timeout=30)
     messages = [{"role": "user", "content": "Say something."}]
@@ -186,8 +192,12 @@ def test_the_vllm_child_serves_through_the_front_restarts_when_killed_and_stops_
         second = wait_for(lambda: (pid := front.ready_child()) not in (None, first) and pid, "a restarted child")
         assert front.status()["restarts"] == 1
         assert chat(front, stream=True) == ANSWER
+        first_worker, second_worker = workers(front)
+        assert not alive(first_worker), "the killed child's worker process was left behind"
+        assert alive(second_worker)
     finally:
         stop(front)
+    assert not alive(second_worker), "the child's worker outlived sealbox serve"
     # uvicorn ends an orderly shutdown by raising the signal it caught again: -SIGTERM is a clean stop here.
     assert front.process.returncode in (0, -signal.SIGTERM), front.log()
     assert f"vLLM child {second} stopped" in front.log()
@@ -225,7 +235,14 @@ def test_a_sealbox_killed_outright_takes_its_vllm_child_with_it(
     finally:
         front.process.kill()  # no chance to stop the child itself: the parent-death signal must
         front.process.wait(timeout=30)
-    wait_for(lambda: not alive(child), "the orphaned child to end")  # type: ignore[arg-type]
+    try:
+        wait_for(lambda: not alive(child), "the orphaned child to end")  # type: ignore[arg-type]
+    finally:
+        # The child's own workers are vLLM's to end on SIGTERM (and the unit's cgroup's under systemd); the
+        # stand-in's sleeping worker is not, so the test ends it rather than leave it behind.
+        for worker in workers(front):
+            if alive(worker):
+                os.kill(worker, signal.SIGKILL)
 
 
 def test_restarts_back_off_while_the_child_never_becomes_ready_and_reset_once_it_did() -> None:

@@ -2,7 +2,8 @@
 `/health`, `/v1/models` and a fixed streamer behind `/v1/chat/completions` in vLLM's OpenAI shapes.
 
 At start it does what a phone-home would: it opens a TCP connection to the loopback port named by the model
-directory's `config.json` (`standin_phone_home_port`) and writes on stderr whether that was blocked or connected.
+directory's `config.json` (`standin_phone_home_port`) and writes on stderr whether that was blocked or connected;
+and it starts a worker process, as vLLM does, which it leaves for its supervisor to end.
 """
 
 
@@ -88,12 +89,21 @@ def _app(name: str, api_key: str):  # type: ignore[no-untyped-def]
     return app
 
 
+def _start_worker() -> None:
+    """vLLM runs its engine in worker processes of its own; this one only sleeps, so a test can see who ends it."""
+    import subprocess
+
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    print(f"standin worker pid {worker.pid}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     import uvicorn
 
     arguments = _arguments()
     model = Path(arguments.model)
     _phone_home(model)
+    _start_worker()
     name = arguments.served_model_name or arguments.model
     uvicorn.run(_app(name, os.environ.get("VLLM_API_KEY", "")), host=arguments.host, port=arguments.port,
                 log_level="warning")
