@@ -162,6 +162,9 @@ class VllmChild:
                 _kill_group(process.pid, signal.SIGKILL)
                 await process.wait()
         await cancel_and_wait(self._task)
+        if self.process is not None and self.process is not process:  # a restart was under way when stop came
+            _kill_group(self.process.pid, signal.SIGKILL)
+            await self.process.wait()
         if process is not None:
             _kill_group(process.pid, signal.SIGKILL)
             log.info("vLLM child %d stopped (%s)", process.pid, process.returncode)
