@@ -27,6 +27,8 @@ from sealbox.bundler.signing import envelope_bytes, new_envelope, sign
 from sealbox.bundler.sources import Artifact
 from sealbox.bundler.sources.cuda_engine import ENGINE_PROJECT, CudaEngineSpec, EngineWheel
 from sealbox.bundler.sources.local import local_file, local_model, local_policy, model_facts
+from sealbox.bundler.sources.hf_snapshot import is_snapshot_reference
+from sealbox.bundler.sources.vllm_stack import VllmSpec
 from sealbox.runtime.durable_file import write_atomically
 
 WORK_DIR = ".sealbox-create"
@@ -88,10 +90,12 @@ class CreateRequest:
     """Carry the CUDA engine built for this (and the CUDA runtime wheels it needs) instead of the CPU build."""
     cuda_engine: EngineWheel | None = None
     """Set by `create_bundle` itself: the engine wheel built, cached or supplied for `cuda`."""
+    vllm: VllmSpec | None = None
+    """Carry vLLM at this version and its CUDA stack, resolved for the target (sealbox without llama.cpp)."""
 
     @property
     def wants_wheels(self) -> bool:
-        return bool(self.requirements or self.wheels or self.wheelhouses or self.cuda)
+        return bool(self.requirements or self.wheels or self.wheelhouses or self.cuda or self.vllm)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,9 @@ def _check_request(request: CreateRequest) -> None:
         raise InputError("at least one --sign-key is required: an unsigned bundle can never be installed")
     if request.max_part_size < 1:
         raise InputError("--max-part-size must be at least 1 byte")
+    if request.eval_suite is not None and any(is_snapshot_reference(ref) for ref in request.models):
+        raise InputError("--eval-suite gates a release by serving its GGUF models with llama.cpp; a vLLM model "
+                         "(hf://owner/repo@commit, safetensors) is not served that way, so it cannot be gated yet")  # fmt: skip
     if request.record_expected and request.eval_suite is None:
         raise InputError("--record-expected records the outputs of an --eval-suite; give one")
     if not (request.models or request.policies or request.files or request.wants_wheels or request.include_sealbox):
@@ -165,7 +172,9 @@ def _check_unique_paths(artifacts: Sequence[Artifact]) -> None:
         seen[artifact.path] = artifact
 
 
-def _resolve_hf(ref: str, request: CreateRequest) -> Artifact:
+def _resolve_hf(ref: str, request: CreateRequest) -> list[Artifact]:
+    """One GGUF file (`hf://owner/repo/file.gguf`), or a safetensors model directory (`hf://owner/repo@commit`)."""
+    from sealbox.bundler.sources.hf_snapshot import is_snapshot_reference, resolve_hf_snapshot
     from sealbox.bundler.sources.huggingface import resolve_hf_model
 
     cache = request.hf_cache
@@ -173,9 +182,11 @@ def _resolve_hf(ref: str, request: CreateRequest) -> Artifact:
         from huggingface_hub import constants
 
         cache = Path(constants.HF_HUB_CACHE)
+    if is_snapshot_reference(ref):
+        return resolve_hf_snapshot(ref, cache_dir=cache)
     artifact = resolve_hf_model(ref, cache_dir=cache)
     # The hf source records where the bytes came from; the header facts are read here, for every model alike.
-    return replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})
+    return [replace(artifact, meta={**model_facts(artifact.file), **artifact.meta})]
 
 
 def _resolve_ollama(ref: str, request: CreateRequest) -> Artifact:
@@ -227,6 +238,8 @@ def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
     from sealbox.bundler.sources.wheels import collect_wheels
 
     wheels, prebuilt = list(request.wheels), []
+    if request.vllm is not None:
+        return _collect_vllm(request, request.vllm, work, include)
     engine, spec = request.cuda_engine, request.cuda
     if engine is not None and spec is not None:
         prebuilt.append((engine.path, engine.provenance))
@@ -243,6 +256,29 @@ def _collect_wheels(request: CreateRequest, work: Path) -> list[Artifact]:
     if engine is None or spec is None:
         return artifacts
     return [_mark_cuda_engine(artifact, engine.path, spec) for artifact in artifacts]
+
+
+def _collect_vllm(request: CreateRequest, spec: VllmSpec, work: Path, include_sealbox: bool) -> list[Artifact]:
+    from sealbox.bundler.sources.vllm_stack import mark_engine
+    from sealbox.bundler.sources.wheels import collect_wheels
+
+    artifacts = collect_wheels(requirements=list(request.requirements), wheels=[*request.wheels, spec.requirement],
+                               wheelhouses=list(request.wheelhouses), target=request.target,
+                               work_dir=work / "wheels", include_sealbox=include_sealbox, sealbox_extras=())  # fmt: skip
+    return [mark_engine(artifact, spec) for artifact in artifacts]
+
+
+def _with_vllm(request: CreateRequest, progress: Progress) -> CreateRequest:
+    """With `--vllm`: the stack resolved for the target before anything is downloaded, and recorded in the target."""
+    if request.vllm is None:
+        return request
+    from sealbox.bundler.sources.vllm_stack import resolve_stack
+
+    if request.cuda is not None:
+        raise InputError("--vllm brings its own CUDA stack; it does not combine with --accelerator cuda")
+    progress.step(f"resolving {request.vllm.requirement} for the target (pip --dry-run)")
+    resolved = resolve_stack(request.vllm, request.target, request.wheelhouses)
+    return replace(request, target=replace(request.target, accelerator=request.vllm.record(resolved)))
 
 
 def _check_engine_platform(engine: Path, target: Target) -> None:
@@ -312,12 +348,13 @@ def create_bundle(
     _check_request(request)
     check_out_dir(request.out)
 
+    request = _with_vllm(request, progress)  # before any model download: a stack the target cannot run stops here
     progress.step("checking local inputs")
     artifacts = resolve_local(request)
     for ref in request.models:
         if ref.startswith(HF_SCHEME):
             progress.step(f"resolving {ref}")
-            artifacts.append(_resolve_hf(ref, request))
+            artifacts.extend(_resolve_hf(ref, request))
         elif ref.startswith(OLLAMA_SCHEME):
             progress.step(f"resolving {ref} in the Ollama store")
             artifacts.append(_resolve_ollama(ref, request))

@@ -65,6 +65,7 @@ from sealbox.runtime.release import (
     RELEASE_FILE,
     ModelLink,
     ReleaseRecord,
+    is_model_directory_file,
     store_link_target,
 )
 from sealbox.runtime.sizes import format_size
@@ -192,7 +193,14 @@ class ReleasePlan:
 def plan_release(manifest: Manifest) -> ReleasePlan:
     """Raises ReleaseContentError when the manifest's content cannot be laid out as one release."""
     models: dict[str, BlobEntry] = {}
+    directory_files = []
     for entry in manifest.entries("model"):
+        if is_model_directory_file(entry.meta):  # a vLLM model's file: kept at its path, verified like any file
+            parts = PurePosixPath(entry.path).parts
+            if len(parts) != 3 or parts[0] != "models" or any(part in (".", "..") for part in parts):
+                raise ReleaseContentError(f"{entry.path}: a model directory's file must be models/<dir>/<file>")
+            directory_files.append((entry, entry.path))
+            continue
         name = PurePosixPath(entry.path).name
         if name in models:
             raise ReleaseContentError(f"models {models[name].path} and {entry.path} would both be models/{name}")
@@ -211,7 +219,7 @@ def plan_release(manifest: Manifest) -> ReleasePlan:
         if filename in wheels:
             raise ReleaseContentError(f"wheels {wheels[filename].path} and {entry.path} have the same file name")
         wheels[filename] = entry
-    files = []
+    files = directory_files
     for entry in manifest.blobs:
         if entry.role in ("file", "sbom", "eval"):
             if PurePosixPath(entry.path).parts[0] in RESERVED:

@@ -99,8 +99,9 @@ def _component(artifact: Artifact, sha256: str) -> Any:
         if isinstance(repo, str) and "/" in repo and isinstance(commit, str):
             owner, name = repo.split("/", 1)
             purl = PackageURL(type="huggingface", namespace=owner, name=name, version=commit)
+        kind = "safetensors" if meta.get("format") == "safetensors" else "gguf"  # a vLLM model directory's file
         facts = {
-            f"gguf:{key}": value
+            f"{kind}:{key}": value
             for key, value in meta.items()
             if not key.startswith(("hf_", "ollama_")) and key not in _DESCRIBED
         }

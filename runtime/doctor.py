@@ -49,6 +49,7 @@ from sealbox.runtime.release import (
     ReleaseFileError,
     check_release_file,
     current_directory,
+    is_model_directory_file,
     read_record,
     release_files,
     signed_payload,
@@ -255,6 +256,9 @@ def check_models(appliance: Appliance) -> Finding:
     if appliance.release_dir is None:
         return Finding(CheckStatus.FAIL, "no active release")
     models = appliance.release_record.get("models")
+    if (not isinstance(models, list) or not models) and _model_directory_files(appliance):
+        return Finding(CheckStatus.PASS, f"a vLLM model directory of {_model_directory_files(appliance)} file(s), "
+                       "checked byte for byte with the release's files")  # fmt: skip
     if not isinstance(models, list) or not models:
         reason = appliance.problems.get("release.json", "release.json lists no models")
         return Finding(CheckStatus.FAIL, reason)
@@ -273,6 +277,17 @@ def check_models(appliance: Appliance) -> Finding:
     return Finding(CheckStatus.PASS, f"{len(models)} model(s) match the signed manifest", tuple(details))
 
 
+def _model_directory_files(appliance: Appliance) -> int:
+    """How many files of a model directory (safetensors, for vLLM) the release's signed manifest names."""
+    if appliance.release_dir is None:
+        return 0
+    try:
+        blobs = signed_payload(appliance.release_dir)["blobs"]
+    except ReleaseFileError:
+        return 0
+    return sum(1 for blob in blobs if isinstance(blob, dict) and is_model_directory_file(blob.get("meta")))
+
+
 def check_release_files(appliance: Appliance) -> Finding:
     """Every other file of the release (policy, plain files, SBOM, wheels), every byte, against the signed digests;
     the models are the `models` check's (so a tampered model is reported once)."""
@@ -282,7 +297,8 @@ def check_release_files(appliance: Appliance) -> Finding:
         signed = release_files(appliance.root, appliance.release_dir, default_policy=default_policy_text().encode())
     except ReleaseFileError as exc:
         return Finding(CheckStatus.FAIL, str(exc))
-    files = [file for file in signed if file.role != "model"]
+    # GGUF models are the `models` check's; a model directory's files (vLLM) are checked here, each a plain file.
+    files = [file for file in signed if file.role != "model" or file.path.count("/") == 2]
     problems = [problem for file in files if (problem := check_release_file(file)) is not None]
     if problems:
         return Finding(CheckStatus.FAIL, f"{len(problems)} of {len(files)} file(s) are not the signed bytes", tuple(problems))

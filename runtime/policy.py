@@ -330,6 +330,12 @@ class VllmPolicy(_Section):
     pipeline_parallel_size: int = Field(1, ge=1, le=64)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int = Field(0, ge=0)
+    max_num_seqs: int = Field(256, ge=1, le=65536)
+    """Sequences vLLM batches at once: what the front reports as the engine's capacity (beyond it, 429)."""
+    restart_backoff_s: float = Field(1.0, gt=0, le=300)
+    restart_backoff_max_s: float = Field(60.0, gt=0, le=3600)
+    """A child that dies is started again after restart_backoff_s, doubled after each start that never became
+    ready, up to restart_backoff_max_s."""
     node_ip: str = ""
     """This node's address on the cluster network (Ray binds there); empty = single node, no Ray cluster."""
     ray_head: str = ""
@@ -402,6 +408,24 @@ class Policy(_Section):
         for engine in self.gateway.engines:
             if engine.name not in engines or engines[engine.name].url != engine.url:
                 raise ValueError(f"gateway.engines {engine.name} ({engine.url}) is not a mesh engine host at that URL")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_fits_the_walls(self) -> "Policy":
+        if not self.vllm.model_dir:
+            return self
+        # The front reaches its vLLM child on loopback; the guard, the unit and the nftables rules all read the
+        # loopback ports from egress.allow_ports, so the child's port must be listed there, not opened on the side.
+        if self.egress.allow_ports and self.vllm.port not in self.egress.allow_ports:
+            raise ValueError(f"egress.allow_ports must list vllm.port ({self.vllm.port}): the sealbox front reaches "
+                             "its vLLM child there")  # fmt: skip
+        # The child runs inside sealbox's unit, which opens only service.gpu_devices (DevicePolicy=closed).
+        nodes = 1 + len(self.vllm.ray_peers)
+        needed = -(-self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size // nodes)
+        gpus = [d for d in self.service.gpu_devices if re.fullmatch(r"/dev/nvidia\d+", d)]
+        if len(gpus) < needed:
+            raise ValueError(f"service.gpu_devices opens {len(gpus)} GPU(s) (/dev/nvidiaN) to the unit; vLLM's "
+                             f"parallelism needs {needed} on this node")  # fmt: skip
         return self
 
     @classmethod

@@ -161,6 +161,19 @@ def signed_payload(directory: Path) -> dict[str, Any]:
     return payload
 
 
+def is_model_directory_file(meta: object) -> bool:
+    """A file of a model directory (safetensors, for vLLM), kept at its own path under `models/<dir>/`."""
+    return isinstance(meta, dict) and meta.get("format") == "safetensors"
+
+
+def model_link(path: str, meta: object) -> str:
+    """Where a model blob lives in the release: a GGUF file at `models/<file>`, a model directory's file at its
+    manifest path (`models/<dir>/<file>`: its siblings' names, config.json and the like, would collide if flattened)."""
+    if is_model_directory_file(meta):
+        return path
+    return f"models/{PurePosixPath(path).name}"
+
+
 def release_files(root: HostRoot, directory: Path, *, default_policy: bytes) -> list[ReleaseFile]:
     """Every file the release's signed manifest names, with where its bytes live; the policy in force is checked
     against the signed policy blob, or against `default_policy` when the bundle carried none.
@@ -180,7 +193,7 @@ def release_files(root: HostRoot, directory: Path, *, default_policy: bytes) -> 
             policy_seen = True
             files.append(ReleaseFile(role, POLICY_FILE, digest, size, directory / POLICY_FILE))
         elif role == "model":
-            link = f"models/{PurePosixPath(path).name}"
+            link = model_link(path, blob.get("meta"))
             files.append(ReleaseFile(role, link, digest, size, blob_path, directory / link, store_link_target(root, link, digest)))
         elif role in ("file", "sbom"):
             files.append(ReleaseFile(role, path, digest, size, blob_path, directory / path, store_link_target(root, path, digest)))

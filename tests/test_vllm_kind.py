@@ -24,7 +24,8 @@ from sealbox.bundler.sources.resolution import resolve
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.vllm.launch import OFFLINE_ENVIRONMENT, VllmConfigError, render_launch
 
-SINGLE = '[vllm]\nmodel_dir = "models/llama-70b"\nserved_name = "llama-70b"\ntensor_parallel_size = 4\nport = 8001\n'
+SINGLE = ('[service]\ngpu_devices = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia2", "/dev/nvidia3", "/dev/nvidiactl"]\n'
+          '[egress]\nallow_ports = [8080, 8001]\n\n') + '[vllm]\nmodel_dir = "models/llama-70b"\nserved_name = "llama-70b"\ntensor_parallel_size = 4\nport = 8001\n'
 CLUSTER = SINGLE + ('node_ip = "10.0.0.12"\nray_head = "10.0.0.11:6379"\nray_peers = ["10.0.0.11", "10.0.0.13"]\n'
                     "pipeline_parallel_size = 2\n")  # fmt: skip
 
@@ -145,3 +146,40 @@ def test_systemd_reads_the_rendered_unit_without_complaint(tmp_path: Path) -> No
                                                     devices=("/dev/null",)))  # fmt: skip
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_vllm_policy_whose_child_port_the_egress_ports_do_not_list_is_refused() -> None:
+    """The guard, the unit and the nftables rules open loopback ports from egress.allow_ports only: a child port
+    outside it would be a front that cannot reach its engine (or a hole opened on the side)."""
+    from sealbox.runtime.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="vllm.port"):
+        Policy.from_toml(SINGLE.replace("allow_ports = [8080, 8001]", "allow_ports = [8080]"))
+    assert Policy.from_toml(SINGLE.replace("allow_ports = [8080, 8001]", "allow_ports = []")).vllm.port == 8001
+
+
+def test_a_vllm_policy_opening_fewer_gpus_to_the_unit_than_its_parallelism_needs_is_refused() -> None:
+    """The child runs inside sealbox's unit (DevicePolicy=closed): tensor parallel 4 on one node needs 4 GPUs there."""
+    from sealbox.runtime.policy import PolicyError
+
+    with pytest.raises(PolicyError, match="needs 4"):
+        Policy.from_toml(SINGLE.replace('"/dev/nvidia3", ', ""))
+    assert Policy.from_toml(CLUSTER.replace('"/dev/nvidia3", ', "")).vllm.pipeline_parallel_size == 2  # 8 over 3 nodes
+
+
+def test_the_release_unit_walls_in_the_vllm_child_with_the_front(tmp_path: Path) -> None:
+    """On the node that serves, vLLM is `sealbox serve`'s child: the release's one unit (its cgroup: IPAddressDeny,
+    the device policy, the syscall filter) holds both, opens the GPUs its parallelism needs, and its nftables rules
+    let the account reach exactly the front's and the child's loopback ports."""
+    from sealbox.bundler.service_files import ServiceContext, render_nft, render_unit
+
+    context = ServiceContext.build(label="llm-1", root=tmp_path / "root", release_dir=tmp_path / "release",
+                                   executable=tmp_path / "venv" / "bin" / "sealbox", policy=Policy.from_toml(SINGLE))  # fmt: skip
+    unit = render_unit(context)
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split()[1:2] == ["serve"]
+    assert "IPAddressDeny=any\n" in unit and "DevicePolicy=closed\n" in unit
+    assert [line for line in unit.splitlines() if line.startswith("DeviceAllow=")] == [
+        f"DeviceAllow=/dev/nvidia{n} rw" for n in range(4)] + ["DeviceAllow=/dev/nvidiactl rw"]
+    assert "MemoryDenyWriteExecute=yes" not in unit  # CUDA and Triton compile kernels at run time
+    assert "th dport { 8080, 8001 } accept" in render_nft(context, nft_path="/x.nft")

@@ -122,8 +122,12 @@ def create(
     cuda_archs: Annotated[
         str, typer.Option("--cuda-archs", help="GPU architectures, e.g. 80,86,89,90 (Ampere, Ada, Hopper; the default).")
     ] = "80,86,89,90",
+    vllm: Annotated[
+        str | None, typer.Option("--vllm", help="Carry vLLM at this version (e.g. 0.9.0) and its CUDA wheels for the target.")
+    ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="With --accelerator cuda: print the engine's exact build inputs and stop.")
+        bool, typer.Option("--dry-run", help="With --accelerator cuda: print the engine's build inputs; with --vllm: "
+                           "print the wheels pip resolves for the target (nothing downloaded). Then stop.")
     ] = False,
     sealbox_wheel: Annotated[
         bool | None,
@@ -160,6 +164,10 @@ def create(
     from sealbox.bundler.delta import BaseManifest, create_delta
 
     cuda = _cuda_spec(accelerator, cuda_version, cuda_archs, as_json)
+    vllm_spec = _vllm_spec(vllm, as_json)
+    if dry_run and vllm_spec is not None:
+        _print_vllm_resolution(vllm_spec, _target(python, platform), wheelhouse, as_json)
+        return
     if dry_run:
         _print_dry_run(cuda, out, wheelhouse)
         return
@@ -191,6 +199,7 @@ def create(
             record_expected=record_expected,
             now=now,
             cuda=cuda,
+            vllm=vllm_spec,
         )
         base_manifest = BaseManifest.load(base) if base is not None else None
         with stderr_progress() as progress:
@@ -216,6 +225,29 @@ def _cuda_spec(accelerator: str, cuda_version: str, cuda_archs: str, as_json: bo
 
     with _refusals(as_json):
         return CudaEngineSpec.parse(cuda_version=cuda_version, archs=cuda_archs)
+
+
+def _vllm_spec(text: str | None, as_json: bool) -> Any:
+    if text is None:
+        return None
+    from sealbox.bundler.sources.vllm_stack import VllmSpec
+
+    with _refusals(as_json):
+        return VllmSpec.parse(text)
+
+
+def _print_vllm_resolution(spec: Any, target: Target, wheelhouses: list[Path], as_json: bool) -> None:
+    from sealbox.bundler.sources.vllm_stack import resolve_stack
+
+    with _refusals(as_json):
+        resolved = resolve_stack(spec, target, wheelhouses)
+    if as_json:
+        typer.echo(json.dumps({"engine": spec.requirement, "python": target.python, "platforms": list(target.platforms),
+                               "wheels": [{"name": r.name, "version": r.version, "url": r.url} for r in resolved]}))
+        return
+    typer.echo(f"{spec.requirement} for Python {target.python} on {', '.join(target.platforms)}: {len(resolved)} wheels")
+    for item in resolved:
+        typer.echo(f"  {item.name}=={item.version}  {item.url}")
 
 
 def _print_dry_run(cuda: Any, out: Path, wheelhouses: list[Path]) -> None:
@@ -342,7 +374,9 @@ def inspect(
     out.print(f"target: Python {target.python} ({target.implementation}/{target.abi}) {', '.join(target.platforms[:3])}")
     if target.accelerator:
         archs = ", ".join(f"sm_{arch}" for arch in target.accelerator.get("cuda_archs") or [])
-        out.print(f"accelerator: {target.accelerator.get('accelerator')} {target.accelerator.get('cuda_version', '')} ({archs})")
+        engine = target.accelerator.get("engine", "")
+        out.print(f"accelerator: {target.accelerator.get('accelerator')} {target.accelerator.get('cuda_version', '')} "
+                  f"({archs}) {escape(str(engine))}")
     if manifest.base:
         out.print(f"delta on {manifest.base.name} version {manifest.base.version} ({manifest.base.manifest_sha256[:16]})")
     for item in signatures:

@@ -10,17 +10,16 @@ leaves the machine at all.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sealbox.bundler.errors import InputError
 from sealbox.bundler.manifest import Target
-from sealbox.bundler.sources.wheels import _target_args
+from sealbox.bundler.sources.wheels import _host_marker_environment, _pip, _tail, _target_args, marker_environment
 
-VLLM_REQUIREMENT = "vllm"
+VLLM_PROJECT = "vllm"
 
 
 @dataclass(frozen=True)
@@ -31,32 +30,36 @@ class Resolved:
     """Where pip found the wheel (an index URL, or a `file://` under a --find-links folder)."""
 
 
-def resolution_command(specs: list[str], target: Target, report: Path, *, find_links: list[Path] = (),
-                       no_index: bool = False) -> list[str]:  # fmt: skip
-    """The pip command that resolves `specs` for `target` and writes the report, downloading nothing."""
-    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
-               str(report), "--disable-pip-version-check", "--progress-bar", "off",
-               *_target_args(target, list(target.platforms))]  # fmt: skip
+def resolution_arguments(specs: Sequence[str], target: Target, report: Path, *, find_links: Sequence[Path] = (),
+                         no_index: bool = False) -> list[str]:  # fmt: skip
+    """pip's arguments that resolve `specs` for `target` and write the report, downloading nothing."""
+    args = ["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+            "--progress-bar", "off", *_target_args(target, list(target.platforms))]  # fmt: skip
     if no_index:
-        command.append("--no-index")
+        args.append("--no-index")
     for folder in find_links:
-        command += ["--find-links", str(folder.absolute())]
-    return command + list(specs)
+        args += ["--find-links", str(folder.absolute())]
+    return args + list(specs)
 
 
-def resolve(specs: list[str], target: Target, *, find_links: list[Path] = (), no_index: bool = False) -> list[Resolved]:
-    """Every wheel the target would install for `specs`, as pip resolved it.
+def resolve(specs: Sequence[str], target: Target, *, find_links: Sequence[Path] = (),
+            no_index: bool = False) -> list[Resolved]:  # fmt: skip
+    """Every wheel the target would install for `specs`, as pip resolved it, environment markers evaluated for the
+    target (the same shim as `pip download` for wheels: pip alone would evaluate them for this host).
 
     Raises:
         InputError: pip cannot resolve (a missing wheel for the target's platform, a conflict): its message says why.
     """
+    markers = marker_environment(target)
+    host = _host_marker_environment()
+    differs = any(host.get(key) != value for key, value in markers.items())
     with tempfile.TemporaryDirectory(prefix="sealbox-resolve-") as scratch:
         report = Path(scratch) / "report.json"
-        result = subprocess.run(resolution_command(specs, target, report, find_links=find_links, no_index=no_index),
-                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        args = resolution_arguments(specs, target, report, find_links=find_links, no_index=no_index)
+        result = _pip(args, "pip install --dry-run", markers=markers if differs else None)
         if result.returncode != 0:
-            tail = "\n".join(result.stderr.strip().splitlines()[-6:])
-            raise InputError(f"pip cannot resolve {' '.join(specs)} for {target.python}/{list(target.platforms)}:\n{tail}")
+            raise InputError(f"pip cannot resolve {' '.join(specs)} for Python {target.python} "
+                             f"{list(target.platforms)}:\n{_tail(result.stderr)}")  # fmt: skip
         data = json.loads(report.read_text())
     return [Resolved(name=item["metadata"]["name"], version=item["metadata"]["version"],
                      url=item["download_info"]["url"]) for item in data.get("install", [])]  # fmt: skip

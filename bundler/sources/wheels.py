@@ -76,13 +76,15 @@ def collect_wheels(
     work_dir: Path,
     include_sealbox: bool,
     prebuilt: Sequence[tuple[Path, str]] = (),
+    sealbox_extras: Sequence[str] = SEALBOX_EXTRAS,
 ) -> list[Artifact]:
     """Every wheel the target needs for `requirements` files, `wheels` (requirement strings or wheel paths) and, with
     `include_sealbox`, sealbox itself: dependencies included, one Artifact (role `wheel`) per file, in name order.
 
     With only `wheelhouses` given, every wheel in them is a requirement. `work_dir` is emptied first: files left by an
     interrupted run with other inputs must not join this one. `prebuilt` wheels (path, provenance), built here for
-    the target (the CUDA engine), join the search with their own platform tags.
+    the target (the CUDA engine), join the search with their own platform tags. `sealbox_extras` are the extras
+    sealbox's wheel is installed with (none for a vLLM bundle: vLLM is the engine there, not llama.cpp).
 
     Raises:
         InputError: a requirements file or wheelhouse is missing; a requirement has no wheel for the target and cannot
@@ -102,7 +104,7 @@ def collect_wheels(
     if include_sealbox:
         sealbox = build_sealbox_wheel(work_dir / "sealbox-source", built_dir)
         built[sealbox.name] = f"{REPO_ROOT} (sealbox, built from its source tree)"
-        specs.append(f"{sealbox}[{','.join(SEALBOX_EXTRAS)}]")
+        specs.append(f"{sealbox}[{','.join(sealbox_extras)}]" if sealbox_extras else str(sealbox))
     if not requirements and not wheels:
         specs += [str(path) for house in wheelhouses for path in sorted(house.glob("*.whl"))]
     if not requirements and not specs:

@@ -148,7 +148,8 @@ def prepare(options: ServeOptions) -> PreparedServer:
     except PolicyError as exc:
         raise ServeRefused(str(exc), ExitCode.USAGE) from exc
     guard = install_egress_guard(policy.egress)
-    _check_accelerator()
+    if not policy.vllm.model_dir:  # a vLLM engine brings its own CUDA stack; llama.cpp's build is not loaded
+        _check_accelerator()
     host = options.host or policy.server.host
     port = options.port or policy.server.port
     if options.no_auth and not is_loopback_host(host):
@@ -162,6 +163,11 @@ def prepare(options: ServeOptions) -> PreparedServer:
     if options.strict:
         _run_doctor(appliance)
     authenticator = None if options.no_auth else authenticator_for(appliance)
+    if policy.vllm.model_dir:  # the engine is a supervised vLLM child behind the gateway's front
+        from sealbox.runtime.vllm.front import prepare_vllm_front
+
+        return prepare_vllm_front(options, appliance, policy, release, guard=guard, host=host, port=port,  # type: ignore[return-value]
+                                  authenticator=authenticator)  # fmt: skip
     if release is not None:
         sources, release_label = list(release.models), release.label
     elif release_error is not None:

@@ -1,5 +1,6 @@
 """The vLLM child's launch, rendered from the policy: its command, its environment, the Ray node command for
-multi-node clusters, and the systemd unit that walls both in.
+multi-node clusters, and a unit for a node that runs Ray alone (on the node that serves, vLLM is `sealbox serve`'s
+child, `supervisor.py`, inside sealbox's own unit and wall).
 
 The command starts sealbox's egress guard in vLLM's own interpreter before vLLM is imported (`BOOTSTRAP`), with the
 policy's allowlist widened by exactly the Ray peers; the API listens on loopback only, so the sealbox front (or a
@@ -7,8 +8,8 @@ gateway through it) is its one client. The environment turns off every phone-hom
 vLLM usage stats, Ray usage stats and dashboard). Ray's ports are fixed in the policy, so the unit's
 `IPAddressAllow` and the nftables rules can name them.
 
-Nothing here has run on a GPU: the tests carry the command up to the process boundary (the child starts, installs
-the guard, and stops at `import vllm` on a machine without it).
+Nothing here has run on a GPU or with the real vLLM: the tests carry the command up to the process boundary (the
+child starts, installs the guard, and runs a stand-in `vllm` package's API server; see README).
 """
 
 from __future__ import annotations
@@ -21,17 +22,8 @@ from jinja2.sandbox import SandboxedEnvironment
 from sealbox.runtime.mesh.peer_set import ray_peers
 from sealbox.runtime.policy import EgressPolicy, Policy, VllmPolicy
 
-BOOTSTRAP = (
-    "import os, runpy, sys; "
-    "from sealbox.runtime.egress.offline_env import apply_offline_environment; "
-    "from sealbox.runtime.egress.guard import install_egress_guard; "
-    "from sealbox.runtime.policy import EgressPolicy; "
-    "apply_offline_environment(); "
-    "install_egress_guard(EgressPolicy.model_validate_json(os.environ['SEALBOX_VLLM_EGRESS'])); "
-    "sys.argv[0] = 'vllm'; "
-    "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__', alter_sys=True)"
-)
-"""One line: systemd's ExecStart takes no newlines."""
+BOOTSTRAP = "from sealbox.runtime.vllm.bootstrap import main; main()"
+"""One line (systemd's ExecStart takes no newlines); `bootstrap.main` installs the guard, then runs vLLM's API server."""
 
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
@@ -43,6 +35,9 @@ OFFLINE_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
 }
+
+CACHE_VARIABLES = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME")
+"""Where the stack writes its compiled kernels; pointed into the one writable directory of the unit."""
 
 UNIT_TEMPLATE = """\
 # sealbox: vLLM engine of release {{ label }}, rendered from the policy by sealbox.runtime.vllm. Do not edit here.
@@ -126,8 +121,11 @@ def _peers(vllm: VllmPolicy) -> tuple[str, ...]:
     return tuple(dict.fromkeys(peers))
 
 
-def render_launch(policy: Policy, *, release_dir: Path, python: Path) -> VllmLaunch:
+def render_launch(policy: Policy, *, release_dir: Path, python: Path, cache_dir: Path | None = None) -> VllmLaunch:
     """The vLLM child's command and environment, and `ray start` for multi-node clusters.
+
+    `cache_dir` is where vLLM, Triton and torch may write their compile caches (the unit leaves only the root's
+    `run/` writable); without it they use their defaults.
 
     Raises:
         VllmConfigError: no model directory, or a multi-node cluster without a Ray head.
@@ -144,13 +142,19 @@ def render_launch(policy: Policy, *, release_dir: Path, python: Path) -> VllmLau
             "--pipeline-parallel-size", str(vllm.pipeline_parallel_size),
             "--gpu-memory-utilization", str(vllm.gpu_memory_utilization),
             "--distributed-executor-backend", "ray" if vllm.multi_node else "mp",
-            "--disable-log-requests"]  # fmt: skip
+            "--max-num-seqs", str(vllm.max_num_seqs), "--disable-log-requests"]  # fmt: skip
     if vllm.max_model_len:
         argv += ["--max-model-len", str(vllm.max_model_len)]
     environment = dict(OFFLINE_ENVIRONMENT)
     environment["SEALBOX_VLLM_EGRESS"] = engine_egress(policy.egress, vllm).model_dump_json()
+    if cache_dir is not None:
+        for key in CACHE_VARIABLES:
+            environment[key] = str(cache_dir)
     ray_argv = None
     ports: tuple[int, ...] = ()
+    if not vllm.multi_node:
+        # vLLM finds its own address by "connecting" a UDP socket to a public address; the guard refuses that.
+        environment["VLLM_HOST_IP"] = "127.0.0.1"
     if vllm.multi_node:
         environment["RAY_ADDRESS"] = vllm.ray_head
         environment["VLLM_HOST_IP"] = vllm.node_ip
