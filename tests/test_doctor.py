@@ -434,7 +434,8 @@ def test_the_memory_plan_says_how_many_layers_and_sequences_fit(installed: Insta
     where = "no GPU: all layers on the CPU" if gpu_free_bytes() is None else "layers (blocks + output) on the GPU"
     (line,) = memory.details
     assert line.startswith("tiny: ") and where in line
-    assert "16 of 16 sequences of 128 tokens fit at once" in line  # the policy's 16 sequences, at the model's 128-token context
+    # The default policy's max_sequences = 0: AUTO_SEQUENCES (64) at the model's 128-token context, which fit.
+    assert "64 of 64 sequences of 128 tokens fit at once" in line
 
 
 def write_audit_log(installed: Installed, count: int) -> tuple[Path, int]:

@@ -116,3 +116,18 @@ def test_embeddings_are_unit_vectors_that_depend_on_the_text(tiny_model: Path) -
         assert first != second
 
     run(scenario)
+
+
+def test_plain_greedy_picks_what_llama_cpps_greedy_sampler_picks(gemma_model: Path) -> None:
+    """Plain greedy takes the largest logit with numpy instead of copying Gemma's 262,144 candidates into
+    llama.cpp's chain; a bias of 0 on one token (nothing changed) sends the same request through the chain."""
+
+    async def scenario() -> None:
+        async with started(gemma_model, n_ctx_per_seq=512) as engine:
+            through_chain = SamplingParams(temperature=0.0, logit_bias=((7, 0.0),))
+            for prompt in ("The capital of France is", "Once upon a time, in a village by the sea,"):
+                fast, _ = await complete(engine, prompt, max_tokens=48)
+                chain, _ = await complete(engine, prompt, max_tokens=48, sampling=through_chain)
+                assert fast == chain and fast
+
+    run(scenario)

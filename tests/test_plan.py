@@ -172,3 +172,25 @@ def test_sealbox_plan_splits_the_layers_over_several_gpus_and_says_so(tiny_model
     text = " ".join(table.stdout.split())
     assert "GPU 1: not used: 921.6 KiB holds the compute buffers" in text  # 90% of 1 MiB, the policy's headroom
     assert "1 GPU(s) not used (see each line)" in text
+
+
+def test_zero_sequences_asks_for_as_many_as_fit_at_full_context_up_to_the_cap(tiny_model: Path) -> None:
+    from sealbox.runtime.memory_plan import AUTO_SEQUENCES
+
+    roomy = plan_model(tiny_model, kv_cache="f16", memory_bytes=8 * GiB, context=1024, users=0)
+    assert roomy.users == AUTO_SEQUENCES and roomy.fits and not roomy.shares_a_pool
+    per_sequence = roomy.kv_bytes_per_sequence
+    tight = plan_model(tiny_model, kv_cache="f16", memory_bytes=8 * GiB, context=1024, users=0,
+                       kv_cells=5 * 1024 + 100)  # fmt: skip
+    assert tight.users == 5, "as many full sequences as the cells hold, each with its own stream"
+    assert tight.fits and tight.kv_bytes_per_sequence == per_sequence
+
+
+def test_flash_attention_is_off_in_a_pool_shared_on_the_cpu_whatever_was_chosen(tiny_model: Path) -> None:
+    split = plan_model(tiny_model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4, flash_attention=True)
+    assert split.engine_sizing().flash_attention and split.engine_sizing().type_v == "q8_0"
+    off = plan_model(tiny_model, kv_cache="q8_0", memory_bytes=2 * GiB, context=1024, users=4, flash_attention=False)
+    assert not off.engine_sizing().flash_attention and off.engine_sizing().type_v == "f16"  # q8_0 V needs it
+    pooled = plan_model(tiny_model, kv_cache="f16", memory_bytes=2 * GiB, context=1024, users=4, kv_cells=2048,
+                        flash_attention=True)  # fmt: skip
+    assert pooled.shares_a_pool and not pooled.engine_sizing().flash_attention
