@@ -123,3 +123,28 @@ def test_greedy_requests_sent_together_answer_as_each_does_alone(tiny_model: Pat
     alone, together = asyncio.run(scenario())
     assert together == alone
 
+
+
+def test_only_a_reproducible_lone_token_is_padded(tiny_model: Path) -> None:
+    """The padding buys a reproducible request the kernels of a batch; a free request alone keeps the faster ones."""
+
+    async def padded(sampling: SamplingParams) -> bool:
+        async with started(tiny_model) as engine:
+            scheduler = engine._scheduler
+            assert scheduler is not None
+            scheduler.stop()  # the loop ends: this test drives one step by hand
+            await asyncio.to_thread(engine._thread.join)  # type: ignore[union-attr]
+            scheduler._stopping = False  # taking requests again, with no loop to run them
+            scheduler.admission._closed = False
+            engine.generate(GenerationRequest(id="r", prompt_tokens=engine.tokenize("the people of the water"), max_tokens=40,
+                                              sampling=sampling))  # fmt: skip
+            scheduler.place_admitted()
+            scheduler.step()  # the prompt, and its first token sampled
+            scheduler.batch.clear()
+            scheduler.build_batch()  # that token alone
+            assert scheduler.batch.n_tokens == 1
+            return scheduler._pad_lone_token() is not None
+
+    assert asyncio.run(padded(GREEDY))
+    assert asyncio.run(padded(SEEDED))
+    assert not asyncio.run(padded(SamplingParams(temperature=0.7)))

@@ -21,10 +21,11 @@ counted from position 0, whatever else runs; and it reuses cached cells only up 
 that were themselves computed in such chunks (`Slot.canonical`). The cost: up to a chunk of tokens computed again
 that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
 evaluated a chunk per step even on an idle engine, each chunk in a step of its own (the streams running pause for
-it, as they do for any prompt chunk). A step of a single token is padded with a second one on an idle
-sequence, its logits asked for too (dropped after the decode): llama.cpp multiplies a lone row, and computes a lone
-output row, with other kernels than two or more, so a request's tokens would otherwise come out differently alone
-than beside others.
+it, as they do for any prompt chunk). A step of a reproducible request's single token is padded with a second one
+on an idle sequence, its logits asked for too (dropped after the decode): llama.cpp multiplies a lone row, and
+computes a lone output row, with other kernels than two or more, so a request's tokens would otherwise come out
+differently alone than beside others. Those kernels are faster (a two-row step of Gemma 3 270M takes about 1.8× a
+one-row step here), so a request that asked for no reproducibility is decoded alone unpadded.
 
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
@@ -155,6 +156,8 @@ class Scheduler:
         if batch.n_tokens != 1:
             return None
         seq, token, pos, output = int(batch.seq[0]), int(batch.token[0]), int(batch.pos[0]), bool(batch.logits[0])
+        if not self._reproducible(self.slots[seq]):
+            return None  # only a reproducible request pays for the padding (a two-row step costs nearly twice one)
         for neighbour in (seq + 1, seq - 1):
             if not 0 <= neighbour < len(self.slots):
                 continue
