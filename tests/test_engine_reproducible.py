@@ -5,6 +5,7 @@ its tokens in other batch shapes (and move llama.cpp's logits)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
@@ -16,6 +17,8 @@ CONTEXT = 1024
 SYSTEM = "the people of the water and the hills " * 12
 SEEDED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1234)
 GREEDY = SamplingParams(temperature=0.0)
+ENDLESS = "root ::= [a-z ] root"
+"""A grammar that never lets a request end before max_tokens."""
 
 
 def started(model: Path, *, pooled: bool = False) -> AbstractAsyncContextManager[LlamaBatchEngine]:
@@ -136,14 +139,17 @@ def test_only_a_reproducible_lone_token_is_padded(tiny_model: Path) -> None:
             await asyncio.to_thread(engine._thread.join)  # type: ignore[union-attr]
             scheduler._stopping = False  # taking requests again, with no loop to run them
             scheduler.admission._closed = False
-            engine.generate(GenerationRequest(id="r", prompt_tokens=engine.tokenize("the people of the water"), max_tokens=40,
-                                              sampling=sampling))  # fmt: skip
+            prompt = engine.tokenize("the people of the water")
+            stream = engine.generate(GenerationRequest(id="r", prompt_tokens=prompt, max_tokens=40,
+                                                       sampling=replace(sampling, grammar=ENDLESS)))  # fmt: skip
             scheduler.place_admitted()
             scheduler.step()  # the prompt, and its first token sampled
             scheduler.batch.clear()
             scheduler.build_batch()  # that token alone
             assert scheduler.batch.n_tokens == 1
-            return scheduler._pad_lone_token() is not None
+            padding = scheduler._pad_lone_token() is not None
+            await stream.aclose()
+            return padding
 
     assert asyncio.run(padded(GREEDY))
     assert asyncio.run(padded(SEEDED))
