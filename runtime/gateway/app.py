@@ -12,6 +12,7 @@ generation (measured by scripts/bench-gateway).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import deque
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sealbox.runtime.api_keys import Authenticator
+from sealbox.runtime.audit.errors import AuditError
 from sealbox.runtime.audit.log import AuditLog
 from sealbox.runtime.gateway.engine_hosts import UPSTREAM_ERRORS, EngineHosts
 from sealbox.runtime.gateway.fairness import InFlightLimit, PrincipalFairness
@@ -37,6 +39,9 @@ from sealbox.runtime.server.errors import ApiError, install_error_handlers
 from sealbox.runtime.server.request_record import RequestRecord, RequestRecorder, current_record
 
 RELAYED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+DONE_EVENT = b"data: [DONE]\n\n"
+USAGE_CHUNK = b'"usage":{'
+"""In a chunk only as the key of the usage object (a quote inside a JSON string is escaped)."""
 
 log = logging.getLogger("sealbox.gateway")
 
@@ -188,7 +193,13 @@ def _parse(body: bytes) -> dict[str, Any]:
 class RelayResponse:
     """Sends the engine's answer on: its first bytes, then the rest, each chunk as it arrives and as it is. A failure
     after the first byte ends the stream with an error event (never a replay on another engine); the engine leaves
-    rotation until it answers again."""
+    rotation until it answers again.
+
+    A stream's audit record is durable before its client has `data: [DONE]`, as a non-streamed answer's is before
+    its last byte: the `[DONE]` chunk is held until the record is on disk. The record is written as soon as the
+    usage chunk passes (the answer's counts are known then), so its fsync runs while the engine syncs its own record
+    before sending `[DONE]`, rather than after it.
+    """
 
     def __init__(self, upstream: Upstream, record: RequestRecord, *, on_failure: Callable[[], None]) -> None:
         self.upstream = upstream
@@ -206,15 +217,29 @@ class RelayResponse:
                 return
             await send({"type": "http.response.body", "body": upstream.first, "more_body": True})
             tail = StreamTail(upstream.first)
+            commit: asyncio.Task[None] | None = None
             try:
                 async for chunk in chunks:
                     tail.feed(chunk)
+                    if chunk.endswith(DONE_EVENT):
+                        if len(chunk) > len(DONE_EVENT):
+                            await send({"type": "http.response.body", "body": chunk[: -len(DONE_EVENT)],
+                                        "more_body": True})  # fmt: skip
+                        commit = commit or self._commit(tail)
+                        if not await self._recorded(commit, send):
+                            return
+                        chunk = DONE_EVENT
+                    elif commit is None and USAGE_CHUNK in chunk:
+                        commit = self._commit(tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UPSTREAM_ERRORS as exc:
                 upstream.engine.fail(f"failed mid-stream: {type(exc).__name__}: {exc}")
                 self.on_failure()
-                tail.read_into(self.record)
-                self.record.finish_reason = "engine_failed"
+                if commit is None:
+                    tail.read_into(self.record)
+                    self.record.finish_reason = "engine_failed"
+                elif not await self._recorded(commit, send):
+                    return
                 error = {"error": {"message": f"the engine host {upstream.engine.name} failed mid-answer; the request "
                                               "is not replayed (part of it was already sent)",
                                    "type": "service_unavailable", "param": None, "code": "engine_failed"}}  # fmt: skip
@@ -222,10 +247,31 @@ class RelayResponse:
                             "more_body": False})  # fmt: skip
                 return
             upstream.engine.served += 1
-            tail.read_into(self.record)  # before the last message: the recorder commits the record then
+            if commit is None:
+                tail.read_into(self.record)  # the recorder commits it before the last message
+            elif not await self._recorded(commit, send):
+                return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if commit is not None and not commit.done():
+                commit.cancel()  # the client left: its record, already queued, is written all the same
             await upstream.close()
+
+    def _commit(self, tail: StreamTail) -> asyncio.Task[None]:
+        tail.read_into(self.record)
+        return asyncio.ensure_future(self.record.commit(200))
+
+    async def _recorded(self, commit: asyncio.Task[None], send: Send) -> bool:
+        """Wait for the record; when the log cannot write, end the stream with an error event instead of `[DONE]`."""
+        try:
+            await commit
+            return True
+        except AuditError as exc:
+            log.error("request %s not recorded: %s", self.record.request_id, exc)
+            failure = ApiError(503, "the audit log cannot write; the stream ends unrecorded", code="audit_unavailable")
+            await send({"type": "http.response.body", "body": f"data: {json.dumps(failure.body())}\n\n".encode(),
+                        "more_body": False})  # fmt: skip
+            return False
 
 
 class StreamTail:
