@@ -208,6 +208,7 @@ class RelayResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstream
+        commit: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": upstream.headers()})
             chunks = upstream.chunks
@@ -215,11 +216,10 @@ class RelayResponse:
                 await send({"type": "http.response.body", "body": upstream.first, "more_body": False})
                 upstream.engine.served += 1
                 return
-            await send({"type": "http.response.body", "body": upstream.first, "more_body": True})
-            tail = StreamTail(upstream.first)
-            commit: asyncio.Task[None] | None = None
+            tail = StreamTail()
+            usage_seen = False
             try:
-                async for chunk in chunks:
+                async for chunk in _after(upstream.first, chunks):
                     tail.feed(chunk)
                     if chunk.endswith(DONE_EVENT):
                         if len(chunk) > len(DONE_EVENT):
@@ -229,8 +229,10 @@ class RelayResponse:
                         if not await self._recorded(commit, send):
                             return
                         chunk = DONE_EVENT
-                    elif commit is None and USAGE_CHUNK in chunk:
-                        commit = self._commit(tail)
+                    elif commit is None:
+                        usage_seen = usage_seen or USAGE_CHUNK in chunk
+                        if usage_seen and chunk.endswith(b"\n\n"):  # the usage event is whole
+                            commit = self._commit(tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UPSTREAM_ERRORS as exc:
                 upstream.engine.fail(f"failed mid-stream: {type(exc).__name__}: {exc}")
@@ -274,6 +276,12 @@ class RelayResponse:
             return False
 
 
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 class StreamTail:
     """The last chunks of a stream, kept by reference as they pass, and read once at its end for what the audit
     record needs: the token counts of the usage chunk (when the client asked for one) and the last finish reason.
@@ -285,8 +293,8 @@ class StreamTail:
     CHUNKS = 8
     BYTES = 1 << 16
 
-    def __init__(self, first: bytes) -> None:
-        self.chunks: deque[bytes] = deque((first,), maxlen=self.CHUNKS)
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque(maxlen=self.CHUNKS)
         self.feed = self.chunks.append
 
     def read_into(self, record: RequestRecord) -> None:

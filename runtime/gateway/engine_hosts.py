@@ -103,15 +103,18 @@ class EngineHost:
     connect_timeout_s: float = 3.0
     """Connecting, sending a request, and waiting for a pooled connection; reading an answer has no limit (a long
     generation is not a failure)."""
-    _headers: list[tuple[bytes, bytes]] = field(init=False, repr=False)
+    _forwarding: list[tuple[bytes, bytes]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        key = [(b"authorization", f"Bearer {self.api_key}".encode())] if self.api_key else []
-        self._headers = [(b"host", urlsplit(self.url).netloc.encode()), *key]
+        self._forwarding = [(b"host", urlsplit(self.url).netloc.encode()),
+                            *((k.encode(), v.encode()) for k, v in self.headers().items())]  # fmt: skip
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """What every request to this engine carries: its Host and the gateway's key for it."""
-        return list(self._headers)
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def forwarding_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` with the Host, encoded once: what every forwarded request to this engine starts with."""
+        return list(self._forwarding)
 
     def timeouts(self) -> dict[str, float | None]:
         limit = self.connect_timeout_s

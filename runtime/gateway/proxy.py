@@ -117,7 +117,7 @@ async def forward(router: Router, *, model: str, key: str | None, path: str, bod
 
 async def _attempt(engine: EngineHost, model: str, path: str, body: bytes, headers: dict[str, str],
                    stream: bool) -> Upstream:  # fmt: skip
-    sent = engine.headers()
+    sent = engine.forwarding_headers()
     sent += [(k.encode(), v.encode()) for k, v in headers.items() if k in FORWARDED_HEADERS]
     sent.append((b"content-length", str(len(body)).encode()))
     request = httpcore.Request("POST", engine.url + path, headers=sent, content=body,
