@@ -8,6 +8,8 @@ advance); the connection and usage checks against a real `sealbox serve` engine 
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +28,7 @@ from server_support import REPO, create_api_key
 
 from sealbox.runtime.gateway.app import StreamTail
 from sealbox.runtime.gateway.proxy import usage_of
+from sealbox.runtime.gateway.write_coalescing import CoalescingBackend
 from sealbox.runtime.server.request_record import RequestRecord
 from sealbox.runtime.staging_server import free_loopback_port, stop_child, wait_for_ready_line
 
@@ -209,3 +212,36 @@ def test_a_real_engines_stream_is_audited_with_its_usage_and_finish_reason(real:
     record = the_record_of(gateway.root / "audit", request_id).fields
     assert (record["completion_tokens"], record["finish_reason"], record["engine_host"]) == (5, "length", "e1")
     assert record["prompt_tokens"] > 0
+
+
+def test_a_forwarded_requests_head_and_body_leave_in_one_write_when_the_answer_is_read() -> None:
+    """Over a real loopback socket: nothing is sent while the request is written, all of it at the first read."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        async def exchange() -> tuple[bytes | None, bytes, bytes]:
+            stream = await CoalescingBackend().connect_tcp("127.0.0.1", port, timeout=5)
+            server, _ = listener.accept()
+            with server:
+                await stream.write(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n", timeout=5)
+                await stream.write(b"body", timeout=5)
+                server.setblocking(False)
+                try:
+                    early: bytes | None = server.recv(1024)
+                except BlockingIOError:
+                    early = None  # nothing on the wire yet
+                if early is not None:
+                    await stream.aclose()
+                    return early, b"", b""
+                server.setblocking(True)
+                answer = asyncio.ensure_future(stream.read(1024, timeout=5))  # flushes, then waits for the answer
+                request = await asyncio.to_thread(server.recv, 1024)
+                server.sendall(b"ok")
+                reply = await answer
+            await stream.aclose()
+            return early, request, reply
+
+        early, request, reply = asyncio.run(exchange())
+    assert early is None
+    assert request == b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+    assert reply == b"ok"

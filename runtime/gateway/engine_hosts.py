@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 import httpcore
 
 from sealbox.runtime.background_task import cancel_and_wait
+from sealbox.runtime.gateway.write_coalescing import CoalescingBackend
 from sealbox.runtime.policy import EngineHostPolicy, GatewayPolicy
 
 log = logging.getLogger("sealbox.gateway")
@@ -104,6 +106,9 @@ class EngineHost:
     """Connecting, sending a request, and waiting for a pooled connection; reading an answer has no limit (a long
     generation is not a failure)."""
     _forwarding: list[tuple[bytes, bytes]] = field(init=False, repr=False)
+    _pinned_streams: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet, repr=False)
+    """Connections whose peer certificate matched the pin (a TLS connection's peer cannot change: renegotiation
+    is refused by `engine_ssl_context`)."""
 
     def __post_init__(self) -> None:
         self._forwarding = [(b"host", urlsplit(self.url).netloc.encode()),
@@ -155,6 +160,8 @@ class EngineHost:
         if not self.fingerprint:
             return
         stream = response.extensions.get("network_stream")
+        if stream is not None and stream in self._pinned_streams:
+            return
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is None:
@@ -163,6 +170,7 @@ class EngineHost:
         if seen != self.fingerprint:
             raise FingerprintMismatch(f"{self.name}: the engine presented certificate {seen}, "
                                       f"the policy pins {self.fingerprint}")  # fmt: skip
+        self._pinned_streams.add(stream)
 
     async def poll(self, timeout_s: float) -> None:
         """Read the status; in rotation if it answers, out of rotation with the reason if not."""
@@ -194,6 +202,7 @@ def engine_ssl_context(policy: GatewayPolicy) -> ssl.SSLContext:
     """Verify engines against `engine_ca` (hostname included) and present the gateway's client certificate."""
     context = ssl.create_default_context(cafile=policy.engine_ca or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION  # a connection's pinned peer stays the peer it was checked as
     if policy.client_cert:
         context.load_cert_chain(policy.client_cert, policy.client_key)
     return context
@@ -273,7 +282,8 @@ class EngineHosts:
 def _host(engine: EngineHostPolicy, context: ssl.SSLContext, connect_timeout_s: float) -> EngineHost:
     pool = httpcore.AsyncConnectionPool(ssl_context=context, max_connections=MAX_CONNECTIONS_PER_ENGINE,
                                         max_keepalive_connections=MAX_IDLE_CONNECTIONS_PER_ENGINE,
-                                        keepalive_expiry=KEEPALIVE_EXPIRY_S, retries=0)  # fmt: skip
+                                        keepalive_expiry=KEEPALIVE_EXPIRY_S, retries=0,
+                                        network_backend=CoalescingBackend())  # fmt: skip
     return EngineHost(name=engine.name, url=engine.url, fingerprint=engine.fingerprint,
                       api_key=read_api_key(engine.api_key_file), pool=pool,
                       connect_timeout_s=connect_timeout_s)  # fmt: skip
