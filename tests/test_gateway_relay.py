@@ -28,7 +28,7 @@ from server_support import REPO, create_api_key
 
 from sealbox.runtime.gateway.app import StreamTail
 from sealbox.runtime.gateway.proxy import usage_of
-from sealbox.runtime.gateway.write_coalescing import CoalescingBackend
+from sealbox.runtime.gateway.engine_network import EngineNetwork
 from sealbox.runtime.server.request_record import RequestRecord
 from sealbox.runtime.staging_server import free_loopback_port, stop_child, wait_for_ready_line
 
@@ -220,7 +220,7 @@ def test_a_forwarded_requests_head_and_body_leave_in_one_write_when_the_answer_i
         port = listener.getsockname()[1]
 
         async def exchange() -> tuple[bytes | None, bytes, bytes]:
-            stream = await CoalescingBackend().connect_tcp("127.0.0.1", port, timeout=5)
+            stream = await EngineNetwork().connect_tcp("127.0.0.1", port, timeout=5)
             server, _ = listener.accept()
             with server:
                 await stream.write(b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n", timeout=5)
@@ -245,3 +245,28 @@ def test_a_forwarded_requests_head_and_body_leave_in_one_write_when_the_answer_i
     assert early is None
     assert request == b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
     assert reply == b"ok"
+
+
+def test_a_kept_alive_connection_the_engine_closed_is_not_reused_and_the_next_request_is_served(
+    tmp_path: Path, pki: dict[str, Path],
+) -> None:
+    """The engine restarts between two requests, and the gateway does not poll meanwhile: its idle connection to
+    the old process is closed, and must be seen as closed rather than tried (which would take the engine out of
+    rotation and answer 503)."""
+    engine = ScriptedEngine(tmp_path / "engine", pki)
+    engine.root.mkdir()
+    key_file = engine.root / "engine.key"
+    key_file.write_text("sk-scripted\n")
+    policy = gateway_policy(engines=[(engine, key_file, "")], engine_ca=pki["engines_ca"],  # type: ignore[list-item]
+                            client_cert=pki["client.crt"], client_key=pki["client.key"], interval_s=60)  # fmt: skip
+    root = tmp_path / "gateway"
+    root.mkdir()
+    user = create_api_key(root, "user")
+    with engine, GatewayProcess(root, policy_text=policy) as gateway:
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=user, max_retries=0, timeout=30)
+        first = client.completions.create(model=scripted_engine.MODEL, prompt="x")
+        engine.__exit__()
+        engine.__enter__()  # the same port, a new process: the pooled connection's peer is gone
+        second = client.completions.create(model=scripted_engine.MODEL, prompt="x")
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.completion_tokens == 1

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpcore
 
 from sealbox.runtime.background_task import cancel_and_wait
-from sealbox.runtime.gateway.write_coalescing import CoalescingBackend
+from sealbox.runtime.gateway.engine_network import EngineNetwork
 from sealbox.runtime.policy import EngineHostPolicy, GatewayPolicy
 
 log = logging.getLogger("sealbox.gateway")
@@ -283,7 +283,7 @@ def _host(engine: EngineHostPolicy, context: ssl.SSLContext, connect_timeout_s: 
     pool = httpcore.AsyncConnectionPool(ssl_context=context, max_connections=MAX_CONNECTIONS_PER_ENGINE,
                                         max_keepalive_connections=MAX_IDLE_CONNECTIONS_PER_ENGINE,
                                         keepalive_expiry=KEEPALIVE_EXPIRY_S, retries=0,
-                                        network_backend=CoalescingBackend())  # fmt: skip
+                                        network_backend=EngineNetwork())  # fmt: skip
     return EngineHost(name=engine.name, url=engine.url, fingerprint=engine.fingerprint,
                       api_key=read_api_key(engine.api_key_file), pool=pool,
                       connect_timeout_s=connect_timeout_s)  # fmt: skip
