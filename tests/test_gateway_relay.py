@@ -23,7 +23,9 @@ import pytest
 
 import scripted_engine
 from audit_records import audit_records, the_record_of
-from gateway_support import EngineHostProcess, GatewayProcess, PrivateCA, engine_key_file, engine_policy, gateway_policy
+from gateway_support import (
+    EngineHostProcess, GatewayProcess, engine_key_file, engine_policy, gateway_policy, loopback_pki,
+)  # fmt: skip
 from server_support import REPO, create_api_key
 
 from sealbox.runtime.gateway.app import StreamTail
@@ -35,13 +37,7 @@ from sealbox.runtime.staging_server import free_loopback_port, stop_child, wait_
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("pki")
-    engines_ca, gateway_ca = PrivateCA(folder / "engines", "engines CA"), PrivateCA(folder / "gateway", "gateway CA")
-    paths = {"engines_ca": engines_ca.cert_path, "gateway_ca": gateway_ca.cert_path}
-    for name in ("scripted", "e1"):
-        paths[f"{name}.crt"], paths[f"{name}.key"] = engines_ca.issue(name, address="127.0.0.1")
-    paths["client.crt"], paths["client.key"] = gateway_ca.issue("gateway", client=True)
-    return paths
+    return loopback_pki(tmp_path_factory.mktemp("pki"), ("scripted", "e1"))
 
 
 @dataclass

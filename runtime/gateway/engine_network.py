@@ -87,7 +87,8 @@ class EngineStream(httpcore.AsyncNetworkStream):
 
 class EngineNetwork(httpcore.AsyncNetworkBackend):
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.AsyncNetworkStream:  # fmt: skip
+                          socket_options: typing.Iterable[typing.Any] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:  # fmt: skip
         local = (local_address, 0) if local_address else None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local), timeout)
