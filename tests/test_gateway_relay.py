@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import time
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -266,3 +267,32 @@ def test_a_kept_alive_connection_the_engine_closed_is_not_reused_and_the_next_re
         second = client.completions.create(model=scripted_engine.MODEL, prompt="x")
     assert first.usage is not None and second.usage is not None
     assert second.usage.completion_tokens == 1
+
+
+def test_a_client_leaving_mid_stream_stops_its_engine_generating(
+    tmp_path: Path, make_model: Any, pki: dict[str, Path],
+) -> None:
+    """The client takes one chunk of a 2000-token answer and leaves: the gateway closes the engine's connection, so
+    the engine records the request cut short (499), rather than generating the rest for nobody."""
+    model = make_model("long.gguf", size="1MB", seed=6, never_ends=True)
+    policy = engine_policy(pki["e1.crt"], pki["e1.key"], pki["gateway_ca"], sequences=1, context=4096)
+    engine = EngineHostProcess(tmp_path / "e1", models=[model], policy_text=policy, name="e1")
+    engine.root.mkdir()
+    key_file = engine_key_file(engine)
+    root = tmp_path / "gateway"
+    root.mkdir()
+    user = create_api_key(root, "user")
+    policy = gateway_policy(engines=[(engine, key_file, "")], engine_ca=pki["engines_ca"],
+                            client_cert=pki["client.crt"], client_key=pki["client.key"])  # fmt: skip
+    body = {"model": "long", "prompt": "go", "max_tokens": 2000, "stream": True}
+    with engine, GatewayProcess(root, policy_text=policy) as gateway:
+        with httpx.stream("POST", gateway.base_url + "/completions", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {user}"}) as response:  # fmt: skip
+            assert b'"text"' in next(response.iter_raw())
+        deadline = time.monotonic() + 60  # a bound for a failing test; the engine stops within milliseconds
+        records: list[dict[str, Any]] = []
+        while not records and time.monotonic() < deadline:
+            records = [r.fields for r in audit_records(engine.root / "audit")
+                       if r.fields.get("endpoint") == "/v1/completions"]  # fmt: skip
+    assert len(records) == 1, "the engine had not ended the stream 60 s after its client left"
+    assert records[0]["status"] == 499 and records[0]["completion_tokens"] < 2000, records[0]

@@ -195,6 +195,9 @@ class RelayResponse:
     after the first byte ends the stream with an error event (never a replay on another engine); the engine leaves
     rotation until it answers again.
 
+    A client that leaves mid-stream ends the stream: the engine's connection is closed, so it stops generating
+    for nobody (the client's disconnect is watched by one task per stream, not looked for per chunk).
+
     A stream's audit record is durable before its client has `data: [DONE]`, as a non-streamed answer's is before
     its last byte: the `[DONE]` chunk is held until the record is on disk. The record is written as soon as the
     usage chunk passes (the answer's counts are known then), so its fsync runs while the engine syncs its own record
@@ -209,6 +212,7 @@ class RelayResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstream
         commit: asyncio.Task[None] | None = None
+        gone: asyncio.Future[object] | None = None
         try:
             await send({"type": "http.response.start", "status": upstream.status_code, "headers": upstream.headers()})
             chunks = upstream.chunks
@@ -218,8 +222,11 @@ class RelayResponse:
                 return
             tail = StreamTail()
             usage_seen = False
+            gone = asyncio.ensure_future(_client_gone(receive))
             try:
                 async for chunk in _after(upstream.first, chunks):
+                    if gone.done():
+                        return  # the recorder records the request as the client left it (499)
                     tail.feed(chunk)
                     if chunk.endswith(DONE_EVENT):
                         if len(chunk) > len(DONE_EVENT):
@@ -255,6 +262,8 @@ class RelayResponse:
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            if gone is not None:
+                gone.cancel()
             if commit is not None and not commit.done():
                 commit.cancel()  # the client left: its record, already queued, is written all the same
             await upstream.close()
@@ -274,6 +283,12 @@ class RelayResponse:
             await send({"type": "http.response.body", "body": f"data: {json.dumps(failure.body())}\n\n".encode(),
                         "more_body": False})  # fmt: skip
             return False
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Returns when the client has disconnected (the request's body was read before the answer began)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
