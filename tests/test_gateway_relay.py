@@ -137,6 +137,24 @@ def test_a_whole_answer_is_passed_on_unchanged_and_audited_with_its_usage(script
     assert (record["prompt_tokens"], record["completion_tokens"], record["engine_host"]) == (5, 1, "scripted")
 
 
+@pytest.mark.parametrize(("method", "body", "status", "code"), [
+    ("GET", None, 405, "method_not_allowed"),
+    ("POST", b"not json", 400, "invalid_request"),
+    ("POST", b"\xff\xfe{", 400, "invalid_request"),
+    ("POST", b"[1, 2]", 400, "invalid_request"),
+    ("POST", b'{"prompt": "no model"}', 400, "invalid_request"),
+])  # fmt: skip
+def test_a_bad_request_to_a_relayed_route_gets_an_openai_shaped_error(
+    scripted: dict[str, Any], method: str, body: bytes | None, status: int, code: str,
+) -> None:
+    gateway: GatewayProcess = scripted["gateway"]
+    response = httpx.request(method, gateway.base_url + "/completions", content=body, timeout=30,
+                             headers={"authorization": f"Bearer {scripted['user']}",
+                                      "content-type": "application/json"})  # fmt: skip
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
 def _record() -> RequestRecord:
     return RequestRecord(audit=None, request_id="req-test", method="POST", endpoint="/v1/completions", client="-")
 
