@@ -5,10 +5,10 @@ An engine is in rotation only while its authenticated status endpoint answers; a
 once, and the next good status poll puts it back. The gateway routes by what the engines report (free sequences,
 free KV cells, queue depth), corrected by the requests it has sent or finished since that report.
 
-Each engine has one pool of kept-alive mutual-TLS connections (httpcore, the transport under httpx: the gateway
-forwards bytes and needs none of httpx's request and response models, whose per-request and per-chunk work cost
-more CPU than the forwarding itself). Idle connections are dropped before the engine's own keep-alive timeout
-would close them under a request.
+Each engine has one pool of kept-alive mutual-TLS connections (httpcore, the transport under httpx, over asyncio's
+own TLS streams: `engine_network`). The gateway forwards bytes and needs none of httpx's request and response
+models, whose per-request and per-chunk work cost more CPU than the forwarding itself. Idle connections are dropped
+before the engine's own keep-alive timeout would close them under a request.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MAX_CONNECTIONS_PER_ENGINE = 512
 MAX_IDLE_CONNECTIONS_PER_ENGINE = 64
 KEEPALIVE_EXPIRY_S = 3.0
 """Below uvicorn's (and so the engine's and vLLM's) 5 s keep-alive timeout: the gateway lets an idle connection go
-before the engine does, so a request is never sent on a connection the engine is closing."""
+before the engine does, rather than send a request on a connection the engine is closing."""
 
 UPSTREAM_ERRORS: tuple[type[Exception], ...] = (
     httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
