@@ -4,8 +4,8 @@
 A real HTTPS server (uvicorn, mutual TLS with a client certificate required, like a sealbox engine host) on a
 loopback port, run as its own process: `python tests/scripted_engine.py --port P --cert C --key K --client-ca CA`.
 It serves `/v1/engine/status` (one model, "scripted") and `/v1/completions`: a stream is sent as the chunks of
-`STREAM` (or `HELD` for the prompt "hold": `[DONE]`, then the answer stays open until the gateway lets go), each
-chunk one HTTP chunk, cut where a real engine would never cut (inside a UTF-8 character, inside the usage event).
+`STREAM` (or `HELD` for the prompt "hold": `[DONE]`, then the answer stays open until the gateway lets go; for
+"hold before done", the same but held before `[DONE]`), each chunk one HTTP chunk, cut where a real engine would never cut (inside a UTF-8 character, inside the usage event).
 """
 
 from __future__ import annotations
@@ -69,16 +69,19 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if not request.get("stream"):
         await _send_json(send, WHOLE)
         return
-    held = request.get("prompt") == "hold"
+    prompt = request.get("prompt")
+    chunks = {"hold": HELD, "hold before done": HELD[:-1]}.get(prompt, STREAM)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})  # fmt: skip
-    for chunk in HELD if held else STREAM:
+    for chunk in chunks:
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    if held:
+    if chunks is not STREAM:
         try:
             await asyncio.wait_for(receive(), HOLD_S)  # until the gateway closes the connection
         except TimeoutError:
             pass
+    if prompt == "hold before done":
+        await send({"type": "http.response.body", "body": HELD[-1], "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

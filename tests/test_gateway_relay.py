@@ -23,7 +23,7 @@ import openai
 import pytest
 
 import scripted_engine
-from audit_records import audit_records, the_record_of
+from audit_records import audit_records, records_of, the_record_of
 from gateway_support import (
     EngineHostProcess, GatewayProcess, engine_key_file, engine_policy, gateway_policy, loopback_pki,
 )  # fmt: skip
@@ -126,6 +126,26 @@ def test_a_streams_audit_record_is_durable_before_its_client_has_done(scripted: 
         record = the_record_of(gateway.root / "audit", response.headers["x-request-id"]).fields
     assert received == b"".join(scripted_engine.HELD)
     assert (record["status"], record["finish_reason"], record["completion_tokens"]) == (200, "stop", 0)
+
+
+def test_a_stream_without_usage_is_recorded_once_its_closing_chunk_has_passed(scripted: dict[str, Any]) -> None:
+    """The engine holds `[DONE]` back (as it does while it syncs its own record): the gateway's record is written
+    meanwhile, from the closing chunk, not after `[DONE]`."""
+    gateway: GatewayProcess = scripted["gateway"]
+    body = {"model": scripted_engine.MODEL, "prompt": "hold before done", "stream": True}
+    with httpx.stream("POST", gateway.base_url + "/completions", json=body, timeout=30,
+                      headers={"authorization": f"Bearer {scripted['user']}"}) as response:  # fmt: skip
+        received = b""
+        chunks = response.iter_raw()
+        while not received.endswith(scripted_engine.HELD[1]):
+            received += next(chunks)
+        request_id = response.headers["x-request-id"]
+        deadline = time.monotonic() + scripted_engine.HOLD_S / 3  # a bound for a failing test: the engine holds 30 s
+        found: list[Any] = []
+        while not found and time.monotonic() < deadline:
+            found = records_of(gateway.root / "audit", request_id)
+    assert len(found) == 1, "no record while the engine held [DONE] back"
+    assert (found[0].fields["status"], found[0].fields["finish_reason"]) == (200, "stop")
 
 
 def test_a_whole_answer_is_passed_on_unchanged_and_audited_with_its_usage(scripted: dict[str, Any]) -> None:

@@ -42,6 +42,8 @@ RELAYED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embed
 DONE_EVENT = b"data: [DONE]\n\n"
 USAGE_CHUNK = b'"usage":{'
 """In a chunk only as the key of the usage object (a quote inside a JSON string is escaped)."""
+FINISH_CHUNK = b'"finish_reason":"'
+"""… and this only in a choice's closing chunk (a finish reason that is not null)."""
 
 log = logging.getLogger("sealbox.gateway")
 
@@ -163,7 +165,10 @@ class Relay:
         if not stream or upstream.status_code != 200:
             usage = usage_of(upstream.first)
             record.prompt_tokens, record.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-        return RelayResponse(upstream, record, on_failure=self.engines.poll_soon)
+        options = parsed.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        last = USAGE_CHUNK if usage or parsed.get("n", 1) != 1 else FINISH_CHUNK
+        return RelayResponse(upstream, record, on_failure=self.engines.poll_soon, last_counts=last)
 
 
 async def _body(receive: Receive) -> bytes | None:
@@ -200,14 +205,18 @@ class RelayResponse:
 
     A stream's audit record is durable before its client has `data: [DONE]`, as a non-streamed answer's is before
     its last byte: the `[DONE]` chunk is held until the record is on disk. The record is written as soon as the
-    usage chunk passes (the answer's counts are known then), so its fsync runs while the engine syncs its own record
-    before sending `[DONE]`, rather than after it.
+    usage chunk (or the closing chunk, when the client asked for no usage) passes, since the answer's counts are
+    known then: its fsync runs while the engine syncs its own record before sending `[DONE]`, rather than after it.
     """
 
-    def __init__(self, upstream: Upstream, record: RequestRecord, *, on_failure: Callable[[], None]) -> None:
+    def __init__(self, upstream: Upstream, record: RequestRecord, *, on_failure: Callable[[], None],
+                 last_counts: bytes = USAGE_CHUNK) -> None:  # fmt: skip
         self.upstream = upstream
         self.record = record
         self.on_failure = on_failure
+        self.last_counts = last_counts
+        """What marks the chunk after which the record's counts are known: the usage chunk when the client asked for
+        one (or with several choices, which close one by one), else the one choice's closing chunk."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         upstream = self.upstream
@@ -221,7 +230,7 @@ class RelayResponse:
                 upstream.engine.served += 1
                 return
             tail = StreamTail()
-            usage_seen = False
+            counted = False
             gone = asyncio.ensure_future(_client_gone(receive))
             try:
                 async for chunk in _after(upstream.first, chunks):
@@ -237,8 +246,8 @@ class RelayResponse:
                             return
                         chunk = DONE_EVENT
                     elif commit is None:
-                        usage_seen = usage_seen or USAGE_CHUNK in chunk
-                        if usage_seen and chunk.endswith(b"\n\n"):  # the usage event is whole
+                        counted = counted or self.last_counts in chunk
+                        if counted and chunk.endswith(b"\n\n"):  # the event is whole
                             commit = self._commit(tail)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UPSTREAM_ERRORS as exc:
