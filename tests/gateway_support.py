@@ -72,6 +72,17 @@ class PrivateCA:
         return cert_path, key_path
 
 
+def loopback_pki(folder: Path, engines: tuple[str, ...]) -> dict[str, Path]:
+    """An engines' CA with a certificate for each of `engines` on 127.0.0.1, a gateway CA with the gateway's client
+    certificate: `engines_ca`, `gateway_ca`, `<name>.crt`, `<name>.key`, `client.crt`, `client.key`."""
+    engines_ca, gateway_ca = PrivateCA(folder / "engines", "engines CA"), PrivateCA(folder / "gateway", "gateway CA")
+    paths = {"engines_ca": engines_ca.cert_path, "gateway_ca": gateway_ca.cert_path}
+    for name in engines:
+        paths[f"{name}.crt"], paths[f"{name}.key"] = engines_ca.issue(name, address="127.0.0.1")
+    paths["client.crt"], paths["client.key"] = gateway_ca.issue("gateway", client=True)
+    return paths
+
+
 @dataclass
 class EngineHostProcess(ServerProcess):
     """`sealbox serve` as an engine host: TLS with its certificate, a client certificate from `client_ca` required."""
@@ -126,4 +137,4 @@ class GatewayProcess(ServerProcess):
 
 
 __all__ = ["SEALBOX", "EngineHostProcess", "GatewayProcess", "PrivateCA", "engine_key_file", "engine_policy",
-           "gateway_policy"]  # fmt: skip
+           "gateway_policy", "loopback_pki"]  # fmt: skip

@@ -15,7 +15,9 @@ import httpx
 import openai
 import pytest
 
-from gateway_support import EngineHostProcess, GatewayProcess, PrivateCA, engine_key_file, engine_policy, gateway_policy
+from gateway_support import (
+    EngineHostProcess, GatewayProcess, PrivateCA, engine_key_file, engine_policy, gateway_policy, loopback_pki,
+)  # fmt: skip
 from audit_records import audit_records, the_record_of
 from server_support import create_api_key
 
@@ -25,11 +27,7 @@ from sealbox.runtime.gateway.engine_hosts import certificate_fingerprint
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("pki")
-    engines_ca, gateway_ca = PrivateCA(folder / "engines", "engines CA"), PrivateCA(folder / "gateway", "gateway CA")
-    paths = {"engines_ca": engines_ca.cert_path, "gateway_ca": gateway_ca.cert_path}
-    for name in ("e1", "e2"):
-        paths[f"{name}.crt"], paths[f"{name}.key"] = engines_ca.issue(name, address="127.0.0.1")
-    paths["client.crt"], paths["client.key"] = gateway_ca.issue("gateway", client=True)
+    paths = loopback_pki(folder, ("e1", "e2"))
     stranger_ca = PrivateCA(folder / "stranger", "stranger CA")
     paths["stranger.crt"], paths["stranger.key"] = stranger_ca.issue("stranger", client=True)
     return paths

@@ -11,7 +11,7 @@ from sealbox.runtime.gateway.routing import PrefixAffinity, Router, conversation
 def _host(name: str, free: int, *, total: int = 4, queued: int = 0, queue_size: int = 8,
           kv_free: int = 1000) -> EngineHost:  # fmt: skip
     host = EngineHost(name=name, url=f"https://10.200.0.1:{8000 + len(name)}", fingerprint="", api_key="",
-                      client=None)  # type: ignore[arg-type]  # routing never touches the client
+                      pool=None)  # type: ignore[arg-type]  # routing never touches the pool
     host.status = EngineStatus(models={"m": ModelStatus(id="m", sha256="0" * 64, sequences_total=total,
                                                         free_sequences=free, queued=queued, kv_cells_total=4096,
                                                         kv_cells_free=kv_free)}, queue_size=queue_size)  # fmt: skip

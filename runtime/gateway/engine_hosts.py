@@ -4,27 +4,46 @@ they are in rotation.
 An engine is in rotation only while its authenticated status endpoint answers; a failed request takes it out at
 once, and the next good status poll puts it back. The gateway routes by what the engines report (free sequences,
 free KV cells, queue depth), corrected by the requests it has sent or finished since that report.
+
+Each engine has one pool of kept-alive mutual-TLS connections (httpcore, the transport under httpx, over asyncio's
+own TLS streams: `engine_network`). The gateway forwards bytes and needs none of httpx's request and response
+models, whose per-request and per-chunk work cost more CPU than the forwarding itself. Idle connections are dropped
+before the engine's own keep-alive timeout would close them under a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import ssl
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 
 from sealbox.runtime.background_task import cancel_and_wait
+from sealbox.runtime.gateway.engine_network import EngineNetwork
 from sealbox.runtime.policy import EngineHostPolicy, GatewayPolicy
 
 log = logging.getLogger("sealbox.gateway")
 
 STATUS_PATH = "/v1/engine/status"
 MAX_CONNECTIONS_PER_ENGINE = 512
+MAX_IDLE_CONNECTIONS_PER_ENGINE = 64
+KEEPALIVE_EXPIRY_S = 3.0
+"""Below uvicorn's (and so the engine's and vLLM's) 5 s keep-alive timeout: the gateway lets an idle connection go
+before the engine does, rather than send a request on a connection the engine is closing."""
+
+UPSTREAM_ERRORS: tuple[type[Exception], ...] = (
+    httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+    httpcore.ConnectionNotAvailable, OSError,
+)  # fmt: skip
+"""What a request to an engine can raise when the engine, or the link to it, fails."""
 
 
 class EngineHostError(Exception):
@@ -68,13 +87,14 @@ class EngineStatus:
 
 @dataclass(eq=False)
 class EngineHost:
-    """One engine host: its client (mutual TLS), its last status, and the gateway's live count of its requests."""
+    """One engine host: its connection pool (mutual TLS), its last status, and the gateway's live count of its
+    requests."""
 
     name: str
     url: str
     fingerprint: str
     api_key: str
-    client: httpx.AsyncClient
+    pool: httpcore.AsyncConnectionPool
     healthy: bool = False
     problem: str | None = "not polled yet"
     status: EngineStatus | None = None
@@ -82,9 +102,28 @@ class EngineHost:
     """Requests the gateway has open on this engine, per model."""
     in_flight_at_status: dict[str, int] = field(default_factory=dict)
     served: int = 0
+    connect_timeout_s: float = 3.0
+    """Connecting, sending a request, and waiting for a pooled connection; reading an answer has no limit (a long
+    generation is not a failure)."""
+    _forwarding: list[tuple[bytes, bytes]] = field(init=False, repr=False)
+    _pinned_streams: weakref.WeakSet[object] = field(default_factory=weakref.WeakSet, repr=False)
+    """Connections whose peer certificate matched the pin (a TLS connection's peer cannot change: renegotiation
+    is refused by `engine_ssl_context`)."""
+
+    def __post_init__(self) -> None:
+        self._forwarding = [(b"host", urlsplit(self.url).netloc.encode()),
+                            *((k.encode(), v.encode()) for k, v in self.headers().items())]  # fmt: skip
 
     def headers(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def forwarding_headers(self) -> list[tuple[bytes, bytes]]:
+        """`headers()` with the Host, encoded once: what every forwarded request to this engine starts with."""
+        return list(self._forwarding)
+
+    def timeouts(self) -> dict[str, float | None]:
+        limit = self.connect_timeout_s
+        return {"connect": limit, "read": None, "write": limit, "pool": limit}
 
     def model(self, name: str) -> ModelStatus | None:
         return self.status.models.get(name) if self.status is not None else None
@@ -116,11 +155,13 @@ class EngineHost:
             log.warning("engine %s out of rotation: %s", self.name, reason)
         self.healthy, self.problem = False, reason
 
-    def check_certificate(self, response: httpx.Response) -> None:
+    def check_certificate(self, response: httpcore.Response) -> None:
         """Raises FingerprintMismatch unless the connection's peer certificate is the pinned one (when pinned)."""
         if not self.fingerprint:
             return
         stream = response.extensions.get("network_stream")
+        if stream is not None and stream in self._pinned_streams:
+            return
         ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if der is None:
@@ -129,16 +170,20 @@ class EngineHost:
         if seen != self.fingerprint:
             raise FingerprintMismatch(f"{self.name}: the engine presented certificate {seen}, "
                                       f"the policy pins {self.fingerprint}")  # fmt: skip
+        self._pinned_streams.add(stream)
 
     async def poll(self, timeout_s: float) -> None:
         """Read the status; in rotation if it answers, out of rotation with the reason if not."""
+        timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         try:
-            response = await self.client.get(self.url + STATUS_PATH, headers=self.headers(), timeout=timeout_s)
-            self.check_certificate(response)
-            if response.status_code != 200:
-                raise EngineHostError(f"status answered {response.status_code}: {response.text[:200]}")
-            status = EngineStatus.from_dict(response.json())
-        except (httpx.HTTPError, EngineHostError, ValueError) as exc:
+            async with self.pool.stream("GET", self.url + STATUS_PATH, headers=self.headers(),
+                                        extensions={"timeout": timeouts}) as response:  # fmt: skip
+                self.check_certificate(response)  # before a byte of the answer is read
+                body = await response.aread()
+            if response.status != 200:
+                raise EngineHostError(f"status answered {response.status}: {body[:200].decode('utf-8', 'replace')}")
+            status = EngineStatus.from_dict(json.loads(body))
+        except (*UPSTREAM_ERRORS, EngineHostError, ValueError) as exc:
             self.fail(f"{type(exc).__name__}: {exc}")
             return
         self.status = status
@@ -157,6 +202,7 @@ def engine_ssl_context(policy: GatewayPolicy) -> ssl.SSLContext:
     """Verify engines against `engine_ca` (hostname included) and present the gateway's client certificate."""
     context = ssl.create_default_context(cafile=policy.engine_ca or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION  # a connection's pinned peer stays the peer it was checked as
     if policy.client_cert:
         context.load_cert_chain(policy.client_cert, policy.client_key)
     return context
@@ -230,15 +276,17 @@ class EngineHosts:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         for host in self.hosts:
-            await host.client.aclose()
+            await host.pool.aclose()
 
 
 def _host(engine: EngineHostPolicy, context: ssl.SSLContext, connect_timeout_s: float) -> EngineHost:
-    limits = httpx.Limits(max_connections=MAX_CONNECTIONS_PER_ENGINE, max_keepalive_connections=64)
-    timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=connect_timeout_s, pool=connect_timeout_s)
-    client = httpx.AsyncClient(verify=context, limits=limits, timeout=timeout, trust_env=False)
+    pool = httpcore.AsyncConnectionPool(ssl_context=context, max_connections=MAX_CONNECTIONS_PER_ENGINE,
+                                        max_keepalive_connections=MAX_IDLE_CONNECTIONS_PER_ENGINE,
+                                        keepalive_expiry=KEEPALIVE_EXPIRY_S, retries=0,
+                                        network_backend=EngineNetwork())  # fmt: skip
     return EngineHost(name=engine.name, url=engine.url, fingerprint=engine.fingerprint,
-                      api_key=read_api_key(engine.api_key_file), client=client)  # fmt: skip
+                      api_key=read_api_key(engine.api_key_file), pool=pool,
+                      connect_timeout_s=connect_timeout_s)  # fmt: skip
 
 
 def certificate_fingerprint(path: Path) -> str:

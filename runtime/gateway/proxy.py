@@ -4,6 +4,9 @@ A request may move to another engine only while its client has received nothing:
 stream, or the whole of a non-streamed answer, is in the gateway's hands. After that a failure ends the stream with
 an error event; the request is never replayed (the client would see tokens twice, and the engine's work twice).
 An engine that refuses with 429 or 503, or cannot be reached, is simply the wrong engine: the next one is tried.
+
+The answer's bytes are handed on as they arrive, never parsed or re-encoded on the way (the audit record's token
+counts come from the end of the answer, read once).
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
+import httpcore
 
-from sealbox.runtime.gateway.engine_hosts import EngineHost, EngineHostError
+from sealbox.runtime.gateway.engine_hosts import UPSTREAM_ERRORS, EngineHost, EngineHostError
 from sealbox.runtime.gateway.routing import Router
 
 log = logging.getLogger("sealbox.gateway")
 
 FORWARDED_HEADERS = ("content-type", "x-sealbox-purpose")
-RETURNED_HEADERS = ("content-type", "retry-after")
+RETURNED_HEADERS = frozenset({b"content-type", b"retry-after"})
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
@@ -42,27 +45,21 @@ class Upstream:
 
     engine: EngineHost
     model: str
-    response: httpx.Response
+    response: httpcore.Response
     first: bytes
     chunks: AsyncIterator[bytes] | None = None
-    """The stream's raw iterator, already past `first` (None for a whole answer)."""
+    """The stream's raw iterator, already past `first` (None for a whole answer); it raises one of
+    UPSTREAM_ERRORS if the engine fails mid-way (the caller ends the stream)."""
     retried_from: list[str] = field(default_factory=list)
     finished: bool = False
 
     @property
     def status_code(self) -> int:
-        return self.response.status_code
+        return self.response.status
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        kept = [(k.encode(), v.encode()) for k, v in self.response.headers.items() if k.lower() in RETURNED_HEADERS]
+        kept = [(k.lower(), v) for k, v in self.response.headers if k.lower() in RETURNED_HEADERS]
         return [*kept, (b"x-sealbox-engine", self.engine.name.encode())]
-
-    async def rest(self) -> AsyncIterator[bytes]:
-        """The remaining bytes; raises httpx errors if the engine fails mid-way (the caller ends the stream)."""
-        if self.chunks is None:
-            return
-        async for chunk in self.chunks:
-            yield chunk
 
     async def close(self) -> None:
         if not self.finished:
@@ -91,7 +88,7 @@ async def forward(router: Router, *, model: str, key: str | None, path: str, bod
         engine.begin(model)
         try:
             upstream = await _attempt(engine, model, path, body, headers, stream)
-        except (httpx.HTTPError, EngineHostError) as exc:
+        except (*UPSTREAM_ERRORS, EngineHostError) as exc:
             engine.end(model)
             engine.fail(f"{type(exc).__name__}: {exc}")
             failed.append(engine.name)
@@ -120,14 +117,17 @@ async def forward(router: Router, *, model: str, key: str | None, path: str, bod
 
 async def _attempt(engine: EngineHost, model: str, path: str, body: bytes, headers: dict[str, str],
                    stream: bool) -> Upstream:  # fmt: skip
-    sent = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS} | engine.headers()
-    request = engine.client.build_request("POST", engine.url + path, content=body, headers=sent)
-    response = await engine.client.send(request, stream=True)
+    sent = engine.forwarding_headers()
+    sent += [(k.encode(), v.encode()) for k, v in headers.items() if k in FORWARDED_HEADERS]
+    sent.append((b"content-length", str(len(body)).encode()))
+    request = httpcore.Request("POST", engine.url + path, headers=sent, content=body,
+                               extensions={"timeout": engine.timeouts()})  # fmt: skip
+    response = await engine.pool.handle_async_request(request)
     try:
         engine.check_certificate(response)
         chunks = None
-        if stream and response.status_code == 200:
-            chunks = response.aiter_raw()
+        if stream and response.status == 200:
+            chunks = aiter(response.stream)  # type: ignore[arg-type]  # an async stream for an async pool
             # The first byte decides: until then, another engine may take the request.
             first = await anext(chunks, b"")
             if not first:
@@ -140,17 +140,28 @@ async def _attempt(engine: EngineHost, model: str, path: str, body: bytes, heade
     return Upstream(engine=engine, model=model, response=response, first=first, chunks=chunks)
 
 
-def _retry_after(response: httpx.Response) -> int:
+def _retry_after(response: httpcore.Response) -> int:
+    value = next((v for k, v in response.headers if k.lower() == b"retry-after"), b"1")
     try:
-        return max(1, min(60, int(response.headers.get("retry-after", "1"))))
+        return max(1, min(60, int(value)))
     except ValueError:
         return 1
 
 
+USAGE_KEY = b'"usage":'
+
+
 def usage_of(body: bytes) -> dict[str, int]:
-    """Token counts from a non-streamed answer, for the gateway's audit record (zeros if absent)."""
+    """Token counts from a non-streamed answer, for the gateway's audit record (zeros if absent).
+
+    Only the `usage` object is decoded, found from the end: an embeddings answer is mostly numbers the gateway has
+    no use for. `"usage":` cannot occur inside a JSON string (a quote there is escaped), so the match is the key.
+    """
+    at = body.rfind(USAGE_KEY)
+    if at < 0:
+        return {"prompt_tokens": 0, "completion_tokens": 0}
     try:
-        usage = json.loads(body).get("usage") or {}
+        usage, _ = json.JSONDecoder().raw_decode(body[at + len(USAGE_KEY):].decode("utf-8").lstrip())
         return {"prompt_tokens": int(usage.get("prompt_tokens", 0)),
                 "completion_tokens": int(usage.get("completion_tokens", 0))}  # fmt: skip
     except (ValueError, AttributeError, TypeError):
