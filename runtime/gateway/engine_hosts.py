@@ -279,11 +279,16 @@ class EngineHosts:
             await host.pool.aclose()
 
 
-def _host(engine: EngineHostPolicy, context: ssl.SSLContext, connect_timeout_s: float) -> EngineHost:
-    pool = httpcore.AsyncConnectionPool(ssl_context=context, max_connections=MAX_CONNECTIONS_PER_ENGINE,
-                                        max_keepalive_connections=MAX_IDLE_CONNECTIONS_PER_ENGINE,
+def engine_pool(context: ssl.SSLContext | None, max_connections: int = MAX_CONNECTIONS_PER_ENGINE) -> httpcore.AsyncConnectionPool:
+    """The connection pool the gateway keeps to one engine (`context` None: plain HTTP, for a child on loopback)."""
+    return httpcore.AsyncConnectionPool(ssl_context=context, max_connections=max_connections,
+                                        max_keepalive_connections=min(max_connections, MAX_IDLE_CONNECTIONS_PER_ENGINE),
                                         keepalive_expiry=KEEPALIVE_EXPIRY_S, retries=0,
                                         network_backend=EngineNetwork())  # fmt: skip
+
+
+def _host(engine: EngineHostPolicy, context: ssl.SSLContext, connect_timeout_s: float) -> EngineHost:
+    pool = engine_pool(context)
     return EngineHost(name=engine.name, url=engine.url, fingerprint=engine.fingerprint,
                       api_key=read_api_key(engine.api_key_file), pool=pool,
                       connect_timeout_s=connect_timeout_s)  # fmt: skip

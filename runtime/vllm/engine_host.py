@@ -9,11 +9,19 @@ once; its next readiness puts it back.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import httpx
+import httpcore
 
-from sealbox.runtime.gateway.engine_hosts import EngineHost, EngineHostError, EngineHosts, EngineStatus, ModelStatus
+from sealbox.runtime.gateway.engine_hosts import (
+    UPSTREAM_ERRORS,
+    EngineHost,
+    EngineHostError,
+    EngineHosts,
+    EngineStatus,
+    ModelStatus,
+)
 from sealbox.runtime.vllm.supervisor import ChildExit, VllmChild
 
 MODELS_PATH = "/v1/models"
@@ -23,19 +31,24 @@ ENGINE_NAME = "vllm"
 class VllmEngineHost(EngineHost):
     """An EngineHost whose status is derived from the child's `/v1/models` and the policy's capacity."""
 
-    def __init__(self, *, url: str, api_key: str, client: httpx.AsyncClient, sequences: int, model_sha256: str) -> None:
-        super().__init__(name=ENGINE_NAME, url=url, fingerprint="", api_key=api_key, client=client)
+    def __init__(self, *, url: str, api_key: str, pool: httpcore.AsyncConnectionPool, sequences: int,
+                 model_sha256: str) -> None:  # fmt: skip
+        super().__init__(name=ENGINE_NAME, url=url, fingerprint="", api_key=api_key, pool=pool)
         self.sequences = sequences
         self.model_sha256 = model_sha256
         self.child: VllmChild | None = None
 
     async def poll(self, timeout_s: float) -> None:
+        timeouts = {"connect": timeout_s, "read": timeout_s, "write": timeout_s, "pool": timeout_s}
         try:
-            response = await self.client.get(self.url + MODELS_PATH, headers=self.headers(), timeout=timeout_s)
-            if response.status_code != 200:
-                raise EngineHostError(f"{MODELS_PATH} answered {response.status_code}: {response.text[:200]}")
-            names = [str(item["id"]) for item in response.json()["data"]]
-        except (httpx.HTTPError, EngineHostError, ValueError, KeyError, TypeError) as exc:
+            async with self.pool.stream("GET", self.url + MODELS_PATH, headers=self.headers(),
+                                        extensions={"timeout": timeouts}) as response:  # fmt: skip
+                body = await response.aread()
+            if response.status != 200:
+                raise EngineHostError(f"{MODELS_PATH} answered {response.status}: "
+                                      f"{body[:200].decode('utf-8', 'replace')}")  # fmt: skip
+            names = [str(item["id"]) for item in json.loads(body)["data"]]
+        except (*UPSTREAM_ERRORS, EngineHostError, ValueError, KeyError, TypeError) as exc:
             self.fail(f"{type(exc).__name__}: {exc}")
             return
         in_flight = dict(self.in_flight)

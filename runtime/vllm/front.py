@@ -21,12 +21,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 
 from sealbox.runtime.api_keys import Authenticator
 from sealbox.runtime.egress.guard import EgressGuard, guard_status_path
 from sealbox.runtime.exit_codes import ExitCode
-from sealbox.runtime.gateway.engine_hosts import EngineHosts
+from sealbox.runtime.gateway.engine_hosts import EngineHosts, engine_pool
 from sealbox.runtime.gateway.startup import PreparedGateway
 from sealbox.runtime.hostroot import HostRoot
 from sealbox.runtime.policy import Policy
@@ -173,10 +172,8 @@ def _engines(policy: Policy, launch: VllmLaunch, model_sha256: str) -> Supervise
     vllm = policy.vllm
     url = f"http://127.0.0.1:{vllm.port}"
     api_key = secrets.token_urlsafe(32)
-    timeout = httpx.Timeout(connect=5.0, read=None, write=5.0, pool=5.0)
-    client = httpx.AsyncClient(trust_env=False, timeout=timeout, limits=httpx.Limits(max_connections=vllm.max_num_seqs))
-    host = VllmEngineHost(url=url, api_key=api_key, client=client, sequences=vllm.max_num_seqs,
-                          model_sha256=model_sha256)  # fmt: skip
+    host = VllmEngineHost(url=url, api_key=api_key, pool=engine_pool(None, max_connections=vllm.max_num_seqs),
+                          sequences=vllm.max_num_seqs, model_sha256=model_sha256)  # fmt: skip
     child = VllmChild(launch=launch, base_url=url, api_key=api_key,
                       backoff=Backoff(vllm.restart_backoff_s, vllm.restart_backoff_max_s))  # fmt: skip
     return SupervisedEngines(host, child, interval_s=policy.gateway.health_interval_s,
