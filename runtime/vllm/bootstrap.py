@@ -30,7 +30,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _report_block(destination: str, operation: str) -> None:
-    print(f"sealbox egress guard (vLLM child {os.getpid()}): blocked {operation} to {destination}", file=sys.stderr,
+    print(f"sealbox egress guard ({sys.argv[0]} {os.getpid()}): blocked {operation} to {destination}", file=sys.stderr,
           flush=True)  # fmt: skip
 
 
@@ -43,7 +43,8 @@ def tie_to_parent(parent: int) -> None:
         sys.exit(f"sealbox's vLLM child: its parent {parent} is gone before it started")
 
 
-def _wall() -> None:
+def _wall(program: str) -> None:
+    sys.argv[0] = program
     apply_offline_environment()
     install_egress_guard(EgressPolicy.model_validate_json(os.environ[EGRESS_VARIABLE]), on_block=_report_block)
     if parent := os.environ.get(PARENT_VARIABLE):
@@ -51,8 +52,7 @@ def _wall() -> None:
 
 
 def main() -> None:
-    _wall()
-    sys.argv[0] = "vllm"
+    _wall("vllm")
     runpy.run_module(API_SERVER, run_name="__main__", alter_sys=True)
 
 
@@ -60,6 +60,5 @@ def ray() -> None:
     """`ray start ...` (a Ray worker node's unit) with the same guard in the CLI's interpreter. The raylet and the
     object store it starts are native programs, out of a Python guard's reach: the unit's IPAddressAllow and the
     nftables rules are their walls; they and Ray's Python workers inherit the offline variables."""
-    _wall()
-    sys.argv[0] = "ray"
+    _wall("ray")
     sys.exit(importlib.import_module(RAY_CLI).main())
