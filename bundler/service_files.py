@@ -1,6 +1,9 @@
 """The locked-down service files of a release: a hardened systemd unit, an nftables egress fence, and the name files
 (empty resolv.conf, the policy's hosts, files-only nsswitch) the unit binds over the system's.
 
+The unit's command is the host's role (`ServiceRole`): `sealbox serve`, `sealbox gateway` on the mesh's gateway host,
+or `ray start --block` on a vLLM worker node; the rest of the unit, the wall, is the same template for all.
+
 Both are rendered from templates in `policies/` (data the operator can read and diff) by a sandboxed Jinja
 environment with strict undefined variables. Every value that reaches a template is checked first, because a unit
 file is a line-oriented language: a newline, a quote or a `%` specifier smuggled in through a path or a user name
@@ -175,11 +178,11 @@ def _command(role: ServiceRole, executable: str, root: str, release_dir: str,
         try:
             launch = render_launch(policy, release_dir=Path(release_dir), python=Path(executable).parent / "python",
                                    cache_dir=Path(root) / "run" / CACHE_DIR)  # fmt: skip
+            assert launch.ray_argv is not None  # a worker is a multi-node cluster's node
+            environment = tuple(systemd_quote(f"{key}={value}") for key, value in sorted(launch.environment.items()))
+            return " ".join(systemd_quote(word) for word in launch.ray_argv), environment
         except VllmConfigError as exc:
             raise ServiceFileError(str(exc)) from exc
-        assert launch.ray_argv is not None  # a worker is a multi-node cluster's node
-        environment = tuple(systemd_quote(f"{key}={value}") for key, value in sorted(launch.environment.items()))
-        return " ".join(systemd_quote(word) for word in launch.ray_argv), environment
     return f"{executable} serve --root {root}", ()
 
 

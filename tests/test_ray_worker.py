@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from sealbox.bundler.service_files import ServiceContext, ServiceRole, render_nft, render_unit
-from sealbox.runtime.policy import Policy
+from sealbox.runtime.policy import Policy, PolicyError
 from sealbox.runtime.staging_server import free_loopback_port
-from sealbox.runtime.vllm.launch import RAY_BOOTSTRAP
+from sealbox.runtime.vllm.launch import RAY_BOOTSTRAP, VllmConfigError, systemd_quote
 
 STANDIN = Path(__file__).resolve().parent / "ray_standin"
 HEAD_ADDRESS, NODE_ADDRESS = "127.0.0.2", "127.0.0.1"
@@ -173,7 +173,7 @@ def test_the_worker_units_command_joins_the_head_behind_the_guard_and_a_stop_end
             pass  # its node manager listens on node_ip at the policy's fixed port
         assert node.process.poll() is None  # --block: it stays
         node.process.send_signal(signal.SIGTERM)  # what `systemctl stop` sends
-        assert node.process.wait(STOP_S) == 0  # a clean stop: Restart=on-failure leaves it stopped
+        assert node.process.wait(STOP_S) == 0, node.rest()  # a clean stop: Restart=on-failure leaves it stopped
         assert "standin ray: stopped" in node.rest()
         gcs.close()
     finally:
@@ -209,3 +209,19 @@ def test_the_worker_node_lets_through_the_head_on_rays_ports_only(release: Path,
     ports = sorted(line.split("th dport ")[1].split()[0] for line in render_nft(context, nft_path="/x.nft").splitlines()
                    if f"daddr {HEAD_ADDRESS}" in line)  # fmt: skip
     assert ports == sorted([str(head.port), "6380", str(context.peers[2][2]), "20002-20010"])
+
+
+@pytest.mark.parametrize("ray_head", ["10.0.0.11:6379\\nExecStartPre=/bin/sh -c id", "10.0.0.11", "fd00::1:6379",
+                                      "head.local:6379", "10.0.0.11:0"])  # fmt: skip
+def test_a_ray_head_that_is_not_ip_and_port_is_refused_before_it_reaches_the_command_line(ray_head: str) -> None:
+    with pytest.raises(PolicyError, match="vllm.ray_head"):
+        Policy.from_toml(f'[vllm]\nnode_ip = "10.0.0.12"\nray_head = "{ray_head}"\n')
+    assert Policy.from_toml('[vllm]\nnode_ip = "fd00::2"\nray_head = "[fd00::1]:6379"\n').vllm.ray_head == "[fd00::1]:6379"
+
+
+@pytest.mark.parametrize("word", ["a\nExecStartPre=/bin/sh", "a\rb", "a\x00b", "a\x7fb"])
+def test_a_word_with_a_control_character_never_becomes_part_of_a_unit(word: str) -> None:
+    """Quoting stops `"`, `%` and `$`; a newline would end the line and start a directive of the attacker's."""
+    with pytest.raises(VllmConfigError, match="control character"):
+        systemd_quote(word)
+    assert systemd_quote('50% of "$HOME"') == '"50%% of \\"$$HOME\\""'

@@ -118,7 +118,9 @@ class VllmLaunch:
 
 def systemd_quote(word: str) -> str:
     """One word for a unit file: double-quoted with C escapes, `%` and `$` doubled (no specifier or variable
-    expansion can change it)."""
+    expansion can change it). Raises VllmConfigError for a control character: a newline would start a directive."""
+    if any(ord(character) < 0x20 or character == "\x7f" for character in word):
+        raise VllmConfigError(f"{word!r} holds a control character: it cannot be one word of a unit file")
     escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
 
