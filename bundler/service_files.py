@@ -118,6 +118,8 @@ class ServiceContext:
     role: ServiceRole = ServiceRole.SERVE
     environment: tuple[str, ...] = ()
     """Extra `Environment=` assignments, each one quoted word (the Ray worker's offline variables and guard)."""
+    netlink: bool = False
+    """AF_NETLINK for a node of a multi-node vLLM cluster (NCCL and Ray read the interfaces through it)."""
     peers: tuple[tuple[int, str, str, str], ...] = ()
     """(IP version, address, port or range, what for): the mesh and Ray peers this host sends to (runtime.mesh)."""
 
@@ -163,6 +165,7 @@ class ServiceContext:
             gpu_devices=devices,
             role=role,
             environment=environment,
+            netlink=role is not ServiceRole.GATEWAY and bool(policy.vllm.model_dir) and policy.vllm.multi_node,
             peers=tuple((p.ports.address.version, str(p.ports.address), p.ports.ports, p.why)
                         for p in peer_set.outbound),  # fmt: skip
         )
@@ -218,6 +221,7 @@ def render_unit(context: ServiceContext) -> str:
         exec_start=context.exec_start,
         environment=context.environment,
         what=UNIT_WHAT[context.role],
+        netlink=context.netlink,
         user=context.user,
         ip_allow=context.ip_allow,
         gpu_devices=context.gpu_devices,

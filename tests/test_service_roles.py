@@ -43,7 +43,8 @@ CLIENTS = "[service]\n" + CLIENT_NETWORKS
 RAY_WORKER = ('[service]\ngpu_devices = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl"]\n'
               '[egress]\nallow_ports = [8080, 8001]\n'
               '[vllm]\nmodel_dir = "models/llama-70b"\nport = 8001\ntensor_parallel_size = 2\n'
-              'pipeline_parallel_size = 2\nnode_ip = "10.0.0.12"\nray_head = "10.0.0.11:6379"\nray_peers = ["10.0.0.11"]\n')  # fmt: skip
+              'pipeline_parallel_size = 2\nnode_ip = "10.0.0.12"\nray_head = "10.0.0.11:6379"\n'
+              'ray_peers = ["10.0.0.11"]\n')  # fmt: skip
 
 
 def mesh_text(extra: str = "") -> str:
@@ -110,8 +111,10 @@ def test_the_gateway_unit_keeps_every_hardening_line_of_the_serve_unit_and_opens
     gateway_unit, engine_unit = render_unit(context(text, "gw")), render_unit(context(text, "gpu-1"))
     assert values(engine_unit, "DeviceAllow")  # the default policy opens a GPU to an engine
     gateway, engine = service_lines(gateway_unit), service_lines(engine_unit)
-    differ = ("ExecStart=", "DevicePolicy=", "DeviceAllow=", "IPAddressAllow=", "PrivateDevices=", "MemoryDenyWriteExecute=")
-    assert [line for line in gateway if not line.startswith(differ)] == [line for line in engine if not line.startswith(differ)]
+    differ = ("ExecStart=", "DevicePolicy=", "DeviceAllow=", "IPAddressAllow=", "PrivateDevices=",
+              "MemoryDenyWriteExecute=")  # fmt: skip
+    same = [line for line in gateway if not line.startswith(differ)]
+    assert same == [line for line in engine if not line.startswith(differ)]
     assert [line for line in gateway if line.startswith(differ[1:])] == [
         "IPAddressAllow=localhost 10.20.0.0/16 10.0.0.11/32 10.0.0.12/32", "PrivateDevices=yes",
         "MemoryDenyWriteExecute=yes"]  # fmt: skip
@@ -150,12 +153,20 @@ def test_a_ray_worker_nodes_unit_runs_ray_start_block_behind_the_guard_with_the_
     assert values(unit, "Restart") == ["on-failure"]  # systemd is the supervisor: `ray start --block` fails, it restarts
     assert values(unit, "DeviceAllow") == ["/dev/nvidia0 rw", "/dev/nvidia1 rw", "/dev/nvidiactl rw"]
     assert values(unit, "ProtectSystem") == ["strict"] and values(unit, "SystemCallFilter")
+    assert values(unit, "RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"]  # NCCL's getifaddrs
+
+
+def test_only_a_node_of_a_vllm_cluster_gets_netlink() -> None:
+    for text, host in [(mesh_text(), "gw"), (mesh_text(), "gpu-1"), (CLIENTS, None),
+                       (mesh_text('[vllm]\nnode_ip = "10.0.0.11"\nray_head = "10.0.0.11:6379"\n'), "gw")]:  # fmt: skip
+        assert values(render_unit(context(text, host)), "RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX"]
 
 
 def test_the_head_node_keeps_the_serve_unit_its_vllm_child_joins_ray_there() -> None:
     head = RAY_WORKER.replace('node_ip = "10.0.0.12"', 'node_ip = "10.0.0.11"').replace('ray_peers = ["10.0.0.11"]',
                                                                                           'ray_peers = ["10.0.0.12"]')
     assert context(head).role is ServiceRole.SERVE
+    assert values(render_unit(context(head)), "RestrictAddressFamilies") == ["AF_INET AF_INET6 AF_UNIX AF_NETLINK"]
 
 
 @pytest.mark.parametrize("role", ["gateway", "engine", "ray-worker"])
@@ -180,7 +191,8 @@ def test_systemd_reads_each_roles_unit_without_complaint(role: str, tmp_path: Pa
 def test_bundle_install_on_the_gateway_host_writes_a_unit_whose_command_starts_the_gateway(tmp_path: Path) -> None:
     """The whole path: `bundle install --mesh-host gw` of a signed bundle, then the unit's ExecStart and SEALBOX_ROOT
     run as systemd would run them. What starts is a gateway: its engine (not running here) tried over mutual TLS
-    with the installed mesh key and left out of rotation, its status answering a client's key. Had the host been given the serve unit, this fails."""
+    with the installed mesh key and left out of rotation, its status answering a client's key. Had the host been
+    given the serve unit, this fails."""
     gateway_port = free_port()
     hosts = [MeshHost("gw", "gateway", "127.0.0.1", gateway_port), MeshHost("gpu-1", "engine", "127.0.0.2", free_port())]
     mesh = Mesh(tmp_path / "mesh", hosts).create()
