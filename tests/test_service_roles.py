@@ -185,6 +185,17 @@ def test_systemd_reads_each_roles_unit_without_complaint(role: str, tmp_path: Pa
     assert result.returncode == 0 and result.stderr == "", result.stderr
 
 
+@pytest.mark.parametrize("role", ["gateway", "ray-worker"])
+def test_the_gateway_and_ray_worker_units_score_at_most_2_0_like_the_serve_unit(role: str, tmp_path: Path) -> None:
+    require_lockdown("systemd-analyze")
+    text, host = {"gateway": (mesh_text(), "gw"), "ray-worker": (RAY_WORKER, None)}[role]
+    files = write_service_files(tmp_path, context(text, host))
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(files.unit)], capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match and float(match.group(1)) <= 2.0, result.stdout + result.stderr
+
+
 # --- installed from a signed bundle, then started from the unit's own command line ---------------------------------
 
 
