@@ -1,6 +1,9 @@
 """The locked-down service files of a release: a hardened systemd unit, an nftables egress fence, and the name files
 (empty resolv.conf, the policy's hosts, files-only nsswitch) the unit binds over the system's.
 
+The unit's command is the host's role (`ServiceRole`): `sealbox serve`, `sealbox gateway` on the mesh's gateway host,
+or `ray start --block` on a vLLM worker node; the rest of the unit, the wall, is the same template for all.
+
 Both are rendered from templates in `policies/` (data the operator can read and diff) by a sandboxed Jinja
 environment with strict undefined variables. Every value that reaches a template is checked first, because a unit
 file is a line-oriented language: a newline, a quote or a `%` specifier smuggled in through a path or a user name
@@ -9,6 +12,7 @@ would add directives. Rendering writes files only; enabling them (`systemctl`, `
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -21,9 +25,11 @@ from pathlib import Path
 from jinja2 import StrictUndefined
 from jinja2.sandbox import SandboxedEnvironment
 
-from sealbox.runtime.mesh.peer_set import MeshHostError, PeerSet
+from sealbox.runtime.mesh.peer_set import MeshHostError, PeerSet, this_host
 from sealbox.runtime.policy import Policy
 from sealbox.runtime.exit_codes import ExitCode
+from sealbox.runtime.release import POLICY_FILE
+from sealbox.runtime.vllm.launch import CACHE_DIR, VllmConfigError, ray_node_role, render_launch, systemd_quote
 
 UNIT_TEMPLATE = "sealbox.service.j2"
 NFT_TEMPLATE = "sealbox-egress.nft.j2"
@@ -40,6 +46,32 @@ NSSWITCH_CONF = "# sealbox: files only, so no lookup leaves the host.\npasswd: f
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/@+,:=-]*")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
+
+
+class ServiceRole(enum.Enum):
+    """What the release's one unit runs on this host, under the same wall in every case."""
+
+    SERVE = "serve"
+    """`sealbox serve`: the models of the release (llama.cpp, or the vLLM front and its child on a Ray head)."""
+    GATEWAY = "gateway"
+    """`sealbox gateway`: the mesh's gateway host, fronting the engine hosts; it runs no engine and opens no GPU."""
+    RAY_WORKER = "ray-worker"
+    """`ray start --block`: a node of a vLLM cluster that only lends its GPUs to the head's Ray (no API, no front)."""
+
+
+UNIT_WHAT = {ServiceRole.SERVE: "LLM server", ServiceRole.GATEWAY: "mesh gateway",
+             ServiceRole.RAY_WORKER: "Ray worker node"}  # fmt: skip
+
+
+def service_role(policy: Policy, mesh_host: str | None) -> ServiceRole:
+    """The role from the policy and the host named at install (`--mesh-host`): the gateway is the mesh host whose
+    role is `gateway`; a Ray worker is a vLLM node whose `ray_head` is another node. Raises MeshHostError when the
+    policy names mesh hosts and not this one."""
+    if policy.mesh.hosts and this_host(policy, mesh_host).role == "gateway":
+        return ServiceRole.GATEWAY
+    if policy.vllm.model_dir and ray_node_role(policy.vllm) == "worker":
+        return ServiceRole.RAY_WORKER
+    return ServiceRole.SERVE
 
 
 class ServiceFileError(Exception):
@@ -83,6 +115,11 @@ class ServiceContext:
     """Loopback ports the account may send to: the policy's allow_ports, checked for loopback (empty = any but 53)."""
     local_names: tuple[tuple[str, tuple[str, ...]], ...]
     gpu_devices: tuple[str, ...]
+    role: ServiceRole = ServiceRole.SERVE
+    environment: tuple[str, ...] = ()
+    """Extra `Environment=` assignments, each one quoted word (the Ray worker's offline variables and guard)."""
+    netlink: bool = False
+    """AF_NETLINK for a node of a multi-node vLLM cluster (NCCL and Ray read the interfaces through it)."""
     peers: tuple[tuple[int, str, str, str], ...] = ()
     """(IP version, address, port or range, what for): the mesh and Ray peers this host sends to (runtime.mesh)."""
 
@@ -95,18 +132,21 @@ class ServiceContext:
         if not _USER.fullmatch(policy.service.user):
             raise ServiceFileError(f"service.user {policy.service.user!r} is not a plain system user name")
         root_text = _path(root, "root")
-        exec_start = f"{_path(executable, 'executable')} serve --root {root_text}"
+        release_text = _path(release_dir, "release directory")
+        try:
+            role = service_role(policy, mesh_host)
+            peer_set = PeerSet.for_host(policy, mesh_host)
+        except MeshHostError as exc:
+            raise ServiceFileError(str(exc)) from exc
+        exec_start, environment = _command(role, _path(executable, "executable"), root_text, release_text, policy)
         clients = _networks(policy.service.client_networks, "service.client_networks")
         egress = [net for net in _networks(policy.egress.allow, "egress.allow") if not net.is_loopback]
         devices = tuple(_path(device, "service.gpu_devices entry") for device in policy.service.gpu_devices)
         if any(not device.startswith("/dev/") for device in devices):
             raise ServiceFileError(f"service.gpu_devices must be device nodes under /dev/: {list(devices)}")
-        try:
-            peer_set = PeerSet.for_host(policy, mesh_host)
-        except MeshHostError as exc:
-            raise ServiceFileError(str(exc)) from exc
+        if role is ServiceRole.GATEWAY:
+            devices = ()  # the policy is the whole mesh's; the gateway runs no engine, so it opens no GPU
         ip_allow = tuple(dict.fromkeys([*(str(net) for net in [*clients, *egress]), *peer_set.addresses]))
-        release_text = _path(release_dir, "release directory")
         if ":" in release_text:
             raise ServiceFileError(f"release directory {release_text!r} cannot go into BindReadOnlyPaths (it holds ':')")
         return cls(
@@ -123,9 +163,30 @@ class ServiceContext:
             loopback_ports=tuple(policy.egress.allow_ports),
             local_names=policy.egress.local_names,
             gpu_devices=devices,
+            role=role,
+            environment=environment,
+            netlink=role is not ServiceRole.GATEWAY and bool(policy.vllm.model_dir) and policy.vllm.multi_node,
             peers=tuple((p.ports.address.version, str(p.ports.address), p.ports.ports, p.why)
                         for p in peer_set.outbound),  # fmt: skip
         )
+
+
+def _command(role: ServiceRole, executable: str, root: str, release_dir: str,
+             policy: Policy) -> tuple[str, tuple[str, ...]]:  # fmt: skip
+    """ExecStart and the extra environment of the role. The gateway runs the release's own policy (the one its wall
+    was rendered from); a Ray worker runs `ray start` in the release's interpreter behind sealbox's egress guard."""
+    if role is ServiceRole.GATEWAY:
+        return f"{executable} gateway --root {root} --policy {release_dir}/{POLICY_FILE}", ()
+    if role is ServiceRole.RAY_WORKER:
+        try:
+            launch = render_launch(policy, release_dir=Path(release_dir), python=Path(executable).parent / "python",
+                                   cache_dir=Path(root) / "run" / CACHE_DIR)  # fmt: skip
+            assert launch.ray_argv is not None  # a worker is a multi-node cluster's node
+            environment = tuple(systemd_quote(f"{key}={value}") for key, value in sorted(launch.environment.items()))
+            return " ".join(systemd_quote(word) for word in launch.ray_argv), environment
+        except VllmConfigError as exc:
+            raise ServiceFileError(str(exc)) from exc
+    return f"{executable} serve --root {root}", ()
 
 
 @dataclass(frozen=True)
@@ -158,6 +219,9 @@ def render_unit(context: ServiceContext) -> str:
         root=context.root,
         release_dir=context.release_dir,
         exec_start=context.exec_start,
+        environment=context.environment,
+        what=UNIT_WHAT[context.role],
+        netlink=context.netlink,
         user=context.user,
         ip_allow=context.ip_allow,
         gpu_devices=context.gpu_devices,

@@ -348,6 +348,17 @@ class VllmPolicy(_Section):
     ray_min_worker_port: int = Field(10002, ge=1, le=65535)
     ray_max_worker_port: int = Field(10100, ge=1, le=65535)
 
+    @field_validator("ray_head")
+    @classmethod
+    def _head(cls, value: str) -> str:
+        """IP:PORT ([IPv6]:PORT): it is written into `ray start`'s command line and the walls."""
+        if value:
+            address, _, port = value.rpartition(":")
+            ipaddress.ip_address(address.removeprefix("[").removesuffix("]") if ":" in address else address)
+            if not port.isdigit() or not 1 <= int(port) <= 65535 or (":" in address) != address.startswith("["):
+                raise ValueError(f"ray_head {value!r} is not IP:PORT")
+        return value
+
     @field_validator("ray_peers")
     @classmethod
     def _peers(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -194,7 +194,7 @@ def test_loaded_in_a_namespace_the_fence_passes_the_peers_ports_and_drops_a_stra
         "engine": "connected" if host == "gw" else dropped,  # only the gateway opens connections to an engine
         "engine_other_port": dropped,
         "stranger": dropped,
-        "ray_worker": "connected",
+        "ray_worker": dropped if host == "gw" else "connected",  # the gateway runs no engine: it is no Ray node
         "ray_beyond_range": dropped,
         "own_port": "connected",
     }

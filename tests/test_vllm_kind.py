@@ -67,8 +67,10 @@ def test_a_multi_node_policy_renders_ray_with_fixed_ports_and_lets_in_only_the_p
     assert "IPAddressAllow=localhost 10.0.0.11 10.0.0.13\n" in unit and "IPAddressDeny=any\n" in unit
     assert 'Environment="HF_HUB_OFFLINE=1"\n' in unit and "DeviceAllow=/dev/nvidia0 rw\n" in unit
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
-    # systemd's quoting is the shell's double quoting plus %% and $$: read back, it is the command exactly.
-    assert shlex.split(exec_start.removeprefix("ExecStart=").replace("%%", "%").replace("$$", "$")) == launch.argv
+    # systemd's quoting is the shell's double quoting plus %% and $$: read back, it is the command exactly. This node
+    # (10.0.0.12) is a worker of the head 10.0.0.11: its unit runs Ray alone, never a second vLLM API server.
+    assert launch.node == "worker"
+    assert shlex.split(exec_start.removeprefix("ExecStart=").replace("%%", "%").replace("$$", "$")) == launch.ray_argv
     egress_line = next(line for line in unit.splitlines() if "SEALBOX_VLLM_EGRESS" in line)
     assert shlex.split(egress_line.removeprefix("Environment="))[0] == (
         "SEALBOX_VLLM_EGRESS=" + launch.environment["SEALBOX_VLLM_EGRESS"])
@@ -79,8 +81,12 @@ def test_the_head_node_starts_ray_as_head_on_its_fixed_port(tmp_path: Path) -> N
         'ray_peers = ["10.0.0.11", "10.0.0.13"]', 'ray_peers = ["10.0.0.12", "10.0.0.13"]')
     launch = _launch(head, tmp_path)
     assert launch.ray_argv is not None
-    assert launch.ray_argv[2:5] == ["--head", "--port", "6379"]
+    assert launch.ray_argv[5:8] == ["--head", "--port", "6379"]
     assert launch.peers == ("10.0.0.12", "10.0.0.13")
+    # The head serves: its unit's command is the vLLM child's, on Ray's backend, joining the cluster at its own GCS.
+    assert launch.node == "head" and launch.service_argv == launch.argv
+    assert launch.argv[launch.argv.index("--distributed-executor-backend") + 1] == "ray"
+    assert launch.environment["RAY_ADDRESS"] == "10.0.0.11:6379"
 
 
 def test_a_cluster_without_a_head_or_a_policy_without_a_model_is_refused(tmp_path: Path) -> None:

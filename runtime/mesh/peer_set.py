@@ -47,7 +47,8 @@ class PeerSet:
             else:
                 gateway = next(host for host in policy.mesh.hosts if host.role == "gateway")
                 remote.append(gateway.address)
-        for peer in ray_peers(policy.vllm):
+        gateway_host = bool(policy.mesh.hosts) and this_host(policy, mesh_host).role == "gateway"
+        for peer in () if gateway_host else ray_peers(policy.vllm):  # the gateway runs no engine: no Ray node
             outbound.append(peer)
             remote.append(str(peer.ports.address))
         addresses = tuple(str(ipaddress.ip_network(address)) for address in dict.fromkeys(remote))

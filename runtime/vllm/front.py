@@ -40,12 +40,8 @@ from sealbox.runtime.server.startup import (
 )
 from sealbox.runtime.server.model_registry import ActiveRelease
 from sealbox.runtime.vllm.engine_host import SupervisedEngines, VllmEngineHost
-from sealbox.runtime.vllm.launch import VllmConfigError, VllmLaunch, render_launch
+from sealbox.runtime.vllm.launch import CACHE_DIR, VllmConfigError, VllmLaunch, render_launch
 from sealbox.runtime.vllm.supervisor import Backoff, VllmChild
-
-CACHE_DIR = "vllm-cache"
-"""Under the root's `run/` (the unit's one writable place besides the audit log)."""
-
 
 def model_dir_digest(files: dict[str, str]) -> str:
     """One digest for a model directory: sha256 of `<sha256>  <relative path>` lines, sorted by path (sha256sum's

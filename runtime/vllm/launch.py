@@ -2,6 +2,9 @@
 multi-node clusters, and a unit for a node that runs Ray alone (on the node that serves, vLLM is `sealbox serve`'s
 child, `supervisor.py`, inside sealbox's own unit and wall).
 
+On a worker node (`ray_head` names another node) the unit runs `ray start --address=HEAD --block` instead, behind
+the same guard and offline variables, and systemd restarts it when it fails (see `VllmLaunch.service_argv`).
+
 The command starts sealbox's egress guard in vLLM's own interpreter before vLLM is imported (`BOOTSTRAP`), with the
 policy's allowlist widened by exactly the Ray peers; the API listens on loopback only, so the sealbox front (or a
 gateway through it) is its one client. The environment turns off every phone-home the stack has (Hugging Face Hub,
@@ -14,8 +17,10 @@ child starts, installs the guard, and runs a stand-in `vllm` package's API serve
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -24,6 +29,8 @@ from sealbox.runtime.policy import EgressPolicy, Policy, VllmPolicy
 
 BOOTSTRAP = "from sealbox.runtime.vllm.bootstrap import main; main()"
 """One line (systemd's ExecStart takes no newlines); `bootstrap.main` installs the guard, then runs vLLM's API server."""
+RAY_BOOTSTRAP = "from sealbox.runtime.vllm.bootstrap import ray; ray()"
+"""The same for `ray start` on a worker node: the guard, then Ray's own CLI with the arguments that follow."""
 
 OFFLINE_ENVIRONMENT = {
     "HF_HUB_OFFLINE": "1",
@@ -35,6 +42,9 @@ OFFLINE_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
 }
+
+CACHE_DIR = "vllm-cache"
+"""Under the root's `run/` (the unit's one writable place besides the audit log)."""
 
 CACHE_VARIABLES = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME")
 """Where the stack writes its compiled kernels; pointed into the one writable directory of the unit."""
@@ -86,22 +96,31 @@ class VllmLaunch:
     argv: list[str]
     environment: dict[str, str]
     ray_argv: list[str] | None
-    """`ray start` for this node (multi-node only), run before the engine on every node, under the same unit wall."""
+    """`ray start ... --block` for this node (multi-node only), in the release's interpreter behind the guard."""
+    node: Literal["single", "head", "worker"]
+    """A worker node runs Ray alone (its unit's command is `ray_argv`); the head and a single node run vLLM."""
     peers: tuple[str, ...]
     ports: tuple[int, ...]
     """Ray's ports that the peers may reach (the nftables rules open exactly these to exactly the peers)."""
+
+    @property
+    def service_argv(self) -> list[str]:
+        """What this node's unit runs: `ray start --block` on a worker node, vLLM's API server otherwise."""
+        return self.ray_argv if self.node == "worker" and self.ray_argv is not None else self.argv
 
     def unit(self, *, label: str, user: str, release_dir: Path, devices: tuple[str, ...]) -> str:
         environment = [systemd_quote(f"{key}={value}") for key, value in sorted(self.environment.items())]
         return SandboxedEnvironment(autoescape=False, keep_trailing_newline=True).from_string(UNIT_TEMPLATE).render(
             label=label, user=user, release_dir=str(release_dir), environment=environment,
-            exec_start=" ".join(systemd_quote(arg) for arg in self.argv), peers=self.peers, devices=devices,
+            exec_start=" ".join(systemd_quote(arg) for arg in self.service_argv), peers=self.peers, devices=devices,
         )  # fmt: skip
 
 
 def systemd_quote(word: str) -> str:
     """One word for a unit file: double-quoted with C escapes, `%` and `$` doubled (no specifier or variable
-    expansion can change it)."""
+    expansion can change it). Raises VllmConfigError for a control character: a newline would start a directive."""
+    if any(ord(character) < 0x20 or character == "\x7f" for character in word):
+        raise VllmConfigError(f"{word!r} holds a control character: it cannot be one word of a unit file")
     escaped = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
     return f'"{escaped}"'
 
@@ -110,6 +129,18 @@ def engine_egress(egress: EgressPolicy, vllm: VllmPolicy) -> EgressPolicy:
     """The child's allowlist: the policy's, plus exactly the Ray peers (and the head) on Ray's fixed ports only."""
     peers = [str(peer.ports) for peer in ray_peers(vllm)]
     return egress.model_copy(update={"peers": tuple(dict.fromkeys([*egress.peers, *peers]))})
+
+
+def ray_node_role(vllm: VllmPolicy) -> Literal["single", "head", "worker"]:
+    """`head` when `ray_head` is this node's `node_ip` on `ray_port`, `worker` when it is another node."""
+    if not vllm.multi_node or not vllm.ray_head:
+        return "single"
+    address, _, port = vllm.ray_head.rpartition(":")
+    try:
+        same = ipaddress.ip_address(address.strip("[]")) == ipaddress.ip_address(vllm.node_ip)
+    except ValueError:
+        return "worker"
+    return "head" if same and port == str(vllm.ray_port) else "worker"
 
 
 def _peers(vllm: VllmPolicy) -> tuple[str, ...]:
@@ -158,15 +189,16 @@ def render_launch(policy: Policy, *, release_dir: Path, python: Path, cache_dir:
     if vllm.multi_node:
         environment["RAY_ADDRESS"] = vllm.ray_head
         environment["VLLM_HOST_IP"] = vllm.node_ip
-        head = vllm.ray_head == f"{vllm.node_ip}:{vllm.ray_port}"
-        ray_argv = [str(python.parent / "ray"), "start", "--head" if head else f"--address={vllm.ray_head}",
+        head = ray_node_role(vllm) == "head"
+        ray_argv = [str(python), "-I", "-c", RAY_BOOTSTRAP, "start", "--head" if head else f"--address={vllm.ray_head}",
                     "--node-ip-address", vllm.node_ip, "--node-manager-port", str(vllm.ray_node_manager_port),
                     "--object-manager-port", str(vllm.ray_object_manager_port),
                     "--min-worker-port", str(vllm.ray_min_worker_port),
                     "--max-worker-port", str(vllm.ray_max_worker_port),
                     "--include-dashboard=false", "--disable-usage-stats", "--block"]  # fmt: skip
         if head:
-            ray_argv[3:3] = ["--port", str(vllm.ray_port)]
+            ray_argv[6:6] = ["--port", str(vllm.ray_port)]
         ports = (vllm.ray_port, vllm.ray_node_manager_port, vllm.ray_object_manager_port,
                  *range(vllm.ray_min_worker_port, vllm.ray_max_worker_port + 1))  # fmt: skip
-    return VllmLaunch(argv=argv, environment=environment, ray_argv=ray_argv, peers=_peers(vllm), ports=ports)
+    return VllmLaunch(argv=argv, environment=environment, ray_argv=ray_argv, node=ray_node_role(vllm),
+                      peers=_peers(vllm), ports=ports)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Stand-in for Ray (tests only): just the `ray start` command line, see scripts/scripts.py."""
