@@ -31,6 +31,8 @@ from install_support import audit_events
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
+RAY_STANDIN = Path(__file__).resolve().parent / "ray_standin"
+HEAD_ADDRESS = "127.0.0.7"
 MODEL = "standin-7b"
 ANSWER = "Sealed boxes keep secrets well."
 DEADLINE_S = 60.0
@@ -54,12 +56,13 @@ def wait_for(condition: Callable[[], object], what: str, deadline_s: float = DEA
 
 @pytest.fixture(scope="module")
 def interpreter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A venv whose site-packages reach this project's environment and the stand-in `vllm` (read under -I too)."""
+    """A venv whose site-packages reach this project's environment and the stand-ins `vllm` and `ray` (read under
+    -I too)."""
     venv = tmp_path_factory.mktemp("vllm-venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     (site,) = (venv / "lib").glob("python*/site-packages")
     ours = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
-    (site / "sealbox-test.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n{STANDIN}\n")
+    (site / "sealbox-test.pth").write_text(f"import site; site.addsitedir({str(ours)!r})\n{STANDIN}\n{RAY_STANDIN}\n")
     return venv / "bin" / "python"
 
 
@@ -115,7 +118,8 @@ class Front:
         return self.stderr.read_text(errors="replace")
 
 
-def start_front(interpreter: Path, tmp_path: Path, probe: ProbeListener) -> Front:
+def start_front(interpreter: Path, tmp_path: Path, probe: ProbeListener, *, cluster: str = "") -> Front:
+    """`sealbox serve` on a vLLM policy; `cluster` adds lines to its `[vllm]` section."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
@@ -125,7 +129,7 @@ def start_front(interpreter: Path, tmp_path: Path, probe: ProbeListener) -> Fron
     policy = tmp_path / "policy.toml"
     policy.write_text(f'[egress]\nallow_ports = [{port}, {child_port}]\n\n[vllm]\nmodel_dir = "{model}"\n'
                       f'served_name = "{MODEL}"\nport = {child_port}\nmax_num_seqs = 4\nrestart_backoff_s = 0.2\n'
-                      "\n[gateway]\nhealth_interval_s = 0.5\n")  # fmt: skip
+                      f"{cluster}\n[gateway]\nhealth_interval_s = 0.5\n")  # fmt: skip
     stderr = tmp_path / "serve.stderr"
     command = [str(interpreter), "-c", "import sys; from sealbox.cli import main; sys.argv[0] = 'sealbox'; main()",
                "serve", "--root", str(tmp_path / "root"), "--policy", str(policy), "--port", str(port),
@@ -285,3 +289,46 @@ def test_a_child_that_never_becomes_ready_is_retried_with_growing_waits_while_th
         assert httpx.get(front.url + "/ready", timeout=10).status_code == 503
     finally:
         stop(front)
+
+
+def pids_of(front: Front, label: str) -> list[int]:
+    """The pids the supervisor logged starting for `label` ("Ray head", "vLLM child"), in order."""
+    return [int(pid) for pid in re.findall(rf"{label} started \(pid (\d+)", front.log())]
+
+
+def test_on_a_head_node_the_ray_head_runs_before_vllm_is_restarted_with_it_and_stops_after_it(
+    interpreter: Path, tmp_path: Path, probe: ProbeListener
+) -> None:
+    ray_port = free_port()
+    cluster = f'node_ip = "{HEAD_ADDRESS}"\nray_head = "{HEAD_ADDRESS}:{ray_port}"\nray_port = {ray_port}\n'
+    front = start_front(interpreter, tmp_path, probe, cluster=cluster)
+    try:
+        first = wait_for(front.ready_child, "the vLLM child in rotation")
+        log = front.log()
+        (ray_started,) = re.findall(r"standin ray: started (\{.*\})", log)
+        assert json.loads(ray_started)["argv"][:4] == ["start", "--head", "--port", str(ray_port)]
+        assert json.loads(ray_started)["env"]["HF_HUB_OFFLINE"] == "1"  # the launch's offline environment
+        # Ray's GCS listened before vLLM was started at all.
+        assert log.index(f"standin ray: head listening on {HEAD_ADDRESS}:{ray_port}") < log.index("vLLM child started")
+        (ray_first,) = pids_of(front, "Ray head")
+
+        os.kill(ray_first, signal.SIGKILL)
+        second = wait_for(lambda: (pid := front.ready_child()) not in (None, first) and pid, "vLLM after the Ray head")
+        log = front.log()
+        ray_first_again, ray_second = pids_of(front, "Ray head")
+        assert ray_first_again == ray_first and alive(ray_second)
+        assert f"Ray head {ray_first} exited with -9" in log
+        assert not alive(first), "vLLM outlived the cluster it ran on"  # type: ignore[arg-type]
+        # The second vLLM was started only once the second Ray head listened.
+        assert log.index("vLLM child started", log.index(f"vLLM child {first} exited")) > log.rindex(
+            "standin ray: head listening")
+        assert chat(front, stream=False) == ANSWER
+    finally:
+        stop(front)
+        for worker in workers(front):
+            if alive(worker):
+                os.kill(worker, signal.SIGKILL)
+    log = front.log()
+    assert front.process.returncode in (0, -signal.SIGTERM), log
+    assert log.index(f"vLLM child {second} stopped") < log.index(f"Ray head {ray_second} stopped"), log
+    assert not alive(ray_second), "the Ray head outlived sealbox serve"

@@ -10,6 +10,7 @@ once; its next readiness puts it back.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import httpcore
@@ -22,10 +23,14 @@ from sealbox.runtime.gateway.engine_hosts import (
     EngineStatus,
     ModelStatus,
 )
-from sealbox.runtime.vllm.supervisor import ChildExit, VllmChild
+from sealbox.runtime.vllm.supervisor import ChildExit, RayHeadChild, VllmChild
+
+log = logging.getLogger("sealbox.vllm")
 
 MODELS_PATH = "/v1/models"
 ENGINE_NAME = "vllm"
+RAY_READY_TIMEOUT_S = 60.0
+"""How long a vLLM start waits for the head's Ray; past it vLLM starts anyway, fails, and is retried."""
 
 
 class VllmEngineHost(EngineHost):
@@ -70,21 +75,41 @@ class VllmEngineHost(EngineHost):
 
 
 class SupervisedEngines(EngineHosts):
-    """The front's one engine host, the vLLM child: started before the first poll, stopped after the last."""
+    """The front's one engine host, the vLLM child: started before the first poll, stopped after the last.
 
-    def __init__(self, host: VllmEngineHost, child: VllmChild, *, interval_s: float, timeout_s: float) -> None:
+    On a cluster's head node the Ray head is a second child: started before vLLM (each vLLM start waits, bounded, for
+    its port), stopped after it; when it dies it is started again and vLLM, which lost its cluster, after it.
+    """
+
+    def __init__(self, host: VllmEngineHost, child: VllmChild, *, interval_s: float, timeout_s: float,
+                 ray_head: RayHeadChild | None = None, ray_ready_timeout_s: float = RAY_READY_TIMEOUT_S) -> None:  # fmt: skip
         super().__init__(hosts=[host], interval_s=interval_s, timeout_s=timeout_s)
         self.child = child
+        self.ray_head = ray_head
+        self.ray_ready_timeout_s = ray_ready_timeout_s
         host.child = child
         child.on_ready = lambda pid: self.poll_soon()
         child.on_exit = host.child_exited
+        if ray_head is not None:
+            child.before_start = self._await_ray_head
+            ray_head.on_exit = lambda exit_: child.interrupt()
+
+    async def _await_ray_head(self) -> None:
+        assert self.ray_head is not None
+        if not await self.ray_head.wait_ready(self.ray_ready_timeout_s):
+            log.error("the Ray head is not listening after %.0f s; starting vLLM without it",
+                      self.ray_ready_timeout_s)  # fmt: skip
 
     async def start(self) -> None:
+        if self.ray_head is not None:
+            await self.ray_head.start()
         await self.child.start()
         await super().start()
 
     async def stop(self) -> None:
         try:
             await self.child.stop()
+            if self.ray_head is not None:
+                await self.ray_head.stop()
         finally:
             await super().stop()

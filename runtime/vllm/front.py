@@ -41,7 +41,7 @@ from sealbox.runtime.server.startup import (
 from sealbox.runtime.server.model_registry import ActiveRelease
 from sealbox.runtime.vllm.engine_host import SupervisedEngines, VllmEngineHost
 from sealbox.runtime.vllm.launch import CACHE_DIR, VllmConfigError, VllmLaunch, render_launch
-from sealbox.runtime.vllm.supervisor import Backoff, VllmChild
+from sealbox.runtime.vllm.supervisor import Backoff, RayHeadChild, VllmChild
 
 def model_dir_digest(files: dict[str, str]) -> str:
     """One digest for a model directory: sha256 of `<sha256>  <relative path>` lines, sorted by path (sha256sum's
@@ -172,5 +172,9 @@ def _engines(policy: Policy, launch: VllmLaunch, model_sha256: str) -> Supervise
                           sequences=vllm.max_num_seqs, model_sha256=model_sha256)  # fmt: skip
     child = VllmChild(launch=launch, base_url=url, api_key=api_key,
                       backoff=Backoff(vllm.restart_backoff_s, vllm.restart_backoff_max_s))  # fmt: skip
+    ray_head = None
+    if launch.node == "head":
+        ray_head = RayHeadChild(launch=launch, address=vllm.node_ip, port=vllm.ray_port,
+                                backoff=Backoff(vllm.restart_backoff_s, vllm.restart_backoff_max_s))  # fmt: skip
     return SupervisedEngines(host, child, interval_s=policy.gateway.health_interval_s,
-                             timeout_s=policy.gateway.connect_timeout_s)  # fmt: skip
+                             timeout_s=policy.gateway.connect_timeout_s, ray_head=ray_head)  # fmt: skip

@@ -15,14 +15,16 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import httpx
 
 from sealbox.runtime.background_task import cancel_and_wait
 from sealbox.runtime.vllm.bootstrap import PARENT_VARIABLE
 from sealbox.runtime.vllm.launch import VllmLaunch
+from sealbox.runtime.vllm.listening import is_listening
 
 log = logging.getLogger("sealbox.vllm")
 
@@ -63,21 +65,23 @@ class ChildExit:
 
 
 @dataclass(eq=False)
-class VllmChild:
-    """One supervised vLLM API server process, restarted until `stop`."""
+class SupervisedChild:
+    """One supervised process group, restarted with backoff until `stop`; subclasses say what it runs and when it
+    is ready."""
 
-    launch: VllmLaunch
-    base_url: str
-    api_key: str
     backoff: Backoff
     on_ready: Callable[[int], None] = lambda pid: None
     on_exit: Callable[[ChildExit], None] = lambda exit_: None
+    before_start: Callable[[], Awaitable[None]] | None = None
+    """Awaited before every start (the head's vLLM waits here for its Ray head)."""
     stop_grace_s: float = STOP_GRACE_S
     process: asyncio.subprocess.Process | None = None
     ready: bool = False
     starts: int = 0
+    label: ClassVar[str] = "child"
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _ready_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def pid(self) -> int | None:
@@ -87,29 +91,56 @@ class VllmChild:
     def restarts(self) -> int:
         return max(0, self.starts - 1)
 
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
     def environment(self) -> dict[str, str]:
-        inherited = {key: os.environ[key] for key in INHERITED if key in os.environ}
-        return {**inherited, **self.launch.environment, API_KEY_VARIABLE: self.api_key,
-                PARENT_VARIABLE: str(os.getpid())}  # fmt: skip
+        raise NotImplementedError
+
+    async def probe_ready(self) -> bool:
+        """One readiness check of the running child."""
+        raise NotImplementedError
 
     async def start(self) -> None:
         """Start the child and the task that keeps it running (returns at once; readiness is reported by `on_ready`).
 
+        A child with a `before_start` is started by that task, after it: the caller does not wait on it.
+
         Raises:
-            OSError: the interpreter cannot be started at all.
+            OSError: the program cannot be started at all (without a `before_start`).
         """
-        await self._spawn()
-        self._task = asyncio.create_task(self._supervise(), name="sealbox-vllm-supervisor")
+        if self.before_start is None:
+            await self._spawn()
+        self._task = asyncio.create_task(self._supervise(), name=f"sealbox-{self.label}-supervisor")
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the running child to be ready; False when it was not by then."""
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def _spawn(self) -> None:
-        self.ready = False
+        self._set_ready(False)
+        if self.before_start is not None:
+            await self.before_start()
         self.process = await asyncio.create_subprocess_exec(
-            *self.launch.argv, env=self.environment(), cwd="/", stdin=asyncio.subprocess.DEVNULL,
+            *self.argv(), env=self.environment(), cwd="/", stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True)  # fmt: skip
         self.starts += 1
-        log.info("vLLM child started (pid %d, start %d)", self.process.pid, self.starts)
+        log.info("%s started (pid %d, start %d)", self.label, self.process.pid, self.starts)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        if ready:
+            self._ready_event.set()
+        else:
+            self._ready_event.clear()
 
     async def _supervise(self) -> None:
+        if self.process is None and not await self._respawn():
+            return
         while True:
             assert self.process is not None
             process = self.process
@@ -119,34 +150,39 @@ class VllmChild:
             _kill_group(process.pid, signal.SIGKILL)  # workers it left behind go with it
             if self._stopping:
                 return
-            exit_ = ChildExit(pid=process.pid, returncode=returncode, was_ready=self.ready,
-                              restart_in_s=self.backoff.after(was_ready=self.ready))  # fmt: skip
-            self.ready = False
-            log.warning("vLLM child %d exited with %d; starting it again in %.1f s", exit_.pid, returncode,
+            was_ready = self.ready
+            exit_ = ChildExit(pid=process.pid, returncode=returncode, was_ready=was_ready,
+                              restart_in_s=self.backoff.after(was_ready=was_ready))  # fmt: skip
+            self._set_ready(False)
+            log.warning("%s %d exited with %d; starting it again in %.1f s", self.label, exit_.pid, returncode,
                         exit_.restart_in_s)  # fmt: skip
             self.on_exit(exit_)
             await asyncio.sleep(exit_.restart_in_s)
-            try:
-                await self._spawn()
-            except OSError as exc:
-                log.error("vLLM child cannot be started again: %s", exc)
-                self.process = None
+            if not await self._respawn():
                 return
 
+    async def _respawn(self) -> bool:
+        try:
+            await self._spawn()
+        except OSError as exc:
+            log.error("%s cannot be started: %s", self.label, exc)
+            self.process = None
+            return False
+        return True
+
     async def _await_ready(self, process: asyncio.subprocess.Process) -> None:
-        """Ask `/health` until it answers 200 (vLLM answers once its engine is up), then report the child ready."""
-        async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
-            while process.returncode is None:
-                try:
-                    response = await client.get(self.base_url + HEALTH_PATH)
-                    if response.status_code == 200:
-                        self.ready = True
-                        log.info("vLLM child %d is ready", process.pid)
-                        self.on_ready(process.pid)
-                        return
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(READY_POLL_S)
+        while process.returncode is None:
+            if await self.probe_ready():
+                self._set_ready(True)
+                log.info("%s %d is ready", self.label, process.pid)
+                self.on_ready(process.pid)
+                return
+            await asyncio.sleep(READY_POLL_S)
+
+    def interrupt(self) -> None:
+        """SIGTERM the running child's group: its supervisor starts it again (with backoff, after `before_start`)."""
+        if self.pid is not None:
+            _kill_group(self.pid, signal.SIGTERM)
 
     async def stop(self) -> None:
         """Stop supervising, then end the child's process group: SIGTERM, and SIGKILL after the grace period."""
@@ -158,7 +194,7 @@ class VllmChild:
             try:
                 await asyncio.wait_for(process.wait(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                log.warning("vLLM child %d ignored SIGTERM for %.0f s; killing it", process.pid, self.stop_grace_s)
+                log.warning("%s %d ignored SIGTERM for %.0f s; killing it", self.label, process.pid, self.stop_grace_s)
                 _kill_group(process.pid, signal.SIGKILL)
                 await process.wait()
         await cancel_and_wait(self._task)
@@ -167,7 +203,60 @@ class VllmChild:
             await self.process.wait()
         if process is not None:
             _kill_group(process.pid, signal.SIGKILL)
-            log.info("vLLM child %d stopped (%s)", process.pid, process.returncode)
+            log.info("%s %d stopped (%s)", self.label, process.pid, process.returncode)
+
+
+def _child_environment(launch: VllmLaunch) -> dict[str, str]:
+    """The launch's environment plus PATH and the locale: nothing else of sealbox's own reaches the child."""
+    inherited = {key: os.environ[key] for key in INHERITED if key in os.environ}
+    return {**inherited, **launch.environment, PARENT_VARIABLE: str(os.getpid())}
+
+
+@dataclass(eq=False, kw_only=True)
+class VllmChild(SupervisedChild):
+    """One supervised vLLM API server process, ready once its `/health` answers 200."""
+
+    launch: VllmLaunch
+    base_url: str
+    api_key: str
+    label: ClassVar[str] = "vLLM child"
+
+    def argv(self) -> list[str]:
+        return self.launch.argv
+
+    def environment(self) -> dict[str, str]:
+        return {**_child_environment(self.launch), API_KEY_VARIABLE: self.api_key}
+
+    async def probe_ready(self) -> bool:
+        """vLLM answers `/health` once its engine is up."""
+        async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+            try:
+                return (await client.get(self.base_url + HEALTH_PATH)).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+
+@dataclass(eq=False, kw_only=True)
+class RayHeadChild(SupervisedChild):
+    """`ray start --head --block` on the cluster's head node (the launch's `ray_argv`, behind the same guard),
+    ready once its GCS port listens on `node_ip`."""
+
+    launch: VllmLaunch
+    address: str
+    port: int
+    label: ClassVar[str] = "Ray head"
+
+    def argv(self) -> list[str]:
+        assert self.launch.ray_argv is not None
+        return self.launch.ray_argv
+
+    def environment(self) -> dict[str, str]:
+        return _child_environment(self.launch)
+
+    async def probe_ready(self) -> bool:
+        """A listening socket, read from the kernel's tables: a connection would pass sealbox's own egress guard,
+        which has no reason to allow Ray's port."""
+        return is_listening(self.address, self.port)
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:

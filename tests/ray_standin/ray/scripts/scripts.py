@@ -1,5 +1,7 @@
-"""Stand-in for `ray.scripts.scripts` (the `ray` console script), enough of `ray start` on a worker node to test the
-process boundary: Ray's flags, joining the head's GCS, the node manager's listener, and `--block`.
+"""Stand-in for `ray.scripts.scripts` (the `ray` console script), enough of `ray start` to test the process
+boundary: Ray's flags, joining the head's GCS, the node manager's listener, and `--block`; and with `--head`, the
+GCS itself: it listens on `--node-ip-address`:`--port`, writes `standin ray: head listening`, and blocks until
+SIGTERM (exit 0, `standin ray: stopped`).
 
 What it does, in the order a worker's `ray start --block` does its part of it:
 - writes one line, `standin ray: started {json}`, with its arguments and the variables sealbox is meant to set;
@@ -25,7 +27,9 @@ def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ray")
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("start")
-    start.add_argument("--address", required=True)
+    start.add_argument("--address")
+    start.add_argument("--head", action="store_true")
+    start.add_argument("--port", type=int)
     start.add_argument("--node-ip-address", required=True)
     for flag in ("--node-manager-port", "--object-manager-port", "--min-worker-port", "--max-worker-port"):
         start.add_argument(flag, type=int, required=True)
@@ -55,9 +59,22 @@ def _stop(_signum: int, _frame: object) -> None:
     os._exit(0)
 
 
+def _head(arguments: argparse.Namespace) -> int:
+    """The GCS: accepts the cluster's connections and holds them until the stop."""
+    signal.signal(signal.SIGTERM, _stop)
+    gcs = socket.create_server((arguments.node_ip_address, arguments.port))
+    _say(f"head listening on {arguments.node_ip_address}:{arguments.port}")
+    held = []
+    while True:
+        connection, _ = gcs.accept()
+        held.append(connection)
+
+
 def main() -> int:
     arguments = _arguments()
     _say("started " + json.dumps({"argv": sys.argv[1:], "env": {key: os.environ.get(key) for key in REPORTED}}))
+    if arguments.head:
+        return _head(arguments)
     host, _, port = arguments.address.rpartition(":")
     gcs = socket.create_connection((host, int(port)), timeout=10)
     node_manager = socket.create_server((arguments.node_ip_address, arguments.node_manager_port))
