@@ -332,3 +332,19 @@ def test_on_a_head_node_the_ray_head_runs_before_vllm_is_restarted_with_it_and_s
     assert front.process.returncode in (0, -signal.SIGTERM), log
     assert log.index(f"vLLM child {second} stopped") < log.index(f"Ray head {ray_second} stopped"), log
     assert not alive(ray_second), "the Ray head outlived sealbox serve"
+
+
+def test_a_listener_counts_only_on_its_own_address_and_port_or_the_wildcard() -> None:
+    """The supervisor's readiness check for the Ray head, read from the kernel's tables."""
+    from sealbox.runtime.vllm.listening import is_listening
+
+    with socket.create_server((HEAD_ADDRESS, 0)) as server:
+        port = int(server.getsockname()[1])
+        assert is_listening(HEAD_ADDRESS, port)
+        assert not is_listening("127.0.0.8", port)
+        with socket.socket() as bound_only:  # bound, never listening: no connection would be accepted
+            bound_only.bind((HEAD_ADDRESS, 0))
+            assert not is_listening(HEAD_ADDRESS, int(bound_only.getsockname()[1]))
+    assert not is_listening(HEAD_ADDRESS, port)
+    with socket.create_server(("0.0.0.0", 0)) as anywhere:
+        assert is_listening(HEAD_ADDRESS, int(anywhere.getsockname()[1]))
