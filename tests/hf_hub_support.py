@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote
+
+import pytest
 
 
 class Hub(ThreadingHTTPServer):
@@ -25,6 +30,22 @@ class Hub(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+@contextmanager
+def serving(repos: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
+    """A hub holding `repos`, running on a thread and set as `HF_ENDPOINT` (never proxied) until the block ends."""
+    server = Hub(repos)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 class HubHandler(BaseHTTPRequestHandler):

@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from email.parser import Parser
@@ -26,7 +25,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from hf_hub_support import Hub
+from hf_hub_support import Hub, serving
 from sealbox.bundler.cli.bundle import bundle_app
 from sealbox.bundler.errors import InputError
 from sealbox.bundler.keys import generate_key_pair
@@ -335,17 +334,8 @@ def hub(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
             "license": "apache-2.0",
         }
     }
-    server = Hub(repos)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    try:
+    with serving(repos, monkeypatch) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def stop(hub: Hub) -> None:

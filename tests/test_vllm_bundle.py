@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from hf_hub_support import Hub
+from hf_hub_support import Hub, serving
 from install_support import app, runner, trust
 from sealbox.bundler.keys import generate_key_pair
 from sealbox.bundler.manifest import BLOB_DIR, Manifest
@@ -74,17 +73,9 @@ def offline_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hub]:
-    server = Hub({REPO_ID: {"refs": {"main": COMMIT}, "files": {COMMIT: model_files()}, "license": "llama3.1"}})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    try:
+    repos = {REPO_ID: {"refs": {"main": COMMIT}, "files": {COMMIT: model_files()}, "license": "llama3.1"}}
+    with serving(repos, monkeypatch) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @pytest.fixture(scope="module")
