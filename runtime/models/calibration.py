@@ -4,13 +4,12 @@ No one setting is fastest everywhere. On this project's 2-core machine a q8_0 ca
 synthetic test model fastest, while Gemma 3 270M (one KV head of 256 values) ran 1.7× faster on an f16 cache with
 flash attention than on q8_0: the kernels' cost depends on the model's head shape and the CPU's instructions.
 
-So at a model's first start `calibrate` times each candidate the policy leaves open, in a child process (llama.cpp
+So at a model's first start `choose` times each candidate the policy leaves open, in a child process (llama.cpp
 may abort on an unusual model, and the server must stay up): the same split-stream context the engine builds, a
 prompt prefilled on one sequence and copied to the others, then decode steps of one token per sequence, and steps
 of a single stream. A candidate costs what a request's tokens cost it: a prompt token, and a generated token half
-at that many sequences and half alone. The fastest
-is kept, per model digest and host (CPU, threads, llama.cpp build), in `<root>/run/calibration/`, so later starts
-take no time. The policy pins either setting (`[limits] kv_cache`, `flash_attention`) and then nothing is timed
+at that many sequences and half alone. The fastest is kept, per model digest and host (CPU, threads, llama.cpp
+build), in `<root>/run/calibration/`, so later starts take no time. The policy pins either setting (`[limits] kv_cache`, `flash_attention`) and then nothing is timed
 for it.
 """
 
@@ -28,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sealbox.runtime.durable_file import write_atomically
+from sealbox.runtime.models.probe import last_line
 from sealbox.runtime.regular_file import read_regular
 from sealbox.runtime.strict_json import loads_unique
 
@@ -200,9 +200,7 @@ def _measure_in_child(model: Path, candidates: list[KernelChoice], *, threads: i
     except subprocess.TimeoutExpired as exc:
         raise CalibrationError(f"timing the KV cache candidates took over {TIMEOUT_S:.0f} s") from exc
     if child.returncode != 0:
-        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
-        raise CalibrationError(f"timing the KV cache candidates failed ({child.returncode}): "
-                               f"{lines[-1][:300] if lines else 'no message'}")  # fmt: skip
+        raise CalibrationError(f"timing the KV cache candidates failed ({child.returncode}){last_line(child.stderr)}")
     try:
         rows = json.loads(child.stdout.strip().splitlines()[-1])
         return [Measurement(KernelChoice(**row["choice"]), float(row["prefill"]), float(row["decode"]),

@@ -71,10 +71,10 @@ def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s:
         return ProbeResult(False, f"{path}: llama.cpp did not finish loading within {timeout_s:.0f} s", facts), None
     if child.returncode < 0:
         name = signal.Signals(-child.returncode).name
-        reason = f"{path}: llama.cpp aborted while loading ({name}){_last_line(child.stderr)}"
+        reason = f"{path}: llama.cpp aborted while loading ({name}){last_line(child.stderr)}"
         return ProbeResult(False, reason, facts), name
     if child.returncode != 0:
-        return ProbeResult(False, f"{path}: cannot be loaded{_last_line(child.stderr)}", facts), None
+        return ProbeResult(False, f"{path}: cannot be loaded{last_line(child.stderr)}", facts), None
     try:
         report = json.loads(child.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -84,7 +84,9 @@ def _run_child(path: Path, facts: ModelFacts, *, extra_buffers: bool, timeout_s:
     return ProbeResult(True, "ok", facts, extra_buffers=extra_buffers), None
 
 
-def _last_line(stderr: str) -> str:
+def last_line(stderr: str) -> str:
+    """`: <the last non-blank line>` of a failed child's stderr (cut at 300 characters), or nothing: what a reason
+    quotes of llama.cpp's own words."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return f": {lines[-1][:300]}" if lines else ""
 
