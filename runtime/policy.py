@@ -94,6 +94,11 @@ class LimitsPolicy(_Section):
     start (`runtime.models.calibration`)."""
     flash_attention: Literal["auto", "on", "off"] = "auto"
     """llama.cpp's flash attention kernel; "auto" is timed with the KV cache type. A q8_0 V cache needs it."""
+    reproducible: Literal["seeded", "seeded-and-greedy"] = "seeded"
+    """Which requests answer the same whatever ran before or beside them. A request with a `seed` always does (it
+    asked for it). "seeded-and-greedy" extends that to every greedy request (temperature 0) without a seed, at the
+    price measured in `scripts/bench-serve`: a lone stream decodes a second, throwaway row per step (about half the
+    speed of one stream on Gemma 3 270M here) and each prompt chunk takes a step of its own."""
 
     @model_validator(mode="after")
     def _kv_cells_hold_a_sequence(self) -> "LimitsPolicy":

@@ -13,7 +13,8 @@ from engine_support import collect, running_engine
 GREEDY = SamplingParams(temperature=0.0)
 
 
-started = partial(running_engine, name="tiny-concurrency", queue_size=64)
+started = partial(running_engine, name="tiny-concurrency", queue_size=64, reproducible_greedy=True)
+"""Greedy requests reproducible, as under the policy's "seeded-and-greedy": each answers among 32 as alone."""
 
 
 async def complete(engine: LlamaBatchEngine, prompt: str, *, max_tokens: int, sampling: SamplingParams = GREEDY,

@@ -1,6 +1,6 @@
-"""The same seed gives the same answer: a seeded (or greedy) request answers the same whatever the engine served
-before it or serves beside it, though prefix reuse and load would otherwise evaluate its prompt in other chunks and
-its tokens in other batch shapes (and move llama.cpp's logits)."""
+"""The same seed gives the same answer: a seeded request (and a greedy one, where the policy says "seeded-and-greedy")
+answers the same whatever the engine served before it or serves beside it, though prefix reuse and load would
+otherwise evaluate its prompt in other chunks and its tokens in other batch shapes (and move llama.cpp's logits)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ ENDLESS = "root ::= [a-z ] root"
 """A grammar that never lets a request end before max_tokens."""
 
 
-def started(model: Path, *, pooled: bool = False) -> AbstractAsyncContextManager[LlamaBatchEngine]:
-    """Split streams (a sequence's own cells, flash attention), or with `pooled` one pool of cells shared by all."""
+def started(model: Path, *, pooled: bool = False,
+            reproducible_greedy: bool = True) -> AbstractAsyncContextManager[LlamaBatchEngine]:  # fmt: skip
+    """Split streams (a sequence's own cells, flash attention), or with `pooled` one pool of cells shared by all;
+    greedy requests reproducible unless `reproducible_greedy` is False (the policy's default, "seeded")."""
     return running_engine(model, "tiny-repro", n_ctx_per_seq=CONTEXT, queue_size=8, n_threads=1, prefill_chunk=32,
-                          kv_cells=2 * CONTEXT if pooled else None)  # fmt: skip
+                          kv_cells=2 * CONTEXT if pooled else None, reproducible_greedy=reproducible_greedy)  # fmt: skip
 
 
 async def complete(engine: LlamaBatchEngine, tokens: list[int], sampling: SamplingParams,
@@ -89,7 +91,7 @@ def test_a_request_that_reserves_a_whole_shared_pool_still_completes_beside_its_
     """The padding token of a lone step takes a cell the reservation leaves free: the decode never finds the pool full."""
 
     async def scenario() -> None:
-        pool = {"n_seq_max": 2, "kv_cells": 256, "queue_size": 2, "n_threads": 1}
+        pool = {"n_seq_max": 2, "kv_cells": 256, "queue_size": 2, "n_threads": 1, "reproducible_greedy": True}
         async with running_engine(tiny_model, "tiny-full", **pool) as engine:
             prompt = engine.tokenize("the water " * 10)
             request = GenerationRequest(id="full", prompt_tokens=prompt, max_tokens=256 - len(prompt),
@@ -128,29 +130,37 @@ def test_greedy_requests_sent_together_answer_as_each_does_alone(tiny_model: Pat
 
 
 
+async def lone_token_padded(model: Path, sampling: SamplingParams, *, reproducible_greedy: bool = True) -> bool:
+    """Whether a request's first token after its prompt, alone in a step, gets a padding row."""
+    async with started(model, reproducible_greedy=reproducible_greedy) as engine:
+        scheduler = engine._scheduler
+        assert scheduler is not None
+        scheduler.stop()  # the loop ends: this test drives one step by hand
+        await asyncio.to_thread(engine._thread.join)  # type: ignore[union-attr]
+        scheduler._stopping = False  # taking requests again, with no loop to run them
+        scheduler.admission._closed = False
+        prompt = engine.tokenize("the people of the water")
+        stream = engine.generate(GenerationRequest(id="r", prompt_tokens=prompt, max_tokens=40,
+                                                   sampling=replace(sampling, grammar=ENDLESS)))  # fmt: skip
+        scheduler.place_admitted()
+        scheduler.step()  # the prompt, and its first token sampled
+        scheduler.batch.clear()
+        scheduler.build_batch()  # that token alone
+        assert scheduler.batch.n_tokens == 1
+        padding = scheduler._pad_lone_token() is not None
+        await stream.aclose()
+        return padding
+
+
 def test_only_a_reproducible_lone_token_is_padded(tiny_model: Path) -> None:
     """The padding buys a reproducible request the kernels of a batch; a free request alone keeps the faster ones."""
+    assert asyncio.run(lone_token_padded(tiny_model, GREEDY))
+    assert asyncio.run(lone_token_padded(tiny_model, SEEDED))
+    assert not asyncio.run(lone_token_padded(tiny_model, SamplingParams(temperature=0.7)))
 
-    async def padded(sampling: SamplingParams) -> bool:
-        async with started(tiny_model) as engine:
-            scheduler = engine._scheduler
-            assert scheduler is not None
-            scheduler.stop()  # the loop ends: this test drives one step by hand
-            await asyncio.to_thread(engine._thread.join)  # type: ignore[union-attr]
-            scheduler._stopping = False  # taking requests again, with no loop to run them
-            scheduler.admission._closed = False
-            prompt = engine.tokenize("the people of the water")
-            stream = engine.generate(GenerationRequest(id="r", prompt_tokens=prompt, max_tokens=40,
-                                                       sampling=replace(sampling, grammar=ENDLESS)))  # fmt: skip
-            scheduler.place_admitted()
-            scheduler.step()  # the prompt, and its first token sampled
-            scheduler.batch.clear()
-            scheduler.build_batch()  # that token alone
-            assert scheduler.batch.n_tokens == 1
-            padding = scheduler._pad_lone_token() is not None
-            await stream.aclose()
-            return padding
 
-    assert asyncio.run(padded(GREEDY))
-    assert asyncio.run(padded(SEEDED))
-    assert not asyncio.run(padded(SamplingParams(temperature=0.7)))
+def test_by_default_only_a_seeded_lone_token_is_padded(tiny_model: Path) -> None:
+    """The policy's default ("seeded"): a greedy request without a seed streams alone at the speed of one row; one
+    with a seed is still padded."""
+    assert not asyncio.run(lone_token_padded(tiny_model, GREEDY, reproducible_greedy=False))
+    assert asyncio.run(lone_token_padded(tiny_model, replace(GREEDY, seed=5), reproducible_greedy=False))

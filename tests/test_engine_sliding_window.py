@@ -17,7 +17,9 @@ TEXT = " ".join(f"Item {i} of the inventory lists a crate of tools stored in roo
 
 
 def started(model: Path):
-    return running_engine(model, "gemma-window", n_seq_max=1, n_ctx_per_seq=4096, queue_size=4, n_threads=2)
+    """Greedy requests are reproducible here (the policy's "seeded-and-greedy")."""
+    return running_engine(model, "gemma-window", n_seq_max=1, n_ctx_per_seq=4096, queue_size=4, n_threads=2,
+                          reproducible_greedy=True)  # fmt: skip
 
 
 async def answer(engine: LlamaBatchEngine, prompt: list[int], sampling: SamplingParams, max_tokens: int = 8) -> str:

@@ -8,6 +8,7 @@ What the server holds is read from its own `/metrics`, polled with a deadline (e
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,9 +29,10 @@ assert len(set(PROMPTS)) == 32
 Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-def write_policy(directory: Path, name: str, **limits: int) -> Path:
+def write_policy(directory: Path, name: str, **limits: int | str) -> Path:
     path = directory / f"{name}.toml"
-    path.write_text("[limits]\n" + "".join(f"{key} = {value}\n" for key, value in limits.items()), encoding="utf-8")
+    path.write_text("[limits]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in limits.items()),
+                    encoding="utf-8")  # fmt: skip
     return path
 
 
@@ -39,7 +41,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     """Start a `sealbox serve` over the tiny model with the given `[limits]`; every server stops with the module."""
     started: list[ServerProcess] = []
 
-    def start(name: str, **limits: int) -> ServerProcess:
+    def start(name: str, **limits: int | str) -> ServerProcess:
         directory = tmp_path_factory.mktemp(name)
         server = ServerProcess(root=directory / "root", models=[tiny_model], no_auth=True,
                                policy=write_policy(directory, name, **limits))  # fmt: skip
@@ -53,8 +55,10 @@ def serve(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
 
 @pytest.fixture(scope="module")
 def roomy_server(serve: Callable[..., ServerProcess]) -> ServerProcess:
-    """32 sequences of 4096 tokens, every one able to reach its full context at once."""
-    return serve("roomy", context=4096, max_tokens=4000, max_sequences=32, queue_size=64)
+    """32 sequences of 4096 tokens, every one able to reach its full context at once; greedy requests reproducible
+    (the policy's "seeded-and-greedy": a greedy stream answers the same among 32 as alone)."""
+    return serve("roomy", context=4096, max_tokens=4000, max_sequences=32, queue_size=64,
+                 reproducible="seeded-and-greedy")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

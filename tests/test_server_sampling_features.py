@@ -199,8 +199,10 @@ def test_a_seeded_request_gives_the_same_answer_before_and_after_traffic_sharing
 
 
 def test_streamed_chat_logprobs_equal_the_unstreamed_ones(client: openai.OpenAI) -> None:
+    """Greedy and seeded: the second request reuses the first one's prompt cells, which only a reproducible request
+    does without moving its logits."""
     options = {"model": "tiny", "messages": [{"role": "user", "content": "the hills"}], "max_tokens": 8,
-               "temperature": 0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+               "temperature": 0, "seed": 7, "logprobs": True, "top_logprobs": 2}  # fmt: skip
     whole = client.chat.completions.create(**options)
     streamed = [entry for chunk in client.chat.completions.create(**options, stream=True)
                 for choice in chunk.choices if choice.logprobs is not None for entry in choice.logprobs.content]  # fmt: skip

@@ -65,6 +65,7 @@ def open_engine(model_path: Path, card: ModelCard, options: EngineOptions) -> En
         extra_buffers=options.extra_buffers,
         type_k=options.type_k,
         type_v=options.type_v,
+        reproducible_greedy=options.reproducible_greedy,
     )
 
 

@@ -26,10 +26,10 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) added to the logits before anything samples them; -100 forbids a token, +100 forces it."""
 
-    @property
-    def reproducible(self) -> bool:
-        """A seeded or greedy request answers the same whatever ran before or beside it (see `scheduler`)."""
-        return self.seed is not None or self.temperature <= 0.0
+    def reproducible(self, *, greedy_too: bool) -> bool:
+        """Whether the request answers the same whatever ran before or beside it (see `scheduler`): always with a
+        seed, and a greedy one where the engine was asked to (`EngineOptions.reproducible_greedy`)."""
+        return self.seed is not None or (greedy_too and self.temperature <= 0.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +165,9 @@ class EngineOptions:
     extra_buffers: bool = True
     type_k: str = "f16"
     type_v: str = "f16"
+    reproducible_greedy: bool = False
+    """Greedy requests without a seed are reproducible too (policy `[limits] reproducible`), at the price of a
+    second row in each step of a lone stream and a step of its own for each prompt chunk (see `scheduler`)."""
 
 
 class Engine(Protocol):

@@ -63,6 +63,7 @@ class LlamaBatchEngine:
         flash_attention: bool | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
+        reproducible_greedy: bool = False,
     ) -> None:
         """`kv_cells`: the KV budget in cells (default n_seq_max × n_ctx_per_seq: every sequence can reach its full
         context at once). A smaller budget from `runtime.memory_plan` puts all sequences in one shared pool and makes
@@ -74,7 +75,8 @@ class LlamaBatchEngine:
         there flash attention stays off on the CPU, where a greedy request could otherwise answer differently under
         load (see `ContextSettings`); the plan turns it on for GPU offload.
         `type_k`, `type_v`: the KV cache's element types (f16, q8_0); a q8_0 V needs flash attention, so not in a
-        unified pool on the CPU (`runtime.memory_plan.plan_model` plans V as f16 there)."""
+        unified pool on the CPU (`runtime.memory_plan.plan_model` plans V as f16 there).
+        `reproducible_greedy`: greedy requests are reproducible as seeded ones are (see `Scheduler`)."""
         if n_seq_max < 1 or n_ctx_per_seq < 2 or queue_size < 0:
             raise ValueError("n_seq_max ≥ 1, n_ctx_per_seq ≥ 2 and queue_size ≥ 0 are required")
         self.model_path = model_path
@@ -100,6 +102,7 @@ class LlamaBatchEngine:
         if type_v != "f16" and not self.flash_attention:
             raise ValueError(f"a {type_v} V cache needs flash attention, which is off in a unified pool on the CPU")
         self.type_k, self.type_v = type_k, type_v
+        self.reproducible_greedy = reproducible_greedy
         self._metrics = metrics.EngineMetrics(card.name)
         self._model: Model | None = None
         self._context: Context | None = None
@@ -173,6 +176,7 @@ class LlamaBatchEngine:
             admission=admission,
             n_ctx_per_seq=self.n_ctx_per_seq,
             prefill_chunk=self.prefill_chunk,
+            reproducible_greedy=self.reproducible_greedy,
             metrics=self._metrics,
             embedding_context=embedding_context,
         )

@@ -51,6 +51,9 @@ from sealbox.runtime.metrics import EngineMetrics
 
 log = logging.getLogger("sealbox.engine")
 
+HANDOVER_WAIT_S = 0.02
+"""The longest a step waits for the event loops to take the last step's events (see `Scheduler._await_handover`)."""
+
 
 @dataclass(frozen=True)
 class EmbeddingJob:
@@ -69,6 +72,7 @@ class Scheduler:
         prefill_chunk: int,
         metrics: EngineMetrics,
         embedding_context: Context | None = None,
+        reproducible_greedy: bool = False,
     ) -> None:
         self.model = model
         self.context = context
@@ -77,6 +81,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.metrics = metrics
         self.embedding_context = embedding_context
+        self.reproducible_greedy = reproducible_greedy
         self.slots = [Slot(i) for i in range(context.n_seq_max)]
         # Between split streams a prefix copy moves a whole stream (reads and writes every cell of it), where
         # computing a prompt token reads every weight: copy when it saves more tokens than the copy costs.
@@ -95,6 +100,7 @@ class Scheduler:
         self._stopping = False
         self._embedding_jobs: deque[EmbeddingJob] = deque()
         self._outbox: list[tuple[GenerationTask, GenerationEvent | Failed]] = []
+        self._handed: list[threading.Event] = []
 
     # -- called from other threads ------------------------------------------------------------------------------
 
@@ -139,6 +145,7 @@ class Scheduler:
         self.build_batch()
         if self.batch.n_tokens:
             padding = self._pad_lone_token()
+            self._await_handover()
             decoded = self.decode()
             if padding is not None:
                 self.context.forget(padding.id, len(padding.cached))
@@ -192,7 +199,7 @@ class Scheduler:
         """Put a task on an idle slot, reusing the longest cached prefix of its prompt that is worth reusing."""
         prompt = task.prompt_tokens
         limit = len(prompt) - 1  # the last prompt token is always decoded: its logits give the first token
-        reproducible = task.request.sampling.reproducible
+        reproducible = self._reproducible_task(task)
         chunk = self.canonical_chunk
 
         def usable(slot: Slot) -> int:
@@ -358,9 +365,11 @@ class Scheduler:
             budget -= n
         return sizes, False
 
-    @staticmethod
-    def _reproducible(slot: Slot) -> bool:
-        return slot.task is not None and slot.task.request.sampling.reproducible
+    def _reproducible(self, slot: Slot) -> bool:
+        return slot.task is not None and self._reproducible_task(slot.task)
+
+    def _reproducible_task(self, task: GenerationTask) -> bool:
+        return task.request.sampling.reproducible(greedy_too=self.reproducible_greedy)
 
     # -- decoding and sampling ----------------------------------------------------------------------------------------
 
@@ -490,11 +499,27 @@ class Scheduler:
             by_loop[item[0].loop].append(item)
         self._outbox = []
         for loop, items in by_loop.items():
+            handed = threading.Event()
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, items, handed)
             except RuntimeError:  # that loop is closed: nobody is listening any more
                 for task, _ in items:
                     task.cancelled = True
+                continue
+            if loop.is_running():  # a loop stopped for good must not hold every step up
+                self._handed.append(handed)
+
+    def _await_handover(self) -> None:
+        """Let the event loops write out the last step's tokens before the next decode starts (bounded).
+
+        llama.cpp's threads meet at hundreds of barriers per decode; an event loop that runs beside them on a host with
+        no spare core takes one thread's core, and its partner waits at the next barrier for as long as the loop runs.
+        The same work done between decodes costs only itself."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        for handed in self._handed:
+            if not handed.wait(max(0.0, deadline - time.monotonic())):
+                break
+        self._handed.clear()
 
     # -- embeddings ------------------------------------------------------------------------------------------------------
 
@@ -544,7 +569,10 @@ class Scheduler:
         self.flush()
 
 
-def _deliver(items: list[tuple[GenerationTask, GenerationEvent | Failed]]) -> None:
+def _deliver(items: list[tuple[GenerationTask, GenerationEvent | Failed]], handed: threading.Event) -> None:
     for task, event in items:
         task.events.put_nowait(event)
+    # The readers these events wake run in the loop's next pass; `handed` is set in the pass after that.
+    loop = asyncio.get_running_loop()
+    loop.call_soon(loop.call_soon, handed.set)
 

@@ -39,9 +39,11 @@ PROMPT_TOKENS = 256
 """Depth of every timed sequence: attention over a few hundred cells, as a chat turn has."""
 DECODE_STEPS = 6
 ROUNDS = 2
-"""Each candidate's decode steps are timed this many times, interleaved with the others' (so a burst of load elsewhere
-hits them all); its best time counts, since noise only ever adds time."""
+"""Each candidate's prefill and decode steps are timed this many times, interleaved with the others' (so a burst of
+load elsewhere, or the first touch of the weights, hits them all); its best time counts, since noise only adds time."""
 TIMEOUT_S = 300.0
+METHOD = 2
+"""What is timed and how (part of the key a measurement is remembered under): 2 times a lone stream unpadded."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Measurement:
     decode_s_per_token: float
 
     lone_s_per_token: float = 0.0
-    """A single stream's step: two rows, as a reproducible request's lone token is padded (see `engine.scheduler`)."""
+    """A single stream's step: one row (a request that is not reproducible is not padded, see `engine.scheduler`)."""
 
     @property
     def cost(self) -> float:
@@ -123,7 +125,7 @@ def host_fingerprint(threads: int, extra_buffers: bool) -> str:
         engine = version("llama-cpp-python")
     except PackageNotFoundError:
         engine = "unknown"
-    text = json.dumps([cpu, os.cpu_count(), threads, engine, extra_buffers, SEQUENCES, PROMPT_TOKENS])
+    text = json.dumps([cpu, os.cpu_count(), threads, engine, extra_buffers, SEQUENCES, PROMPT_TOKENS, METHOD])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -228,17 +230,18 @@ def _time_candidates(model_path: Path, candidates: list[KernelChoice], *, thread
                                        flash_attention=choice.flash_attention, type_k=choice.type_k,
                                        type_v=choice.type_v)  # fmt: skip
             contexts.append((choice, Context(model, settings)))
-        for choice, context in contexts:
-            batch.clear()
-            batch.add_run(prompt, 0, 0, output_last=True)
-            started = time.perf_counter()
-            context.decode(batch)
-            best_prefill[choice] = (time.perf_counter() - started) / len(prompt)
-            for seq in range(1, SEQUENCES):
-                context.share(0, seq, len(prompt))
         position = len(prompt)
         for _ in range(ROUNDS):
             for choice, context in contexts:
+                context.clear()
+                batch.clear()
+                batch.add_run(prompt, 0, 0, output_last=True)
+                started = time.perf_counter()
+                context.decode(batch)
+                prefill = (time.perf_counter() - started) / len(prompt)
+                best_prefill[choice] = min(prefill, best_prefill.get(choice, prefill))
+                for seq in range(1, SEQUENCES):
+                    context.share(0, seq, len(prompt))
                 elapsed = []
                 for step in range(DECODE_STEPS + 1):  # the first step warms the buffers up and is not counted
                     batch.clear()
@@ -250,17 +253,14 @@ def _time_candidates(model_path: Path, candidates: list[KernelChoice], *, thread
                 decode = sum(elapsed[1:]) / (DECODE_STEPS * SEQUENCES)
                 best_decode[choice] = min(decode, best_decode.get(choice, decode))
                 lone = []
-                for step in range(DECODE_STEPS):  # one stream's token and its padding row, then dropped again
+                for step in range(DECODE_STEPS):  # one stream's token alone, then dropped again
                     batch.clear()
-                    for seq in (0, 1):
-                        batch.add(prompt[step % len(prompt)], position + DECODE_STEPS + 1, seq, True)
+                    batch.add(prompt[step % len(prompt)], position + DECODE_STEPS + 1, 0, True)
                     started = time.perf_counter()
                     context.decode(batch)
                     lone.append(time.perf_counter() - started)
-                    for seq in (0, 1):
-                        context.forget(seq, position + DECODE_STEPS + 1)
+                    context.forget(0, position + DECODE_STEPS + 1)
                 best_lone[choice] = min(min(lone), best_lone.get(choice, min(lone)))
-            position += DECODE_STEPS + 1
     finally:
         for _, context in contexts:
             context.close()

@@ -228,6 +228,7 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
             extra_buffers=probe.extra_buffers,
             type_k=sizing.type_k,
             type_v=sizing.type_v,
+            reproducible_greedy=limits.reproducible == "seeded-and-greedy",
         ),
     )
     try:
@@ -235,9 +236,10 @@ async def _start(source: ModelSource, limits: LimitsPolicy, digest: _Digest, *, 
     except EngineLoadError as exc:
         raise _Refused(str(exc)) from exc
     log.info(
-        "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers, flash attention %s",
+        "serving %s (%s): %d sequences × %d tokens, %d KV cells (K %s, V %s), %d GPU layers, flash attention %s; "
+        "reproducible: %s requests",
         source.name, digest.value[:12], sizing.n_seq_max, sizing.n_ctx_per_seq, sizing.kv_cells, sizing.type_k,
-        sizing.type_v, sizing.n_gpu_layers, "on" if sizing.flash_attention else "off",
+        sizing.type_v, sizing.n_gpu_layers, "on" if sizing.flash_attention else "off", limits.reproducible,
     )  # fmt: skip
     template, template_problem = await asyncio.to_thread(_compile_template, source.name, engine.card)
     return ServedModel(source, digest.value, engine, embeddings=embeddings, context=sizing.n_ctx_per_seq,
