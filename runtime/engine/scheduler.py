@@ -12,8 +12,9 @@ batch is written in sequence-id order, and a new request is placed where it keep
 A request of n choices evaluates its prompt once: choices 1 .. n-1 wait on sequences of their own until choice 0's
 prompt is in the cache, then copy its cells and sample from the same logits, each with its own sampler.
 
-Reproducible requests (seeded or greedy) answer the same whatever ran before or beside them. Sequences never mix
-within a step's arithmetic, but how a prompt is cut into chunks does: llama.cpp computes a chunk of k query rows with
+Reproducible requests (seeded ones, and greedy ones where the policy says "seeded-and-greedy") answer the same
+whatever ran before or beside them. Sequences never mix within a step's arithmetic, but how a prompt is cut into
+chunks does: llama.cpp computes a chunk of k query rows with
 kernels (flash attention's tiles, matrix products) whose summation order depends on k, so the same prompt evaluated
 in one chunk, or in two because its first half was cached, gives logits that differ in the last bits and, sooner or
 later, a different token. So a reproducible prompt is always cut at the same places, multiples of the prefill chunk
@@ -29,6 +30,8 @@ one-row step here), so a request that asked for no reproducibility is decoded al
 
 Request handlers never touch the context: they submit through `Admission`, read events from their own asyncio queue
 (filled here with one `call_soon_threadsafe` per loop per step) and cancel by setting a flag the next step reads.
+The next decode waits (briefly) until the loops have taken the step's events (`_await_handover`): on a host without
+a spare core, a loop writing tokens during a decode stalls llama.cpp's threads at their barriers.
 """
 
 from __future__ import annotations
