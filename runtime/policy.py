@@ -90,8 +90,9 @@ class LimitsPolicy(_Section):
     """Element type of the KV cache. q8_0 (blocks of 32 int8 values and a scale) holds about twice the tokens of f16
     in the same memory, for a rounding of the cached keys and values that llama.cpp's perplexity measurements put at
     noise level; f16 keeps them exactly as computed. Which decodes faster depends on the model and the CPU (q8_0 won
-    by 28% on the synthetic test model here, f16 by 70% on Gemma 3 270M): "auto" times both at the model's first
-    start (`runtime.models.calibration`)."""
+    by 28% on the synthetic test model here once, f16 by 70% on Gemma 3 270M before its sliding window was kept
+    short): "auto" times both at the model's first start (`runtime.models.calibration`), and keeps f16 with flash
+    attention unless another measures clearly faster."""
     flash_attention: Literal["auto", "on", "off"] = "auto"
     """llama.cpp's flash attention kernel; "auto" is timed with the KV cache type. A q8_0 V cache needs it."""
     reproducible: Literal["seeded", "seeded-and-greedy"] = "seeded"

@@ -13,8 +13,10 @@ from sealbox.runtime.models.calibration import (
     CANDIDATES,
     CalibrationError,
     KernelChoice,
+    Measurement,
     candidates_for,
     choose,
+    fastest,
 )
 
 
@@ -77,3 +79,11 @@ def test_a_remembered_choice_that_is_not_a_plain_record_of_a_candidate_is_measur
     gone = tmp_path / "gone.gguf"  # measuring again is the only way left, and it fails: proof nothing was taken
     with pytest.raises(CalibrationError):
         choose(gone, sha256="ef" * 32, candidates=pinned, threads=1, extra_buffers=True, cache_dir=cache)
+
+
+def test_another_candidate_must_beat_llama_cpps_default_by_more_than_the_noise() -> None:
+    default, other = CANDIDATES[0], CANDIDATES[2]
+    close = [Measurement(default, 0.0020, 0.0100, 0.0200), Measurement(other, 0.0020, 0.0098, 0.0195)]
+    clear = [Measurement(default, 0.0020, 0.0100, 0.0200), Measurement(other, 0.0015, 0.0080, 0.0160)]
+    assert fastest(close) == default
+    assert fastest(clear) == other

@@ -7,18 +7,36 @@ import os
 from pathlib import Path
 
 OPENMP_SPIN_COUNT = "1000"
-"""How long llama.cpp's CPU threads (OpenMP) spin at a barrier before they sleep (libgomp's default is 300,000).
+"""How long llama.cpp's CPU threads (OpenMP) spin at a barrier before they sleep, where they share the host.
 
-A graph step passes hundreds of barriers. When the host is busier than its cores (the HTTP thread, the audit writer,
-other services), a thread that spins for its partner steals the very CPU the partner needs to arrive, and a step
-takes a scheduler quantum per barrier: throughput collapses tenfold. Spinning briefly keeps barriers fast on an idle
-host and lets a busy one schedule the partner. libgomp reads it once, when llama.cpp is loaded, so it is set when
-this package is first imported (`sealbox serve` does so before anything loads llama.cpp); an operator's own
-GOMP_SPINCOUNT or OMP_WAIT_POLICY wins.
-"""
+A graph step passes hundreds of barriers. When the host is busier than its cores (other engines, other services), a
+thread that spins for its partner steals the very CPU the partner needs to arrive, and a step takes a scheduler
+quantum per barrier: throughput collapses. Spinning briefly lets a busy host schedule the partner. libgomp reads it
+once, when llama.cpp is loaded, so it is set when this package is first imported; an operator's own GOMP_SPINCOUNT
+or OMP_WAIT_POLICY wins. A server whose one engine has the host to itself spins longer
+(`dedicate_openmp_threads`)."""
 
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
+OPENMP_SPIN_COUNT_DEDICATED = "300000"
+"""libgomp's own default, for an engine alone on its host: its threads spin through the few milliseconds of Python
+between two decodes instead of sleeping and being woken for each (at 32 streams on this project's 2-core VM, 11–20%
+more tokens/s in interleaved runs, `scripts/bench-serve`); the server lets the event loop write a step's tokens
+before the next decode, so the spinning threads do not stand in its way."""
+
+_OPERATOR_CHOSE = "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ
+if not _OPERATOR_CHOSE:
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+
+
+def dedicate_openmp_threads() -> str | None:
+    """Let llama.cpp's threads spin as long as libgomp's default: for a server with one engine, before llama.cpp is
+    loaded. The spin count now in force, or None when it cannot change: the operator chose one, or llama.cpp is
+    loaded already (libgomp has read it)."""
+    import sys
+
+    if _OPERATOR_CHOSE or "llama_cpp" in sys.modules:
+        return None
+    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT_DEDICATED
+    return OPENMP_SPIN_COUNT_DEDICATED
 
 
 from sealbox.runtime.engine.base import (  # noqa: E402  (after the OpenMP setting, which must come first)
@@ -73,5 +91,5 @@ __all__ = [
     "AcceleratorDecision", "AcceleratorError", "host_decision",
     "ContextLengthExceeded", "Embeddings", "Engine", "EngineError", "EngineLoadError", "EngineOptions", "EngineStats",
     "EngineUnavailable", "Finished", "GenerationEvent", "GenerationRequest", "GrammarError", "InvalidRequest",
-    "ModelCard", "Overloaded", "SamplingParams", "TextDelta", "TokenLogprob", "open_engine",
+    "ModelCard", "Overloaded", "SamplingParams", "TextDelta", "TokenLogprob", "dedicate_openmp_threads", "open_engine",
 ]  # fmt: skip

@@ -181,6 +181,13 @@ def prepare(options: ServeOptions) -> PreparedServer:
     names = [source.name for source in sources]
     if len(set(names)) != len(names):
         raise ServeRefused(f"two models share a name: {names}")
+    if len(sources) == 1:  # one engine: its threads have the host's cores to themselves
+        from sealbox.runtime.engine import dedicate_openmp_threads
+
+        spin = dedicate_openmp_threads()
+        if spin is not None:
+            logging.getLogger(__name__).info("one engine on this host: llama.cpp's threads spin %s times at a barrier",
+                                             spin)  # fmt: skip
     audit = None if options.no_audit else open_audit_log(appliance, policy, guard)
     return PreparedServer(appliance=appliance, policy=policy, guard=guard, host=host, port=port, sources=sources,
                           release_label=release_label, authenticator=authenticator, audit=audit,
