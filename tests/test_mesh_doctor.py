@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from gateway_support import EngineHostProcess, engine_key_file
 from install_support import Item, Publisher, make_keys, model_item, trust
@@ -143,8 +144,7 @@ def test_a_certificate_expiring_within_thirty_days_warns(mesh: Mesh, installed_e
     assert check_installed_keys(installed_engine).status == "pass"
     ca = mesh.ca()
     certificate, key = ca.issue(host_entry(ENGINE), now=datetime.now(timezone.utc), days=10)
-    write_package(Path(installed_engine.mesh.key_dir), ca.certificate, certificate, key)
-    os.chown(Path(installed_engine.mesh.key_dir) / MESH_KEY_FILE, *_service_ids())
+    replace_installed_package(installed_engine, ca.certificate, certificate, key)
     check = check_installed_keys(installed_engine)
     assert check.status == "warn" and "expires within 30 days" in check.summary
 
@@ -152,8 +152,7 @@ def test_a_certificate_expiring_within_thirty_days_warns(mesh: Mesh, installed_e
 def test_an_expired_certificate_fails(mesh: Mesh, installed_engine: Policy) -> None:
     ca = mesh.ca()
     certificate, key = ca.issue(host_entry(ENGINE), now=datetime.now(timezone.utc) - timedelta(days=5), days=1)
-    write_package(Path(installed_engine.mesh.key_dir), ca.certificate, certificate, key)
-    os.chown(Path(installed_engine.mesh.key_dir) / MESH_KEY_FILE, *_service_ids())
+    replace_installed_package(installed_engine, ca.certificate, certificate, key)
     check = check_installed_keys(installed_engine)
     assert check.status == "fail" and "expired at" in check.summary
 
@@ -162,8 +161,7 @@ def test_a_certificate_whose_address_is_not_this_hosts_entry_fails(mesh: Mesh, i
     ca = mesh.ca()
     certificate, key = ca.issue(host_entry(MeshHost("gpu-1", "engine", "127.0.0.9", ENGINE_PORT)),
                                 now=datetime.now(timezone.utc), days=90)  # fmt: skip
-    write_package(Path(installed_engine.mesh.key_dir), ca.certificate, certificate, key)
-    os.chown(Path(installed_engine.mesh.key_dir) / MESH_KEY_FILE, *_service_ids())
+    replace_installed_package(installed_engine, ca.certificate, certificate, key)
     check = check_installed_keys(installed_engine)
     assert check.status == "fail" and "the policy gives gpu-1 127.0.0.2" in check.summary
 
@@ -201,6 +199,13 @@ def _service_ids() -> tuple[int, int]:
 
     entry = pwd.getpwnam(service_user())
     return entry.pw_uid, entry.pw_gid
+
+
+def replace_installed_package(policy: Policy, ca_certificate: x509.Certificate, certificate: x509.Certificate,
+                              key: object) -> None:  # fmt: skip
+    """Put another certificate and key in the installed key directory, the key owned as the installer leaves it."""
+    write_package(Path(policy.mesh.key_dir), ca_certificate, certificate, key)
+    os.chown(Path(policy.mesh.key_dir) / MESH_KEY_FILE, *_service_ids())
 
 
 # --- the whole flow: a signed bundle carrying the mesh policy, installed with this host's keys, then the doctor ----

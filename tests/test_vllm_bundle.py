@@ -265,9 +265,8 @@ def install(root: Path, bundle: Path):  # type: ignore[no-untyped-def]
     return runner.invoke(app, ["bundle", "install", str(bundle), "--root", str(root), "--json"])
 
 
-def test_install_lays_out_the_model_directory_and_the_front_digests_it_from_the_signed_manifest(
-    tmp_path: Path, keys: Path, hub: Hub
-) -> None:
+def installed_vllm_bundle(tmp_path: Path, keys: Path):  # type: ignore[no-untyped-def]
+    """The stand-in repository bundled with a vLLM policy, installed on a host that trusts its signer: that host."""
     bundle = tmp_path / "bundle"
     result = create(bundle, keys, "--model", f"hf://{REPO_ID}@{COMMIT}", "--policy", str(vllm_policy(tmp_path)),
                     "--hf-cache", str(tmp_path / "cache"))  # fmt: skip
@@ -275,6 +274,13 @@ def test_install_lays_out_the_model_directory_and_the_front_digests_it_from_the_
     host = trust(tmp_path / "root", keys / "alice.pub")
     installed = install(host.path, bundle)
     assert installed.exit_code == 0, installed.output
+    return host
+
+
+def test_install_lays_out_the_model_directory_and_the_front_digests_it_from_the_signed_manifest(
+    tmp_path: Path, keys: Path, hub: Hub
+) -> None:
+    host = installed_vllm_bundle(tmp_path, keys)
     release = host.current.resolve()
     directory = release / "models" / "standin-7b"
     files = model_files()
@@ -312,12 +318,7 @@ def test_the_doctor_checks_every_file_of_an_installed_model_directory_and_names_
 ) -> None:
     from sealbox.runtime.doctor import Appliance, CheckStatus, check_models, check_release_files
 
-    bundle = tmp_path / "bundle"
-    result = create(bundle, keys, "--model", f"hf://{REPO_ID}@{COMMIT}", "--policy", str(vllm_policy(tmp_path)),
-                    "--hf-cache", str(tmp_path / "cache"))  # fmt: skip
-    assert result.exit_code == 0, result.output
-    host = trust(tmp_path / "root", keys / "alice.pub")
-    assert install(host.path, bundle).exit_code == 0
+    host = installed_vllm_bundle(tmp_path, keys)
     assert check_models(Appliance(host)).status == CheckStatus.PASS
     clean = check_release_files(Appliance(host))
     assert (clean.status, clean.summary) == (CheckStatus.PASS, "7 file(s) (model, policy, sbom) match the signed manifest")
