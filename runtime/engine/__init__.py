@@ -4,6 +4,7 @@ requests, events and errors, `open_engine`), never through a backend's own modul
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 OPENMP_SPIN_COUNT = "1000"
@@ -31,8 +32,6 @@ def dedicate_openmp_threads() -> str | None:
     """Let llama.cpp's threads spin as long as libgomp's default: for a server with one engine, before llama.cpp is
     loaded. The spin count now in force, or None when it cannot change: the operator chose one, or llama.cpp is
     loaded already (libgomp has read it)."""
-    import sys
-
     if _OPERATOR_CHOSE or "llama_cpp" in sys.modules:
         return None
     os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT_DEDICATED

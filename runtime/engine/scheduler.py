@@ -14,10 +14,9 @@ prompt is in the cache, then copy its cells and sample from the same logits, eac
 
 Reproducible requests (seeded ones, and greedy ones where the policy says "seeded-and-greedy") answer the same
 whatever ran before or beside them. Sequences never mix within a step's arithmetic, but how a prompt is cut into
-chunks does: llama.cpp computes a chunk of k query rows with
-kernels (flash attention's tiles, matrix products) whose summation order depends on k, so the same prompt evaluated
-in one chunk, or in two because its first half was cached, gives logits that differ in the last bits and, sooner or
-later, a different token. So a reproducible prompt is always cut at the same places, multiples of the prefill chunk
+chunks does: llama.cpp computes a chunk of k query rows with kernels (flash attention's tiles, matrix products)
+whose summation order depends on k, so the same prompt evaluated in one chunk, or in two because its first half was
+cached, gives logits that differ in the last bits and, sooner or later, a different token. So a reproducible prompt is always cut at the same places, multiples of the prefill chunk
 counted from position 0, whatever else runs; and it reuses cached cells only up to a chunk boundary, and only cells
 that were themselves computed in such chunks (`Slot.canonical`). The cost: up to a chunk of tokens computed again
 that a free request would reuse, an earlier answer's tokens always computed again in a follow-up, and prompts
